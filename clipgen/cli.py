@@ -1,0 +1,73 @@
+"""Console scripts: one thin ``@hydra.main`` per stage over a pure ``run_<stage>(cfg) -> dict``.
+
+All apps share the config tree in clipgen/conf (found through the package, so they work from any directory).
+A ClipgenError (bad input) is printed as one line and exits with status 2.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from functools import wraps
+from typing import Callable
+
+import hydra
+from omegaconf import DictConfig
+
+from clipgen.config import register_configs
+from clipgen.errors import ClipgenError
+
+register_configs()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: models are built from configs
+log = logging.getLogger("clipgen")
+
+
+def _app(run: Callable[[DictConfig], dict]):
+    @hydra.main(version_base="1.3", config_path="conf", config_name="config")
+    @wraps(run)
+    def main(cfg: DictConfig) -> dict:
+        try:
+            return run(cfg)
+        except ClipgenError as e:
+            print(f"clipgen: error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    return main
+
+
+def _world(cfg):
+    from clipgen.world.generate import run_world
+    return run_world(cfg)
+
+
+def _recipe(cfg):
+    from clipgen.recipes.build import run_recipe
+    return run_recipe(cfg)
+
+
+def _train(cfg):
+    from clipgen.train.loop import run_train
+    return run_train(cfg)
+
+
+def _eval(cfg):
+    from clipgen.eval.run import run_eval
+    return run_eval(cfg)
+
+
+def _report(cfg):
+    from clipgen.report.build import run_report
+    return run_report(cfg)
+
+
+def _study(cfg):
+    from clipgen.launch.study import run_study
+    return run_study(cfg)
+
+
+world_main = _app(_world)
+recipe_main = _app(_recipe)
+train_main = _app(_train)
+eval_main = _app(_eval)
+report_main = _app(_report)
+study_main = _app(_study)

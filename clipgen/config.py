@@ -1,0 +1,145 @@
+"""Structured config schema. Registered in Hydra's ConfigStore as ``clipgen_schema``; ``conf/config.yaml`` puts it
+first in its defaults list, so every group file and command-line override is checked against these dataclasses
+(a misspelt key or a wrong type fails at compose time with Hydra's own message)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class PathsConfig:
+    # Every output (world, recipes, runs, report, logs) goes under this directory.
+    root: str = "${oc.env:CLIPGEN_ROOT,./runs}"
+
+
+@dataclass
+class WorldConfig:
+    name: str = MISSING  # short name of this world preset; part of its output directory name
+    seed: int = 0  # every random choice of the generator flows from this seed
+    num_classes: int = 30  # world classes, drawn from DomainNet's class names
+    num_heldout: int = 5  # how many of heldout.classes (C2) are forced into the world's classes
+    num_distractors: int = 15  # classes that appear only in the natural base corpus
+    train_per_class: int = 60  # train images per domain x class before the per-domain scale
+    test_per_class: int = 30  # test images per domain x class before the per-domain scale
+    base_per_class: int = 40  # natural base-corpus images per class (world + distractor classes)
+    # Per-domain size factors (DomainNet is uneven: quickdraw and real large, clipart small).
+    domain_scale: Dict[str, float] = field(default_factory=lambda: {
+        "clipart": 0.6, "infograph": 0.7, "painting": 0.9, "quickdraw": 1.5, "real": 1.5, "sketch": 0.8})
+    render_px: int = 64  # images are drawn at this size ...
+    image_px: int = 32  # ... and box-downsampled to this size on disk
+    workers: int = 2  # processes used to render (0 or 1 = in-process)
+
+
+@dataclass
+class DataConfig:
+    source: str = "world"  # where DomainNet-layout images come from: world | domainnet
+    domainnet_root: Optional[str] = None  # real DomainNet directory ({domain}/{class}/..., {domain}_{split}.txt)
+    base: str = "world"  # base corpus: world (the world's natural corpus) | imagenet_captions | none
+    imagenet_captions_json: Optional[str] = None  # imagenet_captions.json when base=imagenet_captions
+    imagenet_train_root: Optional[str] = None  # ImageNet train folder ({wnid}/{file}) when base=imagenet_captions
+    val_fraction: float = 0.05  # share of each domain x class train list carved out as validation
+    val_seed: int = 0  # the carve-out is a stable hash of (val_seed, sample id)
+
+
+@dataclass
+class HeldoutConfig:
+    name: str = MISSING  # name of this held-out set
+    classes: List[str] = MISSING  # C2: classes removed from the test domain (caption spelling)
+
+
+@dataclass
+class RecipeConfig:
+    # natural_only | cg_low | cg_high | lod | cg_low_pseudo | cg_high_pseudo | allow | interpolation
+    kind: str = MISSING
+    test_domain: str = "sketch"  # D: clipart | infograph | painting | quickdraw | sketch
+    allow_p: float = 0.0  # kind=allow: fraction of each held-out class of D kept
+    allow_base: str = "cg_high"  # kind=allow: cg_low (real + D) or cg_high (all six domains)
+    extra_domains: List[str] = field(default_factory=list)  # kind=interpolation: domains added to real + D
+    aligned_captions: bool = False  # captions use only neutral terms ("image", "picture"), never a domain word
+    subsample: str = "first"  # first (paper: first n in split-file order) | random (seeded)
+    seed: int = 0  # seed of the random subsample variant
+    caption_seed: int = 42  # seed of the caption templates (paper: 42)
+    image_px: int = 32  # images are resized to this size when written into shards
+    image_format: str = "png"  # png (lossless) | jpg
+    shard_size: int = 2000  # samples per shard (upper bound)
+    min_shards: int = 2  # at least this many shards (workers x ranks)
+    dry_run: bool = False  # print the plan as a domain x class table and write nothing
+
+
+@dataclass
+class ModelConfig:
+    # open_clip model name: a built-in config (RN50, ViT-B-32, ...) or one shipped in clipgen/resources/models
+    name: str = MISSING
+    image_px: int = 32  # training/eval image size (must match the model config's image_size)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 0.2  # AdamW weight decay (not applied to gains, biases, logit scale)
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    warmup_steps: int = 500  # linear warmup, then cosine decay to 0
+
+
+@dataclass
+class TrainerConfig:
+    seed: int = 0  # model init, data order and augmentation all flow from this seed
+    epochs: int = 32  # an epoch = one pass over recipe + base corpus (sizes from the recipe's manifest)
+    batch_size: int = 128  # global batch (all ranks, all accumulation steps)
+    precision: str = "fp32"  # fp32 | bf16 (CPU autocast) | amp (fp16 + GradScaler, CUDA only)
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch intra-op threads (0 = torch's default)
+    log_every: int = 50  # steps between log lines / W&B points
+    save_every_steps: int = 200  # steps between latest.pt saves (plus every epoch end and on a stop signal)
+    max_steps: int = -1  # stop after this many steps (debugging); -1 = the full schedule
+
+
+@dataclass
+class EvalConfig:
+    templates: str = "paper86"  # paper86 (80 OpenAI + 6 domain templates) | domain_free
+    batch_size: int = 512  # images per forward pass
+    run_dir: Optional[str] = None  # evaluate this run directory instead of the one the config names
+    save_outputs: bool = True  # keep predictions, logits and embeddings per checkpoint
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "wandb"  # wandb | none
+    mode: str = "offline"  # offline (default, no key needed) | online | disabled
+    project: str = "clipgen"
+    group: Optional[str] = None  # W&B group; defaults to the study name
+
+
+@dataclass
+class StudyConfig:
+    name: str = MISSING  # study name (W&B group, report title)
+    test_domains: List[str] = field(default_factory=lambda: ["sketch"])
+    recipes: List[str] = field(default_factory=lambda: ["natural_only", "cg_low", "cg_high", "lod"])
+    seeds: List[int] = field(default_factory=lambda: [0])
+
+
+@dataclass
+class Config:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
+    run_name: Optional[str] = None  # run directory name; default derived from recipe id, model and seed
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="clipgen_schema", node=Config)
+

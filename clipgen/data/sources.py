@@ -1,0 +1,52 @@
+"""Build the source indexes a config asks for: DomainNet-layout samples and the natural base corpus."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from clipgen import layout
+from clipgen.data.domainnet import read_domainnet
+from clipgen.data.imagenet_captions import read_imagenet_captions
+from clipgen.data.index import Sample
+from clipgen.errors import ClipgenError
+
+
+def domainnet_root(cfg: DictConfig) -> Path:
+    if cfg.data.source == "world":
+        return layout.world_dir(cfg) / "domainnet"
+    if cfg.data.source == "domainnet":
+        if not cfg.data.domainnet_root:
+            raise ClipgenError("data.domainnet_root is not set: expected the DomainNet directory")
+        return Path(cfg.data.domainnet_root).expanduser()
+    raise ClipgenError(f"unknown data.source {cfg.data.source!r}: expected 'world' or 'domainnet'")
+
+
+def ensure_world(cfg: DictConfig) -> None:
+    """Generate the synthetic world if the config reads from it and it is not there yet."""
+    if cfg.data.source == "world" or cfg.data.base == "world":
+        from clipgen.world.generate import generate_world
+
+        generate_world(cfg)
+
+
+def domainnet_index(cfg: DictConfig, check_files: bool = True) -> list[Sample]:
+    ensure_world(cfg)
+    return read_domainnet(domainnet_root(cfg), val_fraction=cfg.data.val_fraction, val_seed=cfg.data.val_seed,
+                          check_files=check_files)
+
+
+def base_index(cfg: DictConfig) -> list[Sample]:
+    base = cfg.data.base
+    if base == "none":
+        return []
+    if base == "world":
+        ensure_world(cfg)
+        nat = layout.world_dir(cfg) / "natural"
+        return read_imagenet_captions(nat / "imagenet_captions.json", nat / "train", source="world_base")
+    if base == "imagenet_captions":
+        if not cfg.data.imagenet_captions_json or not cfg.data.imagenet_train_root:
+            raise ClipgenError("data.base=imagenet_captions needs data.imagenet_captions_json and "
+                               "data.imagenet_train_root")
+        return read_imagenet_captions(cfg.data.imagenet_captions_json, cfg.data.imagenet_train_root)
+    raise ClipgenError(f"unknown data.base {base!r}: expected world, imagenet_captions or none")

@@ -1,0 +1,50 @@
+"""Where every output lives under ``paths.root``; the names are derived from the config, never from a clock.
+
+    {root}/world/{name}-{hash}/       the synthetic world (DomainNet layout under domainnet/, base under natural/)
+    {root}/recipes/base-{hash}/       the base corpus, sharded once and referenced by every recipe
+    {root}/recipes/{recipe_id}-{hash}/ one recipe's shards, sizes.json, manifest.json
+    {root}/runs/{run_name}/           config.yaml, meta.json, checkpoints/, latest.pt, eval/
+    {root}/report/                    index.html, summary.csv, figures
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from clipgen.utils import output_root, stable_hash
+
+
+def root(cfg: DictConfig) -> Path:
+    return output_root(cfg.paths.root)
+
+
+def world_spec(cfg: DictConfig) -> dict:
+    """Everything that determines the world's bytes (the held-out classes are forced into its class list)."""
+    spec = OmegaConf.to_container(cfg.world, resolve=True)
+    spec.pop("workers", None)  # how many processes render does not change the output
+    spec["heldout_classes"] = list(cfg.heldout.classes)
+    spec["generator_version"] = 1
+    return spec
+
+
+def world_dir(cfg: DictConfig) -> Path:
+    return root(cfg) / "world" / f"{cfg.world.name}-{stable_hash(world_spec(cfg), 10)}"
+
+
+def runs_root(cfg: DictConfig) -> Path:
+    return root(cfg) / "runs"
+
+
+def recipes_root(cfg: DictConfig) -> Path:
+    return root(cfg) / "recipes"
+
+
+def report_dir(cfg: DictConfig) -> Path:
+    return root(cfg) / "report"
+
+
+def run_name(cfg: DictConfig, recipe_id: str) -> str:
+    if cfg.get("run_name"):
+        return str(cfg.run_name)
+    return f"{recipe_id}--{cfg.model.name}--seed{cfg.trainer.seed}"
