@@ -1,0 +1,33 @@
+"""Shared fixtures: compose the real config tree with Hydra's compose API into a temporary paths.root."""
+from __future__ import annotations
+
+import os
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+from clipgen.config import register_configs  # noqa: E402
+
+register_configs()
+
+
+def make_cfg(root, *overrides: str) -> DictConfig:
+    """The config a console script would see for ``clipgen-x paths.root=<root> <overrides>``."""
+    with initialize_config_module(config_module="clipgen.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=[f"paths.root={root}", *overrides],
+                       return_hydra_config=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    """A paths.root shared by the session, holding the tiny world (generated once)."""
+    root = tmp_path_factory.mktemp("clipgen_root")
+    from clipgen.world.generate import generate_world
+
+    generate_world(make_cfg(root, "debug=smoke"))
+    return root
