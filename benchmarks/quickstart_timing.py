@@ -1,0 +1,46 @@
+"""Reproduce the quick start's per-stage time table (world, recipes, training, evaluation, report).
+
+    python benchmarks/quickstart_timing.py [--root DIR] [extra Hydra overrides ...]
+
+Runs ``experiment=quickstart`` in a fresh temporary paths.root (or --root) exactly as ``clipgen-study`` does and
+prints the table; the acceptance budget is 15 minutes of wall time on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default=None, help="paths.root (default: a fresh temporary directory)")
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. trainer.epochs=8")
+    args = ap.parse_args()
+
+    from hydra import compose, initialize_config_module
+
+    from clipgen.config import register_configs
+    from clipgen.launch.study import format_time_table, run_study
+
+    register_configs()
+    root = args.root or tempfile.mkdtemp(prefix="clipgen-quickstart-")
+    with initialize_config_module(config_module="clipgen.conf", version_base="1.3"):
+        cfg = compose(config_name="config",
+                      overrides=["experiment=quickstart", f"paths.root={root}", *args.overrides])
+    t0 = time.time()
+    out = run_study(cfg)
+    wall = time.time() - t0
+    print("\n== quick start timing (paths.root = %s, %d cores) ==" % (root, os.cpu_count() or 0))
+    print(format_time_table(list(out["times"].items())))
+    print(f"wall {wall:.1f} s; budget 900 s -> {'within' if wall <= 900 else 'OVER'} budget")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
