@@ -94,7 +94,8 @@ def ensure_base(cfg: DictConfig) -> dict | None:
     final = layout.recipes_root(cfg) / f"base-{stable_hash(spec, 10)}"
     if (final / "manifest.json").is_file():
         return read_json(final / "manifest.json", "base manifest")
-    samples = _shuffled(samples, f"base:{src_hash}")
+    # The order depends on the sample ids only, not on where the files live.
+    samples = _shuffled(samples, "base:" + sample_ids_hash(s.sample_id for s in samples))
     counts: dict[str, int] = {}
     for s in samples:
         counts[s.class_name] = counts.get(s.class_name, 0) + 1
