@@ -1,0 +1,106 @@
+"""Epoch checkpoints and ``latest.pt`` (docs/formats.md): every write atomic, every read ``weights_only=True``.
+
+An epoch checkpoint is what open_clip itself loads: ``{"state_dict": <open_clip key names, no "module.">,
+"model_name", "model_cfg", ...}``, so ``open_clip.create_model_and_transforms(name, pretrained=path)`` works
+(after ``clipgen.train.model.register_clipgen_models()`` for clipgen's tiny models). ``latest.pt`` adds what a
+resume needs to continue bit for bit: optimizer, scaler, RNG states and the loader position.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from clipgen.errors import ClipgenError
+from clipgen.utils import atomic_torch_save
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST = "latest.pt"
+
+
+def epoch_path(run_dir: str | Path, epoch: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / f"epoch_{int(epoch):03d}.pt"
+
+
+def latest_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / LATEST
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare open_clip model behind DDP (``.module``) or torch.compile (``._orig_mod``) wrappers, so saved
+    keys never carry their prefixes."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+def model_state(model: torch.nn.Module) -> dict:
+    # Cloned to CPU so a later optimizer step cannot change what an in-flight save holds.
+    return {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
+
+
+def epoch_payload(model: torch.nn.Module, *, model_name: str, model_cfg: dict, epoch: int, step: int,
+                  samples_seen: int, run_name: str, recipe_id: str, seed: int) -> dict:
+    return {"state_dict": model_state(model), "model_name": model_name, "model_cfg": model_cfg,
+            "epoch": int(epoch), "step": int(step), "samples_seen": int(samples_seen), "run_name": run_name,
+            "recipe_id": recipe_id, "seed": int(seed)}
+
+
+def save_epoch(run_dir: str | Path, payload: dict) -> Path | None:
+    """Write ``checkpoints/epoch_NNN.pt``. Epoch 0 (the untrained model) is never overwritten: a resumed or
+    restarted run leaves the original in place. Returns the path written, or None when it was left alone."""
+    path = epoch_path(run_dir, payload["epoch"])
+    if payload["epoch"] == 0 and path.exists():
+        return None
+    atomic_torch_save(payload, path)
+    return path
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_latest(run_dir: str | Path, payload: dict, *, optimizer: torch.optim.Optimizer, scaler, position: dict,
+                extra: dict) -> Path:
+    """Atomically replace ``latest.pt``: an epoch payload plus optimizer, scaler, RNG and loader position
+    (``{"epoch": e, "batch": b}`` = the next batch to train on)."""
+    state = dict(payload)
+    state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler is not None else None,
+                 rng=rng_state(), position={"epoch": int(position["epoch"]), "batch": int(position["batch"])},
+                 **extra)
+    path = latest_path(run_dir)
+    atomic_torch_save(state, path)
+    return path
+
+
+def load(path: str | Path) -> dict:
+    """``torch.load(path, weights_only=True)`` with a one-line error naming the file."""
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ClipgenError(f"checkpoint {str(path)!r} does not exist") from None
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ClipgenError(f"checkpoint {str(path)!r} cannot be loaded ({msg}): expected a clipgen checkpoint; "
+                           "delete it to start over") from None
+    if not isinstance(obj, dict) or "state_dict" not in obj:
+        raise ClipgenError(f"checkpoint {str(path)!r} has no 'state_dict': expected a clipgen checkpoint")
+    return obj
+
+
+def load_latest(run_dir: str | Path) -> dict | None:
+    path = latest_path(run_dir)
+    return load(path) if path.exists() else None

@@ -1,0 +1,327 @@
+"""The CLIP training loop: one readable function in the spirit of nanoGPT, resumable bit for bit.
+
+``run_train(cfg)`` builds (or finds) the recipe, trains an open_clip model from scratch on recipe + base corpus
+and writes the run directory of docs/formats.md. A finished run is a no-op. An unfinished one resumes from
+``latest.pt`` by default: model, optimizer, scaler, RNG and loader position are restored, and because the data
+order and augmentation depend only on (seed, epoch, batch index) (see clipgen.train.data), an interrupted and
+resumed fp32 CPU run ends with the same weights, bit for bit, as an uninterrupted one.
+
+SIGTERM / SIGUSR1 / SIGUSR2 (what SLURM sends before preemption or the time limit) set a flag; at the next step
+boundary latest.pt is saved and the process exits with status 128 + signal number, ready to be requeued.
+
+Single process for now; the loss and checkpoint code already take rank/world size and unwrap DDP so that
+multi-GPU can be added without touching the file formats.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from clipgen import layout
+from clipgen.errors import ClipgenError
+from clipgen.train import checkpoint as ckpt
+from clipgen.train.data import EpochLoader, load_train_data
+from clipgen.train.logger import check_logger_config, make_logger
+from clipgen.train.model import create_clip, model_config
+from clipgen.utils import atomic_write_json, atomic_write_text, git_sha, read_json, sha256_file
+
+log = logging.getLogger(__name__)
+
+MAX_LOGIT_SCALE = math.log(100)  # open_clip clamps the learned temperature to at most 100
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+PRECISIONS = ("fp32", "bf16", "amp")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ClipgenError("trainer.device=cuda but no CUDA device is available: expected trainer.device=cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise ClipgenError(f"unknown trainer.device {name!r}: expected auto, cpu or cuda")
+    return torch.device(name)
+
+
+def autocast(precision: str, device: torch.device):
+    """fp32: nothing; bf16: autocast on CPU or CUDA; amp: fp16 autocast, CUDA only (it needs a GradScaler)."""
+    if precision not in PRECISIONS:
+        raise ClipgenError(f"unknown trainer.precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "amp" and device.type != "cuda":
+        raise ClipgenError(f"trainer.precision=amp needs CUDA (fp16 + GradScaler), but the device is "
+                           f"{device.type}: use trainer.precision=bf16 or fp32")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """open_clip's rule: no weight decay on gains, biases, norms and the logit scale (ndim < 2 or a name with
+    "bn", "ln", "bias" or "logit_scale"); decay on every other (>= 2-D) weight."""
+    decay, no_decay = [], []
+    for name, p in ckpt.unwrap(model).named_parameters():
+        if not p.requires_grad:
+            continue
+        exclude = p.ndim < 2 or any(s in name for s in ("bn", "ln", "bias", "logit_scale"))
+        (no_decay if exclude else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
+    """Linear warmup to ``base_lr`` over ``warmup`` steps, then cosine to 0 at ``total`` (open_clip's cosine_lr)."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    span = max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(step - warmup, span) / span)) * base_lr
+
+
+def train_spec(cfg: DictConfig) -> dict:
+    """The settings that determine a run's result: a run directory is only resumed with the same ones."""
+    return {"model.name": cfg.model.name, "model.image_px": int(cfg.model.image_px),
+            "trainer.seed": int(cfg.trainer.seed), "trainer.epochs": int(cfg.trainer.epochs),
+            "trainer.batch_size": int(cfg.trainer.batch_size),
+            **{f"optim.{k}": v for k, v in OmegaConf.to_container(cfg.optim, resolve=True).items()}}
+
+
+def _check_same_run(run_dir: Path, old: dict, spec: dict, manifest_sha: str) -> None:
+    hint = "pick another run_name=... or paths.root=... (finished work is never overwritten)"
+    if old.get("manifest_sha256") != manifest_sha:
+        raise ClipgenError(f"run dir {str(run_dir)!r} was trained on a different recipe (manifest sha256 "
+                           f"{str(old.get('manifest_sha256'))[:12]}, now {manifest_sha[:12]}): {hint}")
+    diff = [f"{k}={old['train_spec'].get(k)!r} (now {v!r})" for k, v in spec.items()
+            if "train_spec" in old and old["train_spec"].get(k) != v]
+    if diff:
+        raise ClipgenError(f"run dir {str(run_dir)!r} was started with {', '.join(diff)}: {hint}")
+
+
+class StopSignals:
+    """Turn SIGTERM/SIGUSR1/SIGUSR2 into a flag checked at step boundaries; previous handlers come back on exit.
+    Handlers can only be installed from the main thread; elsewhere this does nothing."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for name in STOP_SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        return False
+
+
+def run_train(cfg: DictConfig) -> dict:
+    """Train (or resume, or skip if finished) the run the config names. Returns ``{"run_dir", "status", "steps",
+    "epochs", "final_loss", "seconds", "samples_per_s"}`` (status "finished", or "running" when stopped early by
+    trainer.max_steps)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    t_call = time.time()
+    # Cheap config checks first, so a typo fails before the recipe is built.
+    for key in ("epochs", "batch_size", "log_every", "save_every_steps"):
+        if int(cfg.trainer[key]) < 1:
+            raise ClipgenError(f"trainer.{key}={cfg.trainer[key]}: expected a positive integer")
+    device = resolve_device(cfg.trainer.device)
+    autocast(cfg.trainer.precision, device)
+    check_logger_config(cfg)
+    mcfg = model_config(cfg.model.name)
+    if cfg.recipe.dry_run:
+        raise ClipgenError("recipe.dry_run=true builds nothing to train on: expected recipe.dry_run=false for training")
+
+    from clipgen.recipes.build import ensure_recipe
+
+    recipe_dir = Path(ensure_recipe(cfg))
+    manifest = read_json(recipe_dir / "manifest.json", "recipe manifest")
+    manifest_sha = sha256_file(recipe_dir / "manifest.json")
+    name = layout.run_name(cfg, manifest["recipe_id"])
+    run_dir = layout.runs_root(cfg) / name
+    spec = train_spec(cfg)
+    if (run_dir / "meta.json").exists():
+        old = read_json(run_dir / "meta.json", "run meta")
+        _check_same_run(run_dir, old, spec, manifest_sha)
+        if old.get("status") == "finished":
+            print(f"clipgen: {name} already finished ({old.get('step')} steps, {old.get('epochs')} epochs, final "
+                  f"loss {old.get('final_loss')}) in {run_dir}; nothing to do")
+            return {"run_dir": str(run_dir), "status": "finished", "steps": old.get("step"),
+                    "epochs": old.get("epochs"), "final_loss": old.get("final_loss"),
+                    "seconds": time.time() - t_call, "samples_per_s": None, "skipped": True}
+
+    threads = torch.get_num_threads()
+    if cfg.trainer.threads > 0:
+        torch.set_num_threads(int(cfg.trainer.threads))
+    try:
+        return _train(cfg, device, mcfg, recipe_dir, manifest, manifest_sha, name, run_dir, spec, t_call)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg, device, mcfg, recipe_dir, manifest, manifest_sha, name, run_dir, spec, t_call) -> dict:
+    from open_clip.loss import ClipLoss
+
+    tc, oc = cfg.trainer, cfg.optim
+    # Seeding right before the model is built makes epoch_000 a function of trainer.seed alone.
+    torch.manual_seed(int(tc.seed))
+    model, tokenizer = create_clip(cfg.model.name, cfg.model.image_px)
+    model.to(device)
+    data = load_train_data(recipe_dir, tokenizer, int(cfg.model.image_px), manifest)
+    loader = EpochLoader(data, int(tc.batch_size), int(tc.seed), int(cfg.model.image_px), device)
+    spe, epochs = loader.steps_per_epoch, int(tc.epochs)
+    total = epochs * spe
+    optimizer = torch.optim.AdamW(param_groups(model, float(oc.weight_decay)), lr=float(oc.lr),
+                                  betas=(float(oc.beta1), float(oc.beta2)), eps=float(oc.eps))
+    scaler = torch.amp.GradScaler("cuda") if tc.precision == "amp" else None
+    # Paper: local loss with gather-with-grad. With one process both are no-ops; DDP passes rank/world size.
+    loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=0, world_size=1)
+    common = dict(model_name=cfg.model.name, model_cfg=mcfg, run_name=name, recipe_id=manifest["recipe_id"],
+                  seed=int(tc.seed))
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    latest = ckpt.load_latest(run_dir)
+    if latest is not None:
+        if latest.get("train_spec", spec) != spec or latest.get("manifest_sha256", manifest_sha) != manifest_sha:
+            raise ClipgenError(f"{str(ckpt.latest_path(run_dir))!r} belongs to a run with other settings or data: "
+                               "pick another run_name=... or paths.root=...")
+        ckpt.unwrap(model).load_state_dict(latest["state_dict"])
+        optimizer.load_state_dict(latest["optimizer"])
+        if scaler is not None and latest.get("scaler"):
+            scaler.load_state_dict(latest["scaler"])
+        ckpt.set_rng_state(latest["rng"])
+        step, samples_seen = int(latest["step"]), int(latest["samples_seen"])
+        epoch, batch = int(latest["position"]["epoch"]), int(latest["position"]["batch"])
+        wandb_id, prior_seconds = latest.get("wandb_id"), float(latest.get("train_seconds", 0.0))
+        last_loss = latest.get("last_loss")
+        log.info("resuming %s at step %d/%d (epoch %d, batch %d)", name, step, total, epoch, batch)
+    else:
+        step = samples_seen = epoch = batch = 0
+        wandb_id, prior_seconds, last_loss = None, 0.0, None
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        ckpt.save_epoch(run_dir, ckpt.epoch_payload(model, epoch=0, step=0, samples_seen=0, **common))
+
+    sha = git_sha()
+    logger = make_logger(cfg, run_dir, name, run_id=wandb_id,
+                         extra_config={"manifest_sha256": manifest_sha, "git_sha": sha, "recipe_dir": str(recipe_dir)})
+    t_seg = time.time()  # train_seconds accumulates over resumed segments
+
+    def write_meta(status: str) -> None:
+        atomic_write_json(run_dir / "meta.json", {
+            "run_name": name, "recipe_id": manifest["recipe_id"], "recipe_kind": manifest.get("kind"),
+            "recipe_dir": str(recipe_dir), "manifest_sha256": manifest_sha, "test_domain": manifest.get("test_domain"),
+            "heldout_classes": manifest.get("heldout_classes"), "classes": manifest.get("classes"),
+            "seed": int(tc.seed), "model_name": cfg.model.name, "model_cfg": mcfg, "image_px": int(cfg.model.image_px),
+            "epochs": epochs, "batch_size": int(tc.batch_size), "steps_per_epoch": spe,
+            "samples_per_epoch": loader.samples_per_epoch, "total_steps": total, "status": status, "step": step,
+            "samples_seen": samples_seen, "git_sha": sha, "wandb_id": logger.id,
+            "train_seconds": prior_seconds + time.time() - t_seg, "final_loss": last_loss, "train_spec": spec,
+            "num_samples": {"recipe": data.num_recipe, "base": data.num_base}})
+
+    def save_latest(position: dict) -> None:
+        payload = ckpt.epoch_payload(model, epoch=position["epoch"], step=step, samples_seen=samples_seen, **common)
+        ckpt.save_latest(run_dir, payload, optimizer=optimizer, scaler=scaler, position=position, extra={
+            "wandb_id": logger.id, "train_seconds": prior_seconds + time.time() - t_seg, "last_loss": last_loss,
+            "train_spec": spec, "manifest_sha256": manifest_sha, "steps_per_epoch": spe, "total_steps": total})
+        write_meta("running")
+
+    log.info("training %s: %d samples (recipe %d + base %d), %d epochs x %d steps of %d, device %s, %s",
+             name, len(data), data.num_recipe, data.num_base, epochs, spe, tc.batch_size, device, tc.precision)
+    steps_here, t_loop, stopped = 0, time.time(), None
+    if 0 < tc.max_steps <= step < total:  # a rerun with the same max_steps has nothing left to do
+        stopped = "max_steps"
+    t_log, n_log, data_time = time.time(), 0, 0.0
+    model.train()
+    try:
+        with StopSignals() as stop:
+            write_meta("running")
+            for e in range(epoch, epochs):
+                batches = loader.batches(e, batch if e == epoch else 0)
+                while stopped is None:
+                    t0 = time.time()
+                    b = next(batches, None)
+                    data_time += time.time() - t0
+                    if b is None:
+                        break
+                    lr = lr_at(step, float(oc.lr), int(oc.warmup_steps), total)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    with autocast(tc.precision, device):
+                        out = model(b.images, b.tokens)
+                        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+                    loss_value = loss.item()
+                    if not math.isfinite(loss_value):
+                        good = ckpt.latest_path(run_dir)
+                        good = good if good.exists() else ckpt.epoch_path(run_dir, 0)
+                        raise ClipgenError(f"loss is {loss_value} at step {step + 1} (epoch {e}, batch {b.index}) of "
+                                           f"{name}: nothing was saved, the last good checkpoint {str(good)!r} is "
+                                           "kept; lower optim.lr or use trainer.precision=fp32")
+                    optimizer.zero_grad(set_to_none=True)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        loss.backward()
+                        optimizer.step()
+                    with torch.no_grad():
+                        ckpt.unwrap(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+                    step, steps_here, n_log = step + 1, steps_here + 1, n_log + 1
+                    samples_seen += b.images.shape[0]
+                    last_loss = loss_value
+                    position = {"epoch": e, "batch": b.index + 1}
+
+                    if step % tc.log_every == 0 or step == total:
+                        dt = time.time() - t_log
+                        sps = n_log * b.images.shape[0] / max(dt, 1e-9)
+                        scale = float(out["logit_scale"].detach())
+                        log.info("step %d/%d | epoch %d/%d | loss %.4f | lr %.2e | logit scale %.2f | %.0f samples/s",
+                                 step, total, e + 1, epochs, loss_value, lr, scale, sps)
+                        logger.log({"train/loss": loss_value, "train/lr": lr, "train/logit_scale": scale,
+                                    "train/samples_per_s": sps, "train/data_time": data_time / n_log,
+                                    "train/epoch": e + (b.index + 1) / spe}, step=step)
+                        t_log, n_log, data_time = time.time(), 0, 0.0
+
+                    if stop.received is not None:
+                        stopped = signal.Signals(stop.received).name
+                    elif tc.max_steps > 0 and step >= tc.max_steps and step < total:
+                        stopped = "max_steps"
+                    if stopped or step % tc.save_every_steps == 0:
+                        save_latest(position)
+                if stopped:
+                    break
+                # Epoch end: the epoch checkpoint first, then latest.pt pointing at the next epoch.
+                ckpt.save_epoch(run_dir, ckpt.epoch_payload(model, epoch=e + 1, step=step, samples_seen=samples_seen,
+                                                            **common))
+                save_latest({"epoch": e + 1, "batch": 0})
+
+            if stopped is None:
+                write_meta("finished")
+    finally:
+        logger.finish()
+
+    seconds = time.time() - t_loop
+    sps = steps_here * int(tc.batch_size) / seconds if steps_here else None
+    status = "running" if stopped else "finished"
+    if stopped and stopped != "max_steps":
+        print(f"clipgen: received {stopped}: saved {ckpt.latest_path(run_dir)} at step {step}/{total}; "
+              "rerun the same command to resume")
+        raise SystemExit(128 + int(signal.Signals[stopped]))
+    print(f"clipgen: {name} {status} at step {step}/{total} (epoch {step // spe}/{epochs}), loss "
+          f"{last_loss if last_loss is None else round(last_loss, 4)}, "
+          f"{sps or 0:.0f} samples/s -> {run_dir}")
+    return {"run_dir": str(run_dir), "status": status, "steps": step, "epochs": epochs, "final_loss": last_loss,
+            "seconds": time.time() - t_call, "samples_per_s": sps}
