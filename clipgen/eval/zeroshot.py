@@ -1,0 +1,184 @@
+"""Zero-shot classification as pure functions, in the style of CLIP_benchmark:
+``evaluate(model, images, labels, tokenizer, classnames, templates, device) -> dict``.
+
+The head (SPEC §6): every class name is put into every template, the normalised text embeddings of one class
+are averaged and the mean renormalised; an image is assigned the class of highest cosine similarity.
+
+Images travel as uint8 ``[n, 3, px, px]`` arrays (resized and centre-cropped once, like open_clip's eval
+transform) and are normalised per batch, so a decoded test set costs a quarter of its float32 size and can be
+reused for every checkpoint of a run.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from clipgen.errors import ClipgenError
+from clipgen.eval.metrics import lso_metrics, macro_f1, safe_mean, topk_correct, unweighted_accuracy
+
+# open_clip's OPENAI_DATASET_MEAN / OPENAI_DATASET_STD, which its eval transform uses for every model we train.
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+
+# --- images --------------------------------------------------------------------------------------------------
+def load_image(path: str, image_px: int) -> np.ndarray:
+    """One image as uint8 ``[3, px, px]``: RGB, shorter side resized to ``image_px`` (bicubic), centre crop."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            scale = image_px / min(w, h)
+            # Resize the shorter side exactly to image_px (rounding could leave it one pixel short).
+            size = (image_px, max(image_px, round(h * scale))) if w <= h else (max(image_px, round(w * scale)),
+                                                                              image_px)
+            if (w, h) != size:
+                im = im.resize(size, Image.BICUBIC)
+            w, h = im.size
+            left, top = (w - image_px) // 2, (h - image_px) // 2
+            im = im.crop((left, top, left + image_px, top + image_px))
+            arr = np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError) as e:
+        raise ClipgenError(f"image {path!r} cannot be read ({e}): expected a readable PNG/JPEG file") from None
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def decode_images(paths: Sequence[str], image_px: int, out: np.ndarray | None = None,
+                  workers: int | None = None) -> np.ndarray:
+    """Decode ``paths`` into uint8 ``[n, 3, px, px]`` (into ``out`` if given, e.g. a disk-backed memmap for
+    test sets that do not fit in memory). PIL releases the GIL while decoding and resizing, so threads help."""
+    n = len(paths)
+    if out is None:
+        out = np.empty((n, 3, image_px, image_px), dtype=np.uint8)
+    workers = workers or min(8, os.cpu_count() or 1)
+
+    def _one(i: int) -> None:
+        out[i] = load_image(paths[i], image_px)
+
+    if workers <= 1 or n < 64:
+        for i in range(n):
+            _one(i)
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(_one, range(n)))  # list() re-raises the first worker error
+    return out
+
+
+def normalize_images(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[b, 3, h, w]`` -> float32 normalised with OpenAI's mean/std (what open_clip's transform gives)."""
+    mean = torch.tensor(OPENAI_DATASET_MEAN, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_DATASET_STD, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
+    return (batch.float() / 255.0 - mean) / std
+
+
+# --- text side -----------------------------------------------------------------------------------------------
+def prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """Every template filled with every class name, class-major (class 0's templates first)."""
+    return [t.format(c) for c in classnames for t in templates]
+
+
+def tokenize_prompts(tokenizer, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """Token ids ``[num_classes * num_templates, context]``; tokenising is the slow part for 345 x 86 prompts,
+    so callers evaluating many checkpoints do it once and pass ``tokens`` to :func:`class_embeddings`."""
+    if not classnames or not templates:
+        raise ClipgenError(f"zero-shot head needs class names and templates, got {len(classnames)} classes and "
+                           f"{len(templates)} templates")
+    return tokenizer(prompts(classnames, templates))
+
+
+@torch.no_grad()
+def class_embeddings(model, tokenizer, classnames: Sequence[str], templates: Sequence[str],
+                     device: str | torch.device = "cpu", batch_size: int = 512,
+                     tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Zero-shot classifier weights ``[num_classes, embed]`` (float32, on ``device``): per class the mean of its
+    normalised template embeddings, renormalised. All class x template prompts are encoded in batches of
+    ``batch_size`` regardless of class boundaries."""
+    if tokens is None:
+        tokens = tokenize_prompts(tokenizer, classnames, templates)
+    num_c, num_t = len(classnames), len(templates)
+    if tokens.shape[0] != num_c * num_t:
+        raise ClipgenError(f"tokens has {tokens.shape[0]} rows: expected {num_c} classes x {num_t} templates")
+    model.eval()
+    chunks = []
+    for start in range(0, tokens.shape[0], batch_size):
+        emb = model.encode_text(tokens[start:start + batch_size].to(device), normalize=True)
+        chunks.append(emb.float())
+    text = torch.cat(chunks).view(num_c, num_t, -1).mean(dim=1)
+    return text / text.norm(dim=-1, keepdim=True)
+
+
+# --- image side ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def encode_images(model, images, device: str | torch.device = "cpu", batch_size: int = 512) -> torch.Tensor:
+    """Normalised image embeddings ``[n, embed]`` (float32, on the CPU). ``images`` is uint8 ``[n, 3, h, w]``
+    (array or tensor; normalised here per batch) or an already normalised float tensor."""
+    model.eval()
+    n = len(images)
+    chunks = []
+    for start in range(0, n, batch_size):
+        batch = images[start:start + batch_size]
+        batch = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch
+        batch = batch.to(device)
+        if batch.dtype == torch.uint8:
+            batch = normalize_images(batch)
+        chunks.append(model.encode_image(batch, normalize=True).float().cpu())
+    if not chunks:
+        embed_dim = getattr(model, "text_projection", None)
+        width = embed_dim.shape[-1] if embed_dim is not None else 0
+        return torch.zeros(0, width)
+    return torch.cat(chunks)
+
+
+def zeroshot_logits(image_emb: torch.Tensor, class_emb: torch.Tensor, logit_scale: float = 1.0) -> torch.Tensor:
+    """``logit_scale * cosine`` between every image and every class embedding, ``[n_images, n_classes]``."""
+    return logit_scale * image_emb.to(class_emb.device, class_emb.dtype) @ class_emb.T
+
+
+def model_logit_scale(model) -> float:
+    """The model's own temperature (exp of its learned log-scale, capped at 100 as in CLIP), so softmax of the
+    stored logits gives the model's probabilities; argmax and accuracies do not depend on it."""
+    scale = getattr(model, "logit_scale", None)
+    if scale is None:
+        return 100.0
+    return float(min(scale.detach().exp().item(), 100.0))
+
+
+# --- the CLIP_benchmark-style entry point --------------------------------------------------------------------
+def evaluate(model, images, labels, tokenizer, classnames: Sequence[str], templates: Sequence[str],
+             device: str | torch.device = "cpu", batch_size: int = 512, domains: Sequence[str] | None = None,
+             heldout: Sequence[str] = (), report_domains: Sequence[str] | None = None,
+             tokens: torch.Tensor | None = None) -> dict:
+    """Zero-shot classification of ``images`` over ``classnames``.
+
+    Returns ``{"metrics", "logits", "preds", "image_embeddings", "class_embeddings", "logit_scale"}`` (arrays are
+    numpy, on the CPU). With ``domains`` (one per image) the metrics are the DomainNet leave-some-out set of
+    :func:`clipgen.eval.metrics.lso_metrics` for each of ``report_domains`` (default: the domains present);
+    without, the plain ``acc``, ``top5``, ``unweighted-acc``, ``macro-f1`` and ``n`` of all images.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(images) != labels.shape[0]:
+        raise ClipgenError(f"{len(images)} images but {labels.shape[0]} labels: expected one label per image")
+    if labels.size and (labels.min() < 0 or labels.max() >= len(classnames)):
+        raise ClipgenError(f"labels range over [{labels.min()}, {labels.max()}]: expected indices into the "
+                           f"{len(classnames)} class names")
+    model = model.to(device)
+    class_emb = class_embeddings(model, tokenizer, classnames, templates, device, batch_size, tokens)
+    image_emb = encode_images(model, images, device, batch_size)
+    scale = model_logit_scale(model)
+    logits = zeroshot_logits(image_emb, class_emb, scale).cpu().numpy()
+    preds = logits.argmax(axis=1) if labels.size else np.zeros(0, dtype=np.int64)
+    if domains is not None:
+        present = list(dict.fromkeys(domains))
+        metrics = lso_metrics(logits, labels, list(domains), list(classnames), list(heldout),
+                              report_domains if report_domains is not None else present)
+    else:
+        metrics = {"acc": safe_mean(preds == labels), "top5": safe_mean(topk_correct(logits, labels, 5)),
+                   "unweighted-acc": unweighted_accuracy(preds, labels, range(len(classnames))),
+                   "macro-f1": macro_f1(preds, labels, len(classnames)), "n": int(labels.size)}
+    return {"metrics": metrics, "logits": logits, "preds": preds, "image_embeddings": image_emb.numpy(),
+            "class_embeddings": class_emb.cpu().numpy(), "logit_scale": scale}

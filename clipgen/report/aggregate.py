@@ -1,0 +1,156 @@
+"""Collect every run's ``eval/results.jsonl`` into a long table and aggregate it over seeds.
+
+Long table: one row per (run, task, epoch, metric) with the run's recipe, test domain, seed and model. When a
+checkpoint was evaluated twice (it was retrained, so its hash changed), the last line in the file wins.
+Aggregates: mean, sample std (ddof=1), n and a 95% Student-t interval per (task, test domain, recipe, model,
+epoch, metric); with a single seed the std and the interval are NaN, not zero.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import OmegaConf
+
+from clipgen.errors import ClipgenError
+from clipgen.eval.run import read_results
+
+GROUP = ["task", "test_domain", "recipe_kind", "recipe_id", "model_name"]
+# t_{0.975, df} for df = 1..30; larger df use a Cornish-Fisher expansion around the normal quantile (error < 1e-4),
+# so the report needs no scipy.
+_T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788,
+         2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639,
+         2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
+
+
+def t975(df: int) -> float:
+    """Two-sided 95% quantile of Student's t with ``df`` degrees of freedom (NaN for df < 1)."""
+    if df < 1:
+        return float("nan")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def _manifest(meta: dict, run_dir: Path) -> dict:
+    path = meta.get("recipe_dir")
+    if not path:
+        return {}
+    p = Path(path)
+    p = p if p.is_absolute() else run_dir / p
+    try:
+        return json.loads((p / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}  # the recipe may live on another machine; the run config is the fallback
+
+
+def _run_config(run_dir: Path) -> dict:
+    try:
+        return OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=False)
+    except Exception:  # a missing or unreadable config only costs the Fig. 3/13 extras
+        return {}
+
+
+def recipe_extras(meta: dict, run_dir: Path) -> dict:
+    """Values the Fig. 3 / Fig. 13 axes need: the number of extra domains (included domains - 2, from the
+    recipe manifest, else the recipe of the run config) and the allow-p share with its base (cg_low: real + D;
+    cg_high: all six domains)."""
+    manifest, rcfg = _manifest(meta, run_dir), _run_config(run_dir).get("recipe", {}) or {}
+    domains = manifest.get("domains")
+    if domains is None and rcfg.get("kind"):
+        try:  # the recipe's domain set follows from its config alone (clipgen.recipes.naming)
+            from clipgen.recipes.naming import recipe_spec
+
+            domains = list(recipe_spec(OmegaConf.create(rcfg)).domains)
+        except (ClipgenError, KeyError, AttributeError, ValueError):
+            domains = None
+    extras = {"n_domains": len(domains) if domains else None,
+              "n_extra_domains": len(domains) - 2 if domains else None, "allow_p": None, "allow_base": None}
+    kind = meta.get("recipe_kind")
+    if kind == "allow":
+        spec = manifest.get("spec") or {}
+        p = spec.get("allow_p", spec.get("heldout_keep"))
+        if p is None:
+            m = re.search(r"-allow([0-9.]+)", str(meta.get("recipe_id", "")))
+            p = float(m.group(1)) if m else rcfg.get("allow_p")
+        extras["allow_p"] = float(p) if p is not None else None
+        base = spec.get("allow_base") or (manifest.get("config") or {}).get("allow_base") or rcfg.get("allow_base")
+        if base is None and domains:
+            base = "cg_high" if len(domains) == 6 else "cg_low"
+        extras["allow_base"] = base
+    return extras
+
+
+def _joined(values) -> str:
+    return " ".join(sorted({str(v) for v in values if v is not None}))
+
+
+def collect(runs_root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(long table, runs table) of every ``{runs_root}/*/eval/results.jsonl``; both empty when there is none."""
+    rows, runs = [], []
+    for results in sorted(Path(runs_root).glob("*/eval/results.jsonl")):
+        run_dir = results.parent.parent
+        meta_path = run_dir / "meta.json"
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ClipgenError(f"{meta_path} is missing next to {results}: expected every evaluated run to keep "
+                               "its meta.json") from None
+        except json.JSONDecodeError as e:
+            raise ClipgenError(f"{meta_path} is not valid JSON (line {e.lineno}): expected the run's meta") from None
+        records, _ = read_results(results)  # a cut-off last line is ignored here; clipgen-eval repairs it
+        latest: dict[tuple, dict] = {}
+        for r in records:
+            latest[(r.get("task"), int(r.get("epoch", -1)))] = r
+        if not latest:
+            continue
+        extras = recipe_extras(meta, run_dir)
+        base = {"run": meta.get("run_name", run_dir.name), "recipe_id": meta.get("recipe_id") or "",
+                "recipe_kind": meta.get("recipe_kind") or "", "seed": meta.get("seed"),
+                "model_name": meta.get("model_name") or ""}
+        for (task, epoch), r in sorted(latest.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+            head = {**base, "task": task, "test_domain": r.get("test_domain") or meta.get("test_domain"),
+                    "epoch": epoch, "step": r.get("step"), "samples_seen": r.get("samples_seen")}
+            for metric, value in r["metrics"].items():
+                rows.append({**head, "metric": metric, "value": float(value)})
+        recs = list(latest.values())
+        runs.append({**base, "test_domain": meta.get("test_domain"), "run_dir": str(run_dir),
+                     "tasks": _joined(r.get("task") for r in recs),
+                     "epochs_evaluated": len({e for _, e in latest}), "last_epoch": max(e for _, e in latest),
+                     "git_sha": _joined(r.get("git_sha") for r in recs),
+                     "manifest_sha256": meta.get("manifest_sha256"),
+                     "templates": _joined((r.get("eval_config") or {}).get("templates") for r in recs),
+                     "num_classes": len(meta.get("classes") or []), **extras})
+    long = pd.DataFrame(rows, columns=["run", "recipe_id", "recipe_kind", "seed", "model_name", "task",
+                                       "test_domain", "epoch", "step", "samples_seen", "metric", "value"])
+    return long, pd.DataFrame(runs)
+
+
+def aggregate(long: pd.DataFrame) -> pd.DataFrame:
+    """Mean, std, n, 95% t-interval and the seeds over runs, per group x epoch x metric (NaN values, i.e. empty
+    groups, are left out of n)."""
+    keys = GROUP + ["epoch", "metric"]
+    out = []
+    for key, g in long.groupby(keys, sort=True, dropna=False):
+        vals = g["value"].to_numpy(dtype=np.float64)
+        vals = vals[np.isfinite(vals)]
+        n = int(vals.size)
+        mean = float(vals.mean()) if n else float("nan")
+        std = float(vals.std(ddof=1)) if n > 1 else float("nan")
+        half = t975(n - 1) * std / math.sqrt(n) if n > 1 else float("nan")
+        seeds = " ".join(str(s) for s in sorted(g["seed"].dropna().unique()))
+        out.append({**dict(zip(keys, key)), "mean": mean, "std": std, "n": n, "ci95_low": mean - half,
+                    "ci95_high": mean + half, "seeds": seeds})
+    return pd.DataFrame(out, columns=keys + ["mean", "std", "n", "ci95_low", "ci95_high", "seeds"])
+
+
+def final_epochs(long: pd.DataFrame) -> pd.DataFrame:
+    """The long-table rows at each group's final epoch (the largest epoch any of its seeds reached; a seed still
+    training is then missing from the final numbers instead of mixing epochs)."""
+    last = long.groupby(GROUP, dropna=False)["epoch"].transform("max")
+    return long[long["epoch"] == last]

@@ -1,0 +1,215 @@
+"""``run_report(cfg)``: the study's static HTML report from every evaluated run under ``paths.root``.
+
+    {root}/report/index.html           one self-contained page (inline CSS; figures as relative PNG files)
+    {root}/report/summary.csv          every metric at each recipe's final epoch, aggregated over seeds
+    {root}/report/learning_curves.csv  the same for every evaluated epoch
+    {root}/report/figures/*.png        Fig. 2 bars and learning curves per test domain; Fig. 3 / 13 when the
+                                       interpolation / allow runs exist
+
+Every string that reaches the page goes through html.escape. With ``logger.backend=wandb`` the figures and
+the summary are also logged to one W&B run (job_type "report"; offline unless logger.mode says otherwise).
+"""
+from __future__ import annotations
+
+import html
+import math
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from clipgen import layout
+from clipgen.errors import ClipgenError
+from clipgen.facts import NATURAL_DOMAIN, TEST_DOMAINS
+from clipgen.report import figures as F
+from clipgen.report.aggregate import aggregate, collect, final_epochs
+from clipgen.utils import atomic_write_text, git_sha
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1200px;
+color:#222;padding:0 1em;line-height:1.4}
+h1{margin-bottom:.2em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}
+.muted{color:#666;font-size:.9em}
+figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}
+figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85em;color:#555}
+table{border-collapse:collapse;font-size:.82em;margin:.5em 0 1.5em}
+th,td{border:1px solid #ddd;padding:.25em .5em;text-align:right;white-space:nowrap}
+th{background:#f4f4f4;position:sticky;top:0}td.l,th.l{text-align:left}
+tr:nth-child(even) td{background:#fafafa}tr.head td{font-weight:600}
+.scroll{overflow-x:auto}details pre{background:#f7f7f7;padding:1em;overflow-x:auto;font-size:.8em}
+"""
+_METRIC_ORDER = ("lso-ood", "lso-id", "lso-unweighted-ood", "lso-unweighted-id", "top5-ood", "top5-id", "macro-f1",
+                 "acc", "n-ood", "n-id")
+
+
+def _e(x) -> str:
+    return html.escape("" if x is None else str(x))
+
+
+def _fmt(mean: float, std: float, n: int, metric: str) -> str:
+    if not math.isfinite(mean):
+        return "–"
+    if metric.endswith(("-n-ood", "-n-id")):  # sample counts
+        return f"{mean:.0f}"
+    spread = f" ± {std:.3f}" if math.isfinite(std) else ""
+    return f"{mean:.3f}{spread} <span class=muted>({n})</span>"
+
+
+def _metric_order(metric: str, d: str) -> tuple:
+    """D's metrics before real's; within a domain the SPEC §6 order, then the per-class ones alphabetically."""
+    dom, _, rest = metric.partition("-")
+    rank = _METRIC_ORDER.index(rest) if rest in _METRIC_ORDER else len(_METRIC_ORDER)
+    return (dom != d, dom, rank, metric)
+
+
+def _recipe_key(kind: str, rid: str) -> tuple:
+    order = {k: i for i, k in enumerate(F.KIND_LABELS)}
+    return (order.get(kind, 99), rid)
+
+
+def _final_table(summary: pd.DataFrame, task: str, d: str) -> str:
+    rows = summary[summary["task"] == task]
+    if rows.empty:
+        return ""
+    cols = sorted({(k, r, m) for k, r, m in zip(rows["recipe_kind"], rows["recipe_id"], rows["model_name"])},
+                  key=lambda c: (_recipe_key(c[0], c[1]), c[2]))
+    cells = {(r.metric, r.recipe_kind, r.recipe_id, r.model_name): (r.mean, r.std, r.n, r.epoch)
+             for r in rows.itertuples()}
+    head = "".join(f"<th>{_e(F.KIND_LABELS.get(k, k))}<br><span class=muted>{_e(r)}<br>{_e(m)}</span></th>"
+                   for k, r, m in cols)
+    last = rows.groupby(["recipe_kind", "recipe_id", "model_name"])["epoch"].max().to_dict()
+    epochs = "".join(f"<td>{_e(last.get(c, ''))}</td>" for c in cols)
+    body = [f"<tr><td class=l><i>final epoch</i></td>{epochs}</tr>"]
+    for metric in sorted(rows["metric"].unique(), key=lambda m: _metric_order(m, d)):
+        tds = []
+        for c in cols:
+            v = cells.get((metric, *c))
+            tds.append(f"<td>{_fmt(*v[:3], metric) if v else ''}</td>")
+        cls = " class=head" if metric in (f"{d}-lso-ood", f"{d}-lso-id") else ""
+        body.append(f"<tr{cls}><td class=l>{_e(metric)}</td>{''.join(tds)}</tr>")
+    return (f"<div class=scroll><table><tr><th class=l>metric (mean ± seed std, n seeds)</th>{head}</tr>"
+            + "".join(body) + "</table></div>")
+
+
+def _runs_table(runs: pd.DataFrame) -> str:
+    cols = [("run", "run"), ("recipe", "recipe_id"), ("kind", "recipe_kind"), ("test domain", "test_domain"),
+            ("seed", "seed"), ("model", "model_name"), ("epochs evaluated", "epochs_evaluated"),
+            ("last epoch", "last_epoch"), ("tasks", "tasks"), ("templates", "templates"),
+            ("train git sha", "git_sha"), ("manifest sha256", "manifest_sha256")]
+    head = "".join(f"<th class=l>{_e(h)}</th>" for h, _ in cols)
+    body = []
+    for r in runs.sort_values(["test_domain", "recipe_kind", "recipe_id", "seed"]).to_dict("records"):
+        tds = []
+        for _, key in cols:
+            v = r.get(key)
+            v = str(v)[:16] if key == "manifest_sha256" and v else v
+            tds.append(f"<td class=l>{_e(v)}</td>")
+        body.append(f"<tr>{''.join(tds)}</tr>")
+    return f"<div class=scroll><table><tr>{head}</tr>{''.join(body)}</table></div>"
+
+
+def _figure(path: Path | None, report_dir: Path, caption: str) -> str:
+    if path is None:
+        return ""
+    rel = path.relative_to(report_dir).as_posix()
+    return (f'<figure><img src="{_e(rel)}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption>'
+            "</figure>")
+
+
+def _chance(runs: pd.DataFrame, d: str) -> float:
+    n = runs.loc[runs["tasks"].str.contains(f"domainnet-{d}", regex=False), "num_classes"]
+    n = n[n > 0]
+    return 1.0 / float(n.max()) if len(n) else float("nan")
+
+
+def _test_domains(long: pd.DataFrame) -> list[str]:
+    present = set(long.loc[long["task"].astype(str).str.startswith("domainnet-"), "test_domain"].dropna())
+    return [d for d in TEST_DOMAINS if d in present]
+
+
+def run_report(cfg: DictConfig) -> dict:
+    """Aggregate every run's results under ``paths.root`` into CSVs, figures and ``report/index.html``."""
+    runs_root = layout.runs_root(cfg)
+    long, runs = collect(runs_root)
+    if long.empty:
+        raise ClipgenError(f"no evaluation results under {runs_root} (looked for */eval/results.jsonl): run "
+                           "clipgen-eval on the trained runs first")
+    report_dir = layout.report_dir(cfg)
+    fig_dir = report_dir / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    for old in fig_dir.glob("*.png"):  # figures of data that is gone must not linger next to the new page
+        old.unlink()
+
+    curves = aggregate(long)
+    final = final_epochs(long)
+    summary = aggregate(final)
+    atomic_write_text(report_dir / "summary.csv", summary.to_csv(index=False))
+    atomic_write_text(report_dir / "learning_curves.csv", curves.to_csv(index=False))
+    final_runs = final.merge(runs[["run", "n_extra_domains", "allow_p", "allow_base"]], on="run", how="left")
+
+    study = cfg.study.name
+    sections, figures = [], []
+    for d in _test_domains(long):
+        task, chance = f"domainnet-{d}", _chance(runs, d)
+        ood, idm = f"{d}-lso-ood", f"{d}-lso-id"
+        fr = final_runs[final_runs["task"] == task]
+        made = [
+            (F.fig2_bars(final, task, ood, chance, fig_dir / f"fig2_{d}.png"),
+             f"Fig. 2 — {ood} at the final epoch per recipe (mean ± seed std, dots = seeds, dashed = chance)"),
+            (F.learning_curves(curves, task, [ood, idm], chance, fig_dir / f"curves_{d}.png"),
+             f"Learning curves of {ood} and {idm} over checkpoints (mean ± seed std)"),
+            (F.fig3_extra_domains(fr, ood, chance, fig_dir / f"fig3_extra_domains_{d}.png"),
+             f"Fig. 3 — {ood} vs number of extra domains"),
+            (F.fig13_allow(fr, ood, chance, fig_dir / f"fig13_allow_{d}.png"), f"Fig. 13 — {ood} vs allow-p"),
+        ]
+        figures += [p for p, _ in made if p is not None]
+        n_runs = int((runs["tasks"].str.contains(task, regex=False)).sum())
+        sections.append(
+            f"<h2 id='{_e(d)}'>Test domain: {_e(d)}</h2>"
+            f"<p class=muted>Task {_e(task)}: test split of {_e(NATURAL_DOMAIN)} and {_e(d)}, classified over all "
+            f"classes of the run (chance {chance:.3f}); {n_runs} runs. Headline: {_e(ood)} (held-out classes "
+            f"in {_e(d)}).</p>"
+            + "".join(_figure(p, report_dir, c) for p, c in made)
+            + f"<h3>Every metric at the final epoch</h3>{_final_table(summary, task, d)}")
+    other = sorted(set(long["task"].astype(str)) - {f"domainnet-{d}" for d in TEST_DOMAINS})
+    for task in other:
+        sections.append(f"<h2>Task: {_e(task)}</h2>{_final_table(summary, task, '')}")
+
+    made_at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    page = (
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+        f"<meta name=viewport content='width=device-width, initial-scale=1'><title>{_e(study)} — clipgen report"
+        f"</title><style>{_CSS}</style></head><body>"
+        f"<h1>{_e(study)}</h1><p class=muted>clipgen report · {len(runs)} runs · {_e(made_at)} · "
+        f"<a href='summary.csv'>summary.csv</a> · <a href='learning_curves.csv'>learning_curves.csv</a></p>"
+        + "".join(sections)
+        + f"<h2>Runs</h2>{_runs_table(runs)}"
+        + "<h2>How this report was made</h2>"
+        f"<p>Built {_e(made_at)} by <code>{_e(' '.join(sys.argv) or 'run_report')}</code> from "
+        f"<code>{_e(runs_root)}</code> with clipgen {_e(git_sha() or 'unknown')}. Aggregates are over seeds: mean, "
+        "sample std, n and a 95% Student-t interval (in the CSVs; NaN with one seed); empty groups are NaN and "
+        "left out.</p>"
+        f"<details><summary>config</summary><pre>{_e(OmegaConf.to_yaml(cfg))}</pre></details>"
+        "</body></html>")
+    index = report_dir / "index.html"
+    atomic_write_text(index, page)
+    if cfg.logger.get("backend") == "wandb":
+        _log_wandb(cfg, report_dir, figures, summary)
+    print(f"report: {index}")
+    return {"report": str(index), "summary": str(report_dir / "summary.csv"),
+            "figures": [str(p) for p in figures], "runs": int(len(runs))}
+
+
+def _log_wandb(cfg: DictConfig, report_dir: Path, figures: list[Path], summary: pd.DataFrame) -> None:
+    import wandb
+
+    run = wandb.init(project=cfg.logger.project, group=cfg.logger.group or cfg.study.name, job_type="report",
+                     name=f"report-{cfg.study.name}", mode=cfg.logger.get("mode") or "offline",
+                     dir=str(report_dir), config=OmegaConf.to_container(cfg, resolve=True))
+    try:
+        run.log({f"report/{p.stem}": wandb.Image(str(p)) for p in figures})
+        run.log({"report/summary": wandb.Table(dataframe=summary)})
+    finally:
+        wandb.finish()

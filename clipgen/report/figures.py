@@ -1,0 +1,163 @@
+"""The report's figures (PNG): the paper's Fig. 2 bars, learning curves, Fig. 3 (accuracy vs number of extra
+domains) and Fig. 13 (accuracy vs allow-p).
+
+Figures are drawn on ``matplotlib.figure.Figure`` objects, which render with Agg without touching pyplot's
+global state, so building a report never needs a display or changes the backend of a caller's session.
+Every function returns the path it wrote, or None when there was nothing to draw.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+# Fig. 2's bar order (SPEC §6) and a fixed colour per recipe kind, shared by every figure.
+FIG2_KINDS = ("natural_only", "cg_low", "cg_high", "lod", "cg_low_pseudo", "cg_high_pseudo")
+KIND_LABELS = {"natural_only": "natural only", "cg_low": "CG low", "cg_high": "CG high", "lod": "LOD (DG)",
+               "cg_low_pseudo": "CG low\npseudo", "cg_high_pseudo": "CG high\npseudo", "allow": "allow-p",
+               "interpolation": "interpolation"}
+KIND_COLORS = {"natural_only": "#7f7f7f", "cg_low": "#1f77b4", "cg_high": "#2ca02c", "lod": "#d62728",
+               "cg_low_pseudo": "#aec7e8", "cg_high_pseudo": "#98df8a", "allow": "#9467bd",
+               "interpolation": "#ff7f0e"}
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def _labels(groups: list[tuple[str, str, str]]) -> list[str]:
+    """The recipe kind's name, plus the recipe id where a kind has several, plus the model where there are
+    several (recipe ids are long; the report's tables name them all)."""
+    kinds = [k for k, _, _ in groups]
+    many_models = len({m for _, _, m in groups}) > 1
+    out = []
+    for kind, rid, model in groups:
+        text = KIND_LABELS.get(kind, kind)
+        if kinds.count(kind) > 1:
+            text += f"\n{rid}"
+        out.append(f"{text}\n{model}" if many_models else text)
+    return out
+
+
+def fig2_bars(final: pd.DataFrame, task: str, metric: str, chance: float, path: Path,
+              title: str = "") -> Path | None:
+    """Bars of ``metric`` at the final epoch per recipe (Fig. 2 order): height = mean over seeds, error bar =
+    seed std, one dot per seed, dashed line at chance."""
+    rows = final[(final["task"] == task) & (final["metric"] == metric) & final["recipe_kind"].isin(FIG2_KINDS)]
+    rows = rows[np.isfinite(rows["value"])]
+    if rows.empty:
+        return None
+    order = {k: i for i, k in enumerate(FIG2_KINDS)}
+    groups = sorted(rows.groupby(["recipe_kind", "recipe_id", "model_name"]),
+                    key=lambda kv: (order[kv[0][0]], kv[0][1], kv[0][2]))
+    fig = Figure(figsize=(max(4.0, 1.3 * len(groups) + 1.5), 4.2))
+    ax = fig.add_subplot(1, 1, 1)
+    rng = np.random.default_rng(0)  # fixed jitter: the same data draws the same figure
+    for x, ((kind, rid, model), g) in enumerate(groups):
+        vals = g["value"].to_numpy(dtype=float)
+        std = vals.std(ddof=1) if vals.size > 1 else 0.0
+        ax.bar(x, vals.mean(), yerr=std, color=KIND_COLORS.get(kind, "#333333"), alpha=0.85, capsize=4,
+               edgecolor="black", linewidth=0.6)
+        ax.scatter(x + rng.uniform(-0.15, 0.15, vals.size), vals, color="black", s=14, zorder=3)
+    ax.axhline(chance, color="black", linestyle="--", linewidth=1, label=f"chance ({chance:.3f})")
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(_labels([key for key, _ in groups]), fontsize=8)
+    ax.set_ylabel(metric)
+    ax.set_ylim(0, max(1.0, float(rows["value"].max()) * 1.05))
+    ax.set_title(title or f"{task}: {metric} at the final epoch (mean ± seed std)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    return _save(fig, path)
+
+
+def learning_curves(agg: pd.DataFrame, task: str, metrics: list[str], chance: float, path: Path) -> Path | None:
+    """One panel per metric: mean over seeds vs epoch per recipe, with a ±std band where there are 2+ seeds."""
+    rows = agg[(agg["task"] == task) & agg["metric"].isin(metrics)]
+    if rows.empty:
+        return None
+    fig = Figure(figsize=(5.0 * len(metrics), 3.8))
+    order = {k: i for i, k in enumerate(KIND_LABELS)}
+    for i, metric in enumerate(metrics):
+        ax = fig.add_subplot(1, len(metrics), i + 1)
+        sub = rows[rows["metric"] == metric]
+        groups = sorted(sub.groupby(["recipe_kind", "recipe_id", "model_name"]),
+                        key=lambda kv: (order.get(kv[0][0], 99), kv[0][1], kv[0][2]))
+        for label, ((kind, rid, model), g) in zip(_labels([key for key, _ in groups]), groups):
+            g = g.sort_values("epoch")
+            x, m, s = g["epoch"].to_numpy(), g["mean"].to_numpy(float), g["std"].to_numpy(float)
+            color = KIND_COLORS.get(kind)
+            ax.plot(x, m, marker="o", markersize=3, color=color, label=label.replace("\n", " "))
+            if np.isfinite(s).any():
+                ax.fill_between(x, m - np.nan_to_num(s), m + np.nan_to_num(s), color=color, alpha=0.12,
+                                linewidth=0)
+        ax.axhline(chance, color="black", linestyle="--", linewidth=1)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(metric)
+        ax.set_ylim(0, 1)
+        ax.set_title(metric, fontsize=9)
+        if i == 0:
+            ax.legend(fontsize=6, loc="best")
+    return _save(fig, path)
+
+
+def fig3_extra_domains(final_runs: pd.DataFrame, metric: str, chance: float, path: Path) -> Path | None:
+    """Accuracy vs number of extra domains (Fig. 3/8): one dot per run, the mean per count joined by a line.
+    Drawn only when interpolation runs exist; CG-low (0 extra) and CG-high (4 extra) runs join as endpoints."""
+    rows = final_runs[(final_runs["metric"] == metric) & final_runs["n_extra_domains"].notna()]
+    if not (rows["recipe_kind"] == "interpolation").any():
+        return None
+    rows = rows[rows["recipe_kind"].isin(["interpolation", "cg_low", "cg_high"]) & np.isfinite(rows["value"])]
+    if rows.empty:
+        return None
+    fig = Figure(figsize=(5.0, 3.8))
+    ax = fig.add_subplot(1, 1, 1)
+    rng = np.random.default_rng(0)
+    for kind, g in rows.groupby("recipe_kind"):
+        x = g["n_extra_domains"].to_numpy(float)
+        ax.scatter(x + rng.uniform(-0.08, 0.08, x.size), g["value"], s=18, color=KIND_COLORS.get(kind),
+                   label=KIND_LABELS.get(kind, kind).replace("\n", " "), zorder=3)
+    means = rows.groupby("n_extra_domains")["value"].mean().sort_index()
+    ax.plot(means.index.to_numpy(float), means.to_numpy(float), color="black", linewidth=1.2, label="mean")
+    ax.axhline(chance, color="black", linestyle="--", linewidth=1)
+    ax.set_xlabel("number of extra domains (besides real and D)")
+    ax.set_ylabel(metric)
+    ticks = sorted(rows["n_extra_domains"].astype(int).unique())
+    ax.set_xticks(ticks)
+    ax.set_xlim(ticks[0] - 0.5, ticks[-1] + 0.5)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def fig13_allow(final_runs: pd.DataFrame, metric: str, chance: float, path: Path) -> Path | None:
+    """Accuracy vs allow-p (Fig. 13), one line per base (CG low / CG high). p = 0 is the base recipe and p = 1
+    its pseudo upper bound, drawn when those runs exist."""
+    rows = final_runs[(final_runs["metric"] == metric) & np.isfinite(final_runs["value"])]
+    allow = rows[(rows["recipe_kind"] == "allow") & rows["allow_p"].notna()]
+    if allow.empty:
+        return None
+    fig = Figure(figsize=(5.0, 3.8))
+    ax = fig.add_subplot(1, 1, 1)
+    for base in sorted(allow["allow_base"].dropna().unique()) or [None]:
+        pts = allow if base is None else allow[allow["allow_base"] == base]
+        pts = pts.assign(p=pts["allow_p"].astype(float))
+        if base is not None:
+            ends = [rows[rows["recipe_kind"] == base].assign(p=0.0),
+                    rows[rows["recipe_kind"] == f"{base}_pseudo"].assign(p=1.0)]
+            pts = pd.concat([pts, *ends], ignore_index=True)
+        color = KIND_COLORS.get(base or "allow")
+        ax.scatter(pts["p"], pts["value"], s=16, color=color, zorder=3)
+        means = pts.groupby("p")["value"].mean().sort_index()
+        ax.plot(means.index.to_numpy(float), means.to_numpy(float), color=color, marker="o", markersize=3,
+                label=f"base {KIND_LABELS.get(base, base)}" if base else "allow-p")
+    ax.axhline(chance, color="black", linestyle="--", linewidth=1)
+    ax.set_xlabel("allow-p (share of each held-out class of D kept)")
+    ax.set_ylabel(metric)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    return _save(fig, path)

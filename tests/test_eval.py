@@ -1,0 +1,323 @@
+"""Zero-shot evaluation: metrics against hand-computed confusion matrices, the head on a random tiny model, and
+run_eval on fake run directories (resume, duplicates, architecture and class-list mismatches)."""
+from __future__ import annotations
+
+import json
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from clipgen import layout
+from clipgen.errors import ClipgenError
+from clipgen.eval import metrics as M
+from clipgen.facts import DOMAINS, class_folder, domainnet_label
+
+from conftest import make_cfg
+
+# Six DomainNet classes, two of them in the paper's C2 (axe, banana), in DomainNet label order.
+FAKE_CLASSES = sorted(["axe", "banana", "bicycle", "cat", "dog", "house"], key=domainnet_label)
+FAKE_HELDOUT = ["axe", "banana"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The tiny model's ops are too small to gain from a second thread, and on a shared 2-core machine OpenMP's
+    spin-waiting makes them ~10x slower under load; restore the setting for other modules."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- fake data and runs (also used by test_report.py) --------------------------------------------------------
+def write_fake_domainnet(root, classes=FAKE_CLASSES, train_per=2, test_per=3, seed=0):
+    """A DomainNet-layout folder with small non-square PNGs (so the eval transform has to crop)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for dom in DOMAINS:
+        for split, n in (("train", train_per), ("test", test_per)):
+            lines = []
+            for c in classes:
+                folder = class_folder(c)
+                (root / dom / folder).mkdir(parents=True, exist_ok=True)
+                for k in range(n):
+                    fname = f"{split}_{k}.png"
+                    pix = rng.integers(0, 256, size=(36, 44, 3), dtype=np.uint8)
+                    Image.fromarray(pix).save(root / dom / folder / fname)
+                    lines.append(f"{dom}/{folder}/{fname} {domainnet_label(c)}")
+            (root / f"{dom}_{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def fake_run_cfg(root, data_root, kind="cg_low", seed=0, *extra):
+    return make_cfg(root, "debug=smoke", f"recipe={kind}", f"trainer.seed={seed}", "data.source=domainnet",
+                    f"data.domainnet_root={data_root}", "data.base=none", *extra)
+
+
+def make_fake_run(root, data_root, kind="cg_low", seed=0, epochs=2, model_name="clipgen-tiny-rn",
+                  weights_of=None, classes=FAKE_CLASSES, heldout=FAKE_HELDOUT, manifest=None, extra=()):
+    """A run directory as clipgen-train writes it (docs/formats.md), with random weights per epoch."""
+    from clipgen.recipes.naming import RECIPE_KINDS, recipe_spec
+    from clipgen.train.model import create_clip, model_config
+
+    cfg = fake_run_cfg(root, data_root, kind, seed, *extra)
+    rid = recipe_spec(cfg.recipe).recipe_id
+    name = layout.run_name(cfg, rid)
+    run_dir = layout.runs_root(cfg) / name
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    recipe_dir = layout.recipes_root(cfg) / f"{rid}-fake"
+    recipe_dir.mkdir(parents=True, exist_ok=True)
+    if manifest is not None:
+        (recipe_dir / "manifest.json").write_text(json.dumps(manifest))
+    meta = {"run_name": name, "recipe_id": rid, "recipe_kind": kind, "recipe_dir": str(recipe_dir),
+            "manifest_sha256": "ab" * 32, "test_domain": cfg.recipe.test_domain, "heldout_classes": list(heldout),
+            "classes": list(classes), "seed": seed, "model_name": model_name,
+            "model_cfg": model_config(model_name), "image_px": 32, "epochs": epochs - 1, "batch_size": 32,
+            "steps_per_epoch": 3, "samples_per_epoch": 96, "total_steps": 3 * (epochs - 1), "status": "finished",
+            "step": 3 * (epochs - 1), "samples_seen": 96 * (epochs - 1), "git_sha": "deadbeef", "wandb_id": None,
+            "train_seconds": 1.0}
+    (run_dir / "meta.json").write_text(json.dumps(meta))
+    for epoch in range(epochs):
+        torch.manual_seed(1000 * seed + 100 * RECIPE_KINDS.index(kind) + epoch)  # runs differ from each other
+        model, _ = create_clip(weights_of or model_name, 32)
+        torch.save({"state_dict": model.state_dict(), "model_name": model_name, "model_cfg": meta["model_cfg"],
+                    "epoch": epoch, "step": 3 * epoch, "samples_seen": 96 * epoch, "run_name": name,
+                    "recipe_id": rid, "seed": seed}, run_dir / "checkpoints" / f"epoch_{epoch:03d}.pt")
+    return cfg, run_dir
+
+
+@pytest.fixture(scope="module")
+def fake_data(tmp_path_factory):
+    return write_fake_domainnet(tmp_path_factory.mktemp("fake_dn") / "domainnet")
+
+
+# --- metrics -------------------------------------------------------------------------------------------------
+def test_weighted_vs_unweighted_accuracy_by_hand():
+    # 3 classes; class 0 has 4 images (3 right), class 1 has 1 image (0 right), class 2 has none.
+    labels = np.array([0, 0, 0, 0, 1])
+    preds = np.array([0, 0, 0, 1, 2])
+    assert M.accuracy(preds == labels) == pytest.approx(3 / 5)
+    assert M.unweighted_accuracy(preds, labels, [0, 1, 2]) == pytest.approx((3 / 4 + 0) / 2)
+    pc = M.per_class_accuracy(preds, labels, [0, 1, 2])
+    assert pc[0] == pytest.approx(0.75) and pc[1] == 0.0 and np.isnan(pc[2])
+    cm = M.confusion_matrix(preds, labels, 3)
+    assert cm.tolist() == [[3, 1, 0], [0, 0, 1], [0, 0, 0]]
+
+
+def test_macro_f1_by_hand_ignores_absent_classes():
+    labels = np.array([0, 0, 0, 0, 1])
+    preds = np.array([0, 0, 0, 1, 2])
+    # class 0: tp 3, fp 0, fn 1 -> 6/7; class 1: tp 0 -> 0; class 2 absent from labels: no F1 of its own.
+    assert M.macro_f1(preds, labels, 3) == pytest.approx((6 / 7 + 0) / 2)
+
+
+def test_top5_by_hand():
+    logits = np.array([[9, 8, 7, 6, 5, 4, 3],  # label 4 is 5th -> in top-5
+                       [9, 8, 7, 6, 5, 4, 3],  # label 5 is 6th -> out
+                       [0, 0, 0, 0, 0, 0, 0]], dtype=float)  # ties do not push the label out
+    labels = np.array([4, 5, 6])
+    assert M.topk_correct(logits, labels, 5).tolist() == [True, False, True]
+    assert M.topk_correct(logits[:, :3], np.array([2, 2, 2]), 5).all()  # k capped at the class count
+
+
+def test_empty_groups_are_nan_without_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isnan(M.accuracy(np.zeros(0, dtype=bool)))
+        assert np.isnan(M.unweighted_accuracy(np.array([1]), np.array([1]), [0, 2]))
+        assert np.isnan(M.macro_f1(np.zeros(0), np.zeros(0), 3))
+        out = M.lso_metrics(np.zeros((0, 4)), np.zeros(0), [], ["a", "b", "c", "d"], ["a"], ["sketch", "real"])
+        assert np.isnan(out["sketch-lso-ood"]) and out["real-n-id"] == 0 and np.isnan(out["real-a-ood"])
+
+
+def test_lso_metrics_by_hand():
+    classes = ["aircraft carrier", "axe", "cat", "dog"]  # C2 = aircraft carrier, axe
+    labels = np.array([0, 0, 1, 2, 3, 3, 0, 2])
+    preds = np.array([0, 1, 1, 2, 2, 3, 0, 0])
+    domains = ["sketch"] * 6 + ["real"] * 2
+    logits = np.eye(4)[preds] * 10.0
+    out = M.lso_metrics(logits, labels, domains, classes, ["aircraft carrier", "axe"], ["sketch", "real"])
+    # sketch ood: images 0,1 (class 0: 1/2) and 2 (class 1: 1/1) -> weighted 2/3, unweighted (0.5 + 1)/2
+    assert out["sketch-lso-ood"] == pytest.approx(2 / 3)
+    assert out["sketch-lso-unweighted-ood"] == pytest.approx(0.75)
+    assert out["sketch-aircraft carrier-ood"] == pytest.approx(0.5) and out["sketch-axe-ood"] == 1.0
+    # sketch id: images 3 (right), 4 (wrong), 5 (right); per class: cat 1/1, dog 1/2
+    assert out["sketch-lso-id"] == pytest.approx(2 / 3)
+    assert out["sketch-lso-unweighted-id"] == pytest.approx(0.75)
+    assert out["sketch-acc"] == pytest.approx(4 / 6)
+    assert (out["sketch-n-ood"], out["sketch-n-id"]) == (3, 3)
+    assert out["sketch-top5-ood"] == 1.0  # 4 classes: everything is in the top 5
+    # real: image 6 class 0 right, image 7 class 2 predicted 0; real has no axe images -> NaN
+    assert out["real-lso-ood"] == 1.0 and out["real-lso-id"] == 0.0 and np.isnan(out["real-axe-ood"])
+    # real macro-F1 over present classes {0, 2}: class 0 tp1 fp1 fn0 -> 2/3, class 2 -> 0
+    assert out["real-macro-f1"] == pytest.approx(1 / 3)
+
+
+# --- zero-shot head ------------------------------------------------------------------------------------------
+def test_class_embeddings_are_normalised_means():
+    from clipgen.eval.zeroshot import class_embeddings, encode_images
+    from clipgen.train.model import create_clip
+
+    torch.manual_seed(0)
+    model, tok = create_clip("clipgen-tiny-rn", 32)
+    templates = ["a photo of a {}.", "a sketch of the {}."]
+    emb = class_embeddings(model, tok, ["axe", "cat", "dog"], templates, "cpu", batch_size=4)
+    assert emb.shape == (3, 64)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
+    t = model.encode_text(tok(["a photo of a cat.", "a sketch of the cat."]), normalize=True).detach()
+    mean = t.mean(0)
+    assert torch.allclose(emb[1], mean / mean.norm(), atol=1e-5)
+    img = encode_images(model, np.zeros((5, 3, 32, 32), dtype=np.uint8), "cpu", batch_size=2)
+    assert img.shape == (5, 64) and torch.allclose(img.norm(dim=-1), torch.ones(5), atol=1e-5)
+
+
+def test_load_image_resizes_the_short_side_and_centre_crops(tmp_path):
+    from PIL import Image
+
+    from clipgen.eval.zeroshot import load_image, normalize_images
+
+    pix = np.zeros((32, 96, 3), dtype=np.uint8)  # h 32, w 96: thirds red | green | blue
+    pix[:, :32, 0] = pix[:, 32:64, 1] = pix[:, 64:, 2] = 255
+    Image.fromarray(pix).save(tmp_path / "wide.png")
+    arr = load_image(str(tmp_path / "wide.png"), 16)
+    assert arr.shape == (3, 16, 16) and arr.dtype == np.uint8
+    assert arr[1].min() > 200 and arr[0].max() < 50  # only the green middle third survives the crop
+    x = normalize_images(torch.from_numpy(arr[None]))
+    assert x.dtype == torch.float32 and x[0, 1].mean() > 1.5  # (1 - 0.458) / 0.261
+
+
+def test_random_tiny_model_scores_near_chance_on_tiny_world(tiny_root):
+    from clipgen.data.sources import domainnet_index
+    from clipgen.eval.zeroshot import decode_images, evaluate
+    from clipgen.facts import zeroshot_templates
+    from clipgen.train.model import create_clip
+
+    cfg = make_cfg(tiny_root, "debug=smoke")
+    test = [s for s in domainnet_index(cfg) if s.split == "test" and s.domain in ("real", "sketch")]
+    classes = sorted({s.class_name for s in test}, key=domainnet_label)
+    images = decode_images([s.path for s in test], 32)
+    labels = np.array([classes.index(s.class_name) for s in test])
+    heldout = [c for c in cfg.heldout.classes if c in classes]
+    torch.manual_seed(0)
+    model, tok = create_clip("clipgen-tiny-rn", 32)
+    out = evaluate(model, images, labels, tok, classes, zeroshot_templates("paper86"), "cpu", 256,
+                   domains=[s.domain for s in test], heldout=heldout, report_domains=["sketch", "real"])
+    chance = 1 / len(classes)
+    acc = out["metrics"]["sketch-acc"]
+    n = out["metrics"]["sketch-n-ood"] + out["metrics"]["sketch-n-id"]
+    # A random model is a (near-)constant classifier: within 4 binomial standard errors of chance, or one class.
+    assert abs(acc - chance) <= 4 * np.sqrt(chance * (1 - chance) / n) + 1 / len(classes)
+    assert out["logits"].shape == (len(test), len(classes))
+
+
+# --- run_eval ------------------------------------------------------------------------------------------------
+def _lines(run_dir):
+    return [json.loads(x) for x in (run_dir / "eval" / "results.jsonl").read_text().splitlines()]
+
+
+def test_run_eval_writes_one_line_per_checkpoint(tmp_path, fake_data):
+    from clipgen.eval.run import run_eval
+
+    cfg, run_dir = make_fake_run(tmp_path, fake_data)
+    out = run_eval(cfg)
+    assert out["evaluated"] == 2 and out["skipped"] == 0 and out["run_dir"] == str(run_dir)
+    lines = _lines(run_dir)
+    assert [r["epoch"] for r in lines] == [0, 1] and {r["task"] for r in lines} == {"domainnet-sketch"}
+    for r in lines:
+        for key in ("sketch-lso-ood", "sketch-lso-id", "real-lso-ood", "sketch-macro-f1", "sketch-axe-ood"):
+            assert np.isfinite(r["metrics"][key])
+        assert r["metrics"]["sketch-n-ood"] == 2 * 3 and r["metrics"]["sketch-n-id"] == 4 * 3
+        assert r["num_images"] == 2 * 6 * 3 and len(r["checkpoint_sha256"]) == 64
+        assert r["recipe_id"] == "lso-rs-nosketchclasses" and r["git_sha"] == "deadbeef"
+    npz = np.load(run_dir / "eval" / "outputs" / "epoch_001.npz")
+    assert npz["logits"].dtype == np.float16 and npz["image_embeddings"].shape == (36, 64)
+    assert set(npz["domains"]) == {"real", "sketch"} and npz["labels"].max() == len(FAKE_CLASSES) - 1
+    head = json.loads((run_dir / "eval" / "zeroshot_head.json").read_text())
+    assert head["classes"] == FAKE_CLASSES and len(head["templates"]) == 86
+    assert out["final"] == pytest.approx(lines[-1]["metrics"])
+
+    # Nothing new: everything is skipped and no line is added.
+    again = run_eval(cfg)
+    assert again["evaluated"] == 0 and again["skipped"] == 2 and len(_lines(run_dir)) == 2
+
+
+def test_killed_eval_resumes_without_duplicates(tmp_path, fake_data):
+    from clipgen.eval.run import run_eval
+
+    cfg, run_dir = make_fake_run(tmp_path, fake_data, epochs=3)
+    run_eval(cfg)
+    results = run_dir / "eval" / "results.jsonl"
+    first, second = results.read_text().splitlines()[:2]
+    results.write_text(first + "\n" + second[: len(second) // 2])  # killed mid-way through the second line
+    out = run_eval(cfg)
+    assert out["evaluated"] == 2 and out["skipped"] == 1
+    lines = _lines(run_dir)
+    assert [r["epoch"] for r in lines] == [0, 1, 2]
+    assert lines[0] == json.loads(first)
+
+
+def test_corrupt_middle_line_is_an_error(tmp_path, fake_data):
+    from clipgen.eval.run import run_eval
+
+    cfg, run_dir = make_fake_run(tmp_path, fake_data)
+    (run_dir / "eval").mkdir()
+    (run_dir / "eval" / "results.jsonl").write_text('{"task": "x"\n{"task": "y"}\n')
+    with pytest.raises(ClipgenError, match="results.jsonl:1"):
+        run_eval(cfg)
+
+
+def test_checkpoint_of_another_architecture_is_a_clipgen_error(tmp_path, fake_data):
+    from clipgen.eval.run import run_eval
+
+    cfg, run_dir = make_fake_run(tmp_path, fake_data, epochs=1, weights_of="clipgen-tiny-vit")
+    with pytest.raises(ClipgenError, match=r"epoch_000\.pt.*does not fit model 'clipgen-tiny-rn'"):
+        run_eval(cfg)
+
+
+def test_meta_classes_missing_from_data_is_a_clipgen_error(tmp_path, fake_data):
+    from clipgen.eval.run import run_eval
+
+    classes = sorted(FAKE_CLASSES + ["zebra"], key=domainnet_label)
+    cfg, run_dir = make_fake_run(tmp_path, fake_data, epochs=1, classes=classes)
+    with pytest.raises(ClipgenError, match=r"meta\.json.*zebra"):
+        run_eval(cfg)
+
+
+def test_changed_head_is_a_clipgen_error(tmp_path, fake_data):
+    from clipgen.eval.run import run_eval
+
+    cfg, run_dir = make_fake_run(tmp_path, fake_data, epochs=1)
+    (run_dir / "eval").mkdir()
+    (run_dir / "eval" / "zeroshot_head.json").write_text(json.dumps({"classes": ["cat"], "templates": ["{}"]}))
+    with pytest.raises(ClipgenError, match="zeroshot_head.json"):
+        run_eval(cfg)
+
+
+def test_missing_run_says_what_to_train(tmp_path, fake_data):
+    from clipgen.eval.run import run_eval
+
+    with pytest.raises(ClipgenError, match="clipgen-train"):
+        run_eval(fake_run_cfg(tmp_path, fake_data, "cg_high"))
+
+
+def test_eval_run_dir_override_and_throughput(tmp_path, fake_data, capsys):
+    from clipgen.eval.run import run_eval
+
+    _, run_dir = make_fake_run(tmp_path, fake_data, epochs=5)
+    cfg = make_cfg(tmp_path, "debug=smoke", f"eval.run_dir={run_dir}", "eval.save_outputs=false")
+    t0 = time.time()
+    out = run_eval(cfg)
+    seconds = time.time() - t0
+    assert out["evaluated"] == 5 and not any((run_dir / "eval" / "outputs").iterdir())
+    table = capsys.readouterr().out
+    assert "sketch-lso-ood" in table and table.count("\n") >= 7
+    print(f"run_eval: 5 checkpoints x 36 images in {seconds:.1f}s")

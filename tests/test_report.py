@@ -1,0 +1,166 @@
+"""The HTML report over evaluated fake runs: CSV aggregates checked by hand, every referenced figure exists,
+text is escaped, W&B offline works, and (where Chromium is installed) the page renders headless."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from clipgen.errors import ClipgenError
+
+from conftest import make_cfg
+
+try:
+    from test_eval import FAKE_CLASSES, FAKE_HELDOUT, make_fake_run, write_fake_domainnet
+except ImportError:  # tests/ imported as a package
+    from tests.test_eval import FAKE_CLASSES, FAKE_HELDOUT, make_fake_run, write_fake_domainnet
+
+CHROMIUM = next((c for c in ("/usr/bin/chromium", "chromium", "chromium-browser") if shutil.which(c)), None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The tiny model's ops are too small to gain from a second thread, and on a shared 2-core machine OpenMP's
+    spin-waiting makes them ~10x slower under load; restore the setting for other modules."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _write_synthetic_run(root, name, kind, recipe_id, seed, value, manifest_domains, allow_p=None):
+    """A run that only has meta.json and results.jsonl (no checkpoints): enough for the report's readers."""
+    run_dir = root / "runs" / name
+    (run_dir / "eval").mkdir(parents=True)
+    recipe_dir = root / "recipes" / f"{recipe_id}-x"
+    recipe_dir.mkdir(parents=True, exist_ok=True)
+    spec = {"allow_p": allow_p, "allow_base": "cg_high"} if allow_p is not None else {}
+    (recipe_dir / "manifest.json").write_text(json.dumps({"domains": manifest_domains, "spec": spec}))
+    meta = {"run_name": name, "recipe_id": recipe_id, "recipe_kind": kind, "recipe_dir": str(recipe_dir),
+            "manifest_sha256": "cd" * 32, "test_domain": "sketch", "heldout_classes": FAKE_HELDOUT,
+            "classes": FAKE_CLASSES, "seed": seed, "model_name": "clipgen-tiny-rn", "git_sha": "feed"}
+    (run_dir / "meta.json").write_text(json.dumps(meta))
+    lines = [{"task": "domainnet-sketch", "epoch": e, "test_domain": "sketch", "git_sha": "feed",
+              "metrics": {"sketch-lso-ood": value * e, "sketch-lso-id": 0.5, "real-lso-ood": None}}
+             for e in (0, 1)]
+    (run_dir / "eval" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+@pytest.fixture(scope="module")
+def study_root(tmp_path_factory):
+    """Five evaluated fake runs (CG-low and CG-high x seeds 0/1, natural-only seed 0) plus results-only
+    interpolation and allow-p runs."""
+    from clipgen.eval.run import run_eval
+
+    root = tmp_path_factory.mktemp("study")
+    data = write_fake_domainnet(root / "domainnet")
+    for kind in ("cg_low", "cg_high"):
+        for seed in (0, 1):
+            cfg, _ = make_fake_run(root, data, kind=kind, seed=seed, epochs=2)
+            run_eval(cfg)
+    cfg, _ = make_fake_run(root, data, kind="natural_only", seed=0, epochs=2)
+    run_eval(cfg)
+    doms = ["clipart", "quickdraw", "real", "sketch"]
+    _write_synthetic_run(root, "interp", "interpolation", "lso-cqrs-nosketchclasses", 0, 0.3, doms)
+    _write_synthetic_run(root, "allow", "allow", "lso-ciqprs-nosketchclasses-allow0.2", 0, 0.4,
+                         ["clipart", "infograph", "painting", "quickdraw", "real", "sketch"], allow_p=0.2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(study_root):
+    from clipgen.report.build import run_report
+
+    return run_report(make_cfg(study_root, "debug=smoke", "study.name='<b>fake & study</b>'"))
+
+
+def _results(root, run_name):
+    return [json.loads(x) for x in (root / "runs" / run_name / "eval" / "results.jsonl").read_text().splitlines()]
+
+
+def _summary(report):
+    with open(report["summary"], newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_report_renders_and_every_figure_exists(study_root, report):
+    index = study_root / "report" / "index.html"
+    assert report["report"] == str(index) and report["runs"] == 7
+    page = index.read_text()
+    srcs = re.findall(r'src="([^"]+)"', page)
+    assert srcs and all(s.startswith("figures/") and (index.parent / s).is_file() for s in srcs)
+    names = {p.split("/")[-1] for p in report["figures"]}
+    assert {"fig2_sketch.png", "curves_sketch.png", "fig3_extra_domains_sketch.png",
+            "fig13_allow_sketch.png"} <= names
+    # natural-only runs are evaluated on every test domain, so every domain gets its section and bars
+    assert "fig2_clipart.png" in names and "Test domain: quickdraw" in page
+    assert "&lt;b&gt;fake &amp; study&lt;/b&gt;" in page and "<b>fake" not in page
+    assert "lso-rs-nosketchclasses--clipgen-tiny-rn--seed1" in page and "deadbeef" in page
+
+
+def test_summary_aggregates_two_seeds_by_hand(study_root, report):
+    rows = _summary(report)
+    vals = [_results(study_root, f"lso-rs-nosketchclasses--clipgen-tiny-rn--seed{s}")[-1]["metrics"]
+            for s in (0, 1)]
+    a, b = vals[0]["sketch-lso-ood"], vals[1]["sketch-lso-ood"]
+    mean, std = (a + b) / 2, abs(a - b) / math.sqrt(2)
+    mine = [r for r in rows if r["recipe_kind"] == "cg_low" and r["task"] == "domainnet-sketch"]
+    assert {r["metric"] for r in mine} == set(vals[0])  # every metric key, once, at the final epoch
+    row = next(r for r in mine if r["metric"] == "sketch-lso-ood")
+    assert row["epoch"] == "1" and row["n"] == "2" and row["seeds"] == "0 1"
+    assert float(row["mean"]) == pytest.approx(mean)
+    assert float(row["std"]) == pytest.approx(std, abs=1e-12)
+    half = 12.7062 * std / math.sqrt(2)  # t_{0.975, 1}
+    assert float(row["ci95_low"]) == pytest.approx(mean - half, abs=1e-9)
+    assert float(row["ci95_high"]) == pytest.approx(mean + half, abs=1e-9)
+    # one seed: std and interval are NaN, not 0; an all-null metric is NaN with n = 0
+    nat = next(r for r in rows if r["recipe_kind"] == "natural_only" and r["metric"] == "sketch-lso-ood")
+    assert nat["n"] == "1" and nat["std"] == "" and nat["ci95_low"] == ""
+    empty = next(r for r in rows if r["recipe_kind"] == "interpolation" and r["metric"] == "real-lso-ood")
+    assert empty["n"] == "0" and empty["mean"] == ""
+
+
+def test_learning_curves_csv_has_every_epoch(study_root, report):
+    with open(study_root / "report" / "learning_curves.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["recipe_kind"] == "cg_high" and r["metric"] == "sketch-lso-id"
+                and r["task"] == "domainnet-sketch"]
+    assert sorted(r["epoch"] for r in rows) == ["0", "1"] and all(r["n"] == "2" for r in rows)
+
+
+def test_no_results_is_a_clipgen_error(tmp_path):
+    from clipgen.report.build import run_report
+
+    with pytest.raises(ClipgenError, match=r"clipgen-eval"):
+        run_report(make_cfg(tmp_path, "debug=smoke"))
+
+
+def test_wandb_offline_logs_the_report(study_root, tmp_path, monkeypatch):
+    from clipgen.report.build import run_report
+
+    root = tmp_path / "root"
+    shutil.copytree(study_root / "runs", root / "runs")
+    shutil.copytree(study_root / "recipes", root / "recipes")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    out = run_report(make_cfg(root, "debug=smoke", "logger=wandb", "logger.mode=offline"))
+    assert out["runs"] == 7
+    assert list((root / "report" / "wandb").glob("offline-run-*")), "expected an offline W&B run in report/"
+
+
+def test_report_renders_in_headless_chromium(study_root, report, tmp_path):
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (/usr/bin/chromium)")
+    shot = tmp_path / "report.png"
+    proc = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2000", f"--screenshot={shot}",
+         f"file://{report['report']}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert shot.is_file() and shot.stat().st_size > 10_000
