@@ -122,6 +122,9 @@ class StudyConfig:
     test_domains: List[str] = field(default_factory=lambda: ["sketch"])
     recipes: List[str] = field(default_factory=lambda: ["natural_only", "cg_low", "cg_high", "lod"])
     seeds: List[int] = field(default_factory=lambda: [0])
+    # Runs trained/evaluated at once on this machine (separate processes, each with trainer.threads threads).
+    # On a small CPU, 2 one-thread processes beat one 2-thread process for tiny models.
+    parallel: int = 1
 
 
 @dataclass

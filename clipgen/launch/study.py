@@ -7,7 +7,9 @@ what ``benchmarks/quickstart_timing.py`` reproduces.
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 from omegaconf import DictConfig, open_dict
@@ -74,6 +76,24 @@ def study_jobs(cfg: DictConfig) -> list[Job]:
     return jobs
 
 
+def _call(fn_name: str, cfg: DictConfig) -> dict:
+    """Run one stage function in a worker process (imported there, so nothing heavy crosses the pipe)."""
+    import importlib
+
+    module, _, name = fn_name.rpartition(".")
+    return getattr(importlib.import_module(module), name)(cfg)
+
+
+def run_many(fn_name: str, cfgs: list[DictConfig], parallel: int) -> list[dict]:
+    """Run ``fn_name(cfg)`` for every config, ``parallel`` at a time in fresh processes (in order if 1).
+    Every run is independent and seeded by its own config, so the results do not depend on ``parallel``."""
+    if parallel <= 1 or len(cfgs) <= 1:
+        return [_call(fn_name, c) for c in cfgs]
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(parallel, len(cfgs)), mp_context=ctx) as pool:
+        return list(pool.map(_call, [fn_name] * len(cfgs), cfgs))
+
+
 def _timed(table: list, stage: str, fn, *args):
     t0 = time.time()
     out = fn(*args)
@@ -91,10 +111,8 @@ def format_time_table(rows: list[tuple[str, float]]) -> str:
 
 
 def run_study(cfg: DictConfig) -> dict:
-    from clipgen.eval.run import run_eval
     from clipgen.recipes.build import build_recipe
     from clipgen.report.build import run_report
-    from clipgen.train.loop import run_train
     from clipgen.world.generate import run_world
 
     jobs = study_jobs(cfg)
@@ -115,18 +133,25 @@ def run_study(cfg: DictConfig) -> dict:
             print(f"  recipe {recipes[key]['recipe_id']}: {recipes[key]['num_samples']} samples")
     times.append(("recipes", time.time() - t0))
 
-    runs = []
-    for job in jobs:
-        out = _timed(times, f"train {recipes[(job.test_domain, job.recipe)]['recipe_id']} s{job.seed}",
-                     run_train, job_config(cfg, job))
-        runs.append(out)
-    evals = []
+    parallel = int(cfg.study.parallel)
+    if parallel < 1:
+        raise ClipgenError(f"invalid study.parallel {parallel}: expected 1 or more processes")
+    train_cfgs = [job_config(cfg, job) for job in jobs]
     t0 = time.time()
-    for job, run in zip(jobs, runs):
-        sub = job_config(cfg, job)
+    runs = run_many("clipgen.train.loop.run_train", train_cfgs, parallel)
+    times.append((f"train ({len(jobs)} runs, {parallel} at a time)", time.time() - t0))
+    for run in runs:
+        print(f"  {run['run_dir']}: {run.get('status', '?')}, {run.get('seconds', 0):.0f} s, "
+              f"{run.get('samples_per_s') or 0:.0f} samples/s")
+
+    eval_cfgs = []
+    for sub, run in zip(train_cfgs, runs):
+        sub = copy.deepcopy(sub)
         with open_dict(sub):
             sub.eval.run_dir = run["run_dir"]
-        evals.append(run_eval(sub))
+        eval_cfgs.append(sub)
+    t0 = time.time()
+    run_many("clipgen.eval.run.run_eval", eval_cfgs, parallel)
     times.append(("eval", time.time() - t0))
     report = _timed(times, "report", run_report, cfg)
 
