@@ -79,7 +79,10 @@ def study_jobs(cfg: DictConfig) -> list[Job]:
 def _call(fn_name: str, cfg: DictConfig) -> dict:
     """Run one stage function in a worker process (imported there, so nothing heavy crosses the pipe)."""
     import importlib
+    import logging
 
+    if not logging.getLogger().handlers:  # a spawned worker: show the stage's progress lines like Hydra would
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s", datefmt="%H:%M:%S")
     module, _, name = fn_name.rpartition(".")
     return getattr(importlib.import_module(module), name)(cfg)
 
