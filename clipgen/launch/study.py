@@ -82,7 +82,8 @@ def _call(fn_name: str, cfg: DictConfig) -> dict:
     import logging
 
     if not logging.getLogger().handlers:  # a spawned worker: show the stage's progress lines like Hydra would
-        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s", datefmt="%H:%M:%S")
+        logging.basicConfig(level=logging.WARNING, format="[%(asctime)s][%(name)s] %(message)s", datefmt="%H:%M:%S")
+        logging.getLogger("clipgen").setLevel(logging.INFO)
     module, _, name = fn_name.rpartition(".")
     return getattr(importlib.import_module(module), name)(cfg)
 

@@ -1,6 +1,7 @@
 """open_clip model factory: built-in configs plus the tiny CPU models shipped in clipgen/resources/models."""
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 from importlib import resources
 
@@ -38,6 +39,12 @@ def create_clip(name: str, image_px: int | None = None):
     if image_px is not None and image_px != native:
         raise ClipgenError(f"model.image_px={image_px} does not match {name}'s image_size {native}: "
                            f"set model.image_px={native} (and recipe.image_px to match)")
-    model = open_clip.create_model(name, pretrained=None, output_dict=True)
-    tokenizer = open_clip.get_tokenizer(name)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # open_clip warns "no pretrained weights" at every build: random init is intended
+    try:
+        model = open_clip.create_model(name, pretrained=None, output_dict=True)
+        tokenizer = open_clip.get_tokenizer(name)
+    finally:
+        root.setLevel(level)
     return model, tokenizer
