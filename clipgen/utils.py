@@ -105,3 +105,21 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         raise ClipgenError(f"{what} {str(path)!r} does not exist") from None
     except json.JSONDecodeError as e:
         raise ClipgenError(f"{what} {str(path)!r} is not valid JSON (line {e.lineno}: {e.msg})") from None
+
+
+def process_pool(workers: int, initializer=None, initargs: tuple = ()):
+    """A process pool that is safe to start from any process. While this process runs no other Python thread,
+    workers are forked (fast: nothing is imported again). Once a thread runs (W&B's, a test runner's), forking
+    can deadlock on a lock that thread held, so workers come from a fork server instead. Use it as a context
+    manager; ``pool.map`` keeps input order."""
+    import multiprocessing as mp
+    import threading
+    from concurrent.futures import ProcessPoolExecutor
+
+    methods = mp.get_all_start_methods()
+    if "fork" in methods and threading.active_count() == 1:
+        method = "fork"
+    else:
+        method = "forkserver" if "forkserver" in methods else "spawn"
+    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method), initializer=initializer,
+                               initargs=initargs)

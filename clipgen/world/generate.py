@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing as mp
 import os
 import re
 import shutil
@@ -31,7 +30,7 @@ from clipgen import layout
 from clipgen.errors import ClipgenError
 from clipgen.facts import DOMAINS, NATURAL_DOMAIN, class_folder, domainnet_classes, domainnet_to_imagenet, \
     imagenet_class_index
-from clipgen.utils import stable_hash
+from clipgen.utils import process_pool, stable_hash
 from clipgen.world.contact_sheet import make_contact_sheet
 from clipgen.world.shapes import make_class_shapes
 
@@ -204,9 +203,8 @@ def _run_jobs(jobs: list[tuple], ctx: dict, workers: int) -> None:
         for c in chunks:
             _render_chunk(c)
         return
-    method = "fork" if "fork" in mp.get_all_start_methods() else None  # fork: no re-import per worker
-    with mp.get_context(method).Pool(min(workers, len(chunks)), _init_worker, (ctx,)) as pool:
-        for _ in pool.imap_unordered(_render_chunk, chunks):
+    with process_pool(min(workers, len(chunks)), _init_worker, (ctx,)) as pool:
+        for _ in pool.map(_render_chunk, chunks):
             pass
 
 
