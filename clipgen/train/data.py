@@ -2,7 +2,10 @@
 
 The worlds and recipes clipgen trains on are small (tens of thousands of 32-224 px images), so every sample is
 decoded once into one uint8 tensor and every caption tokenized once; a step then costs an index, a batched crop
-and a normalisation, with no worker processes whose state would have to be checkpointed.
+and a normalisation. Decoding happens at load time in ``data.workers`` processes, one shard per task
+(clipgen.train.decode), assembled in shard order, so the data are identical for any worker count; after that no
+worker process exists whose state would have to be checkpointed. A guard refuses recipes whose decoded images
+(N x 3 x px x px bytes) would exceed ``data.max_memory_gb``: this loader is meant for worlds and small px.
 
 Epoch semantics: **one epoch is one pass over recipe + base corpus**. With N = recipe ``num_samples`` + base
 ``num_samples`` (from the manifests, and checked against what the shards hold) kept in a canonical order (recipe
@@ -10,21 +13,24 @@ then base, each sorted by sample id, so how the builder laid out its shards does
 permutation of all N indices from a generator seeded with (trainer.seed, epoch), so recipe and base samples are
 mixed at the sample level in exact proportion. Batches are consecutive slices of that permutation and the last
 partial batch is dropped: ``steps_per_epoch = N // batch_size``, ``samples_per_epoch = steps_per_epoch *
-batch_size``; ``trainer.epochs`` counts these passes.
+batch_size``; ``trainer.epochs`` counts these passes. Bad samples skipped under ``data.on_bad_sample=skip`` are
+simply not among the N (they are listed in ``TrainData.bad_samples`` and the run's meta.json).
 
 Augmentation is the paper's RandomResizedCrop (scale 0.9-1.0, ratio 3/4-4/3, bicubic), done for the whole batch
 at once with ``affine_grid`` + ``grid_sample``. Its parameters come from a generator seeded with (seed, epoch,
 batch index), and the permutation depends only on (seed, epoch); the loader position (epoch, batch index) is
 therefore all a resumed run needs to continue with exactly the next batch, augmented exactly as before.
+
+DDP: ``trainer.batch_size`` is the global batch. Rank r of W takes the r-th of W equal consecutive slices of
+every global batch, with the crop parameters drawn for the whole global batch and sliced the same way, so the
+ranks' shares are disjoint and together are exactly the single-process batch.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
-import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -33,12 +39,16 @@ import torch
 import torch.nn.functional as F
 
 from clipgen.errors import ClipgenError
+from clipgen.train.decode import BAD_SAMPLE_POLICIES, IMAGE_EXTS, META_FIELDS, ShardTask, decode_shards
 from clipgen.utils import read_json
 
-META_FIELDS = ("sample_id", "domain", "class_name", "split", "source")
-IMAGE_EXTS = ("png", "jpg", "jpeg")
+__all__ = ["IMAGE_EXTS", "META_FIELDS", "TrainData", "Batch", "EpochLoader", "load_train_data",
+           "random_resized_crop", "crop_theta", "apply_crop", "normalize", "derive_seed", "leak_allowed",
+           "bad_samples_report", "check_data_config"]
+
 CROP_SCALE = (0.9, 1.0)  # paper: RandomResizedCrop(scale=(0.9, 1.0)), torchvision's default ratio
 CROP_RATIO = (3 / 4, 4 / 3)
+BAD_SAMPLES_LISTED = 50  # meta.json lists at most this many bad-sample entries (the count is always exact)
 
 
 @dataclass
@@ -48,9 +58,20 @@ class TrainData:
     meta: dict[str, list[str]]  # META_FIELDS -> one value per sample, same order as images
     num_recipe: int  # the first num_recipe samples are the recipe's, the rest the base corpus' (each by sample id)
     num_base: int
+    bad_samples: list[dict] = field(default_factory=list)  # skipped: {"shard", "key", "reason", "count"}
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(int(b["count"]) for b in self.bad_samples)
+
+
+def bad_samples_report(data: TrainData, limit: int = BAD_SAMPLES_LISTED) -> dict:
+    """What meta.json records under ``bad_samples``: the exact count and the first ``limit`` entries."""
+    return {"count": data.num_skipped, "samples": data.bad_samples[:limit],
+            "not_listed": max(0, len(data.bad_samples) - limit)}
 
 
 def derive_seed(*parts) -> int:
@@ -65,122 +86,114 @@ def leak_allowed(manifest: dict) -> bool:
     return kind.endswith("_pseudo") or kind == "allow"
 
 
-def _read_shard(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Samples of one webdataset tar in file order: (key, {extension: bytes}); key = name up to its first dot."""
-    try:
-        tf = tarfile.open(path, "r")
-    except (OSError, tarfile.TarError) as e:
-        raise ClipgenError(f"shard {str(path)!r} cannot be read ({e}): expected a webdataset tar") from None
-    with tf:
-        key, parts = None, {}
-        for member in tf:
-            if not member.isfile():
-                continue
-            name = member.name.rsplit("/", 1)[-1]
-            if "." not in name:
-                continue
-            k, ext = name.split(".", 1)
-            if k != key:
-                if key is not None:
-                    yield key, parts
-                key, parts = k, {}
-            parts[ext.lower()] = tf.extractfile(member).read()
-        if key is not None:
-            yield key, parts
+def check_data_config(data_cfg) -> None:
+    """Cheap checks of the loader's data.* settings, run before anything is built or decoded."""
+    if data_cfg.on_bad_sample not in BAD_SAMPLE_POLICIES:
+        raise ClipgenError(f"unknown data.on_bad_sample {data_cfg.on_bad_sample!r}: expected one of "
+                           f"{', '.join(BAD_SAMPLE_POLICIES)}")
+    if int(data_cfg.workers) < 0:
+        raise ClipgenError(f"data.workers={data_cfg.workers}: expected 0 (in-process) or more worker processes")
+    if not float(data_cfg.max_memory_gb) > 0:
+        raise ClipgenError(f"data.max_memory_gb={data_cfg.max_memory_gb}: expected a positive number of GB")
 
 
-def _decode(key: str, parts: dict[str, bytes], shard: Path, image_px: int) -> tuple[np.ndarray, str, dict]:
-    from PIL import Image
-
-    ext = next((e for e in IMAGE_EXTS if e in parts), None)
-    if ext is None or "txt" not in parts or "json" not in parts:
-        raise ClipgenError(f"sample {key!r} in shard {str(shard)!r} has parts {sorted(parts)}: expected an image "
-                           f"({'/'.join(IMAGE_EXTS)}), .txt and .json")
-    with Image.open(io.BytesIO(parts[ext])) as im:
-        arr = np.asarray(im.convert("RGB"))
-    if arr.shape[0] != image_px or arr.shape[1] != image_px:
-        raise ClipgenError(f"sample {key!r} in shard {str(shard)!r} is {arr.shape[1]}x{arr.shape[0]} px: expected "
-                           f"{image_px}x{image_px} (model.image_px); rebuild the recipe with "
-                           f"recipe.image_px={image_px}")
-    meta = json.loads(parts["json"].decode("utf-8"))
-    return arr, parts["txt"].decode("utf-8").strip(), meta
-
-
-def _check_sample(meta: dict, key: str, shard: Path, manifest: dict) -> None:
-    """The load-time leak guard: nothing from a test split, and no held-out class of the test domain unless the
-    recipe is a pseudo/allow recipe that keeps them by design."""
-    sid = meta.get("sample_id", key)
-    if meta.get("split") == "test":
-        raise ClipgenError(f"leak: sample {sid!r} in shard {str(shard)!r} has split 'test': expected only train "
-                           "samples in training shards")
-    if (not leak_allowed(manifest) and meta.get("domain") == manifest.get("test_domain")
-            and meta.get("class_name") in set(manifest.get("heldout_classes") or ())):
-        raise ClipgenError(f"leak: sample {sid!r} in shard {str(shard)!r} is held-out class "
-                           f"{meta.get('class_name')!r} of test domain {meta.get('domain')!r}: expected none in a "
-                           f"{manifest.get('kind')!r} recipe")
-
-
-def _shard_names(manifest: dict, where: Path) -> list[str]:
+def _shard_counts(manifest: dict, where: Path) -> dict[str, int]:
     shards = manifest.get("shards")
     if not isinstance(shards, dict):
         raise ClipgenError(f"manifest of {str(where)!r} has shards={shards!r}: expected {{name: count}}")
-    return sorted(shards)  # shard-NNNNN.tar: name order is write order
+    return {name: int(shards[name]) for name in sorted(shards)}  # shard-NNNNN.tar: name order is write order
 
 
-def load_train_data(recipe_dir: str | Path, tokenizer, image_px: int, manifest: dict | None = None) -> TrainData:
-    """Decode every sample of the recipe and of its base corpus into memory (recipe first, then base)."""
+def _check_memory(recipe_dir: Path, n: int, image_px: int, max_memory_gb: float) -> None:
+    need = n * 3 * image_px * image_px
+    if need > max_memory_gb * 1e9:
+        raise ClipgenError(f"recipe {str(recipe_dir)!r} would take {need / 1e9:.3g} GB decoded ({n} samples x 3 x "
+                           f"{image_px} x {image_px} bytes), above data.max_memory_gb={max_memory_gb:g}: the "
+                           "in-memory loader is meant for synthetic worlds and small px; raise data.max_memory_gb "
+                           "if this machine has the memory, or train at a smaller model.image_px")
+
+
+def load_train_data(recipe_dir: str | Path, tokenizer, image_px: int, manifest: dict | None = None, *,
+                    workers: int = 0, on_bad_sample: str = "error", max_memory_gb: float = 16.0) -> TrainData:
+    """Decode every sample of the recipe and of its base corpus into memory (recipe first, then base), with
+    ``workers`` processes (0 or 1: in this process). ``on_bad_sample``: "error" | "skip" (see decode.py)."""
     recipe_dir = Path(recipe_dir)
+    if on_bad_sample not in BAD_SAMPLE_POLICIES:
+        raise ClipgenError(f"unknown data.on_bad_sample {on_bad_sample!r}: expected one of "
+                           f"{', '.join(BAD_SAMPLE_POLICIES)}")
     if manifest is None:
         manifest = read_json(recipe_dir / "manifest.json", "recipe manifest")
-    sources = [(recipe_dir, _shard_names(manifest, recipe_dir), int(manifest["num_samples"]))]
+    sources = [(recipe_dir, _shard_counts(manifest, recipe_dir), int(manifest["num_samples"]))]
     base = manifest.get("base")
     if base:
         base_dir = (recipe_dir / base["dir"]).resolve()
-        sources.append((base_dir, _shard_names(base, base_dir), int(base["num_samples"])))
+        sources.append((base_dir, _shard_counts(base, base_dir), int(base["num_samples"])))
+    _check_memory(recipe_dir, sum(n for _, _, n in sources), int(image_px), float(max_memory_gb))
 
-    arrays, captions, meta = [], [], {f: [] for f in META_FIELDS}
-    counts = []
-    for directory, names, _ in sources:
-        records = []
-        for name in names:
+    tasks, owner = [], []  # one task per shard; owner[i] = index of the source task i belongs to
+    for s, (directory, shards, _) in enumerate(sources):
+        for name, count in shards.items():
             shard = directory / name
             if not shard.is_file():
                 raise ClipgenError(f"shard {str(shard)!r} listed in the manifest does not exist: rebuild the recipe")
-            for key, parts in _read_shard(shard):
-                arr, caption, m = _decode(key, parts, shard, image_px)
-                _check_sample(m, key, shard, manifest)
-                records.append((str(m.get("sample_id", key)), arr, caption, m))
-        # Canonical order (by sample id): training depends on which samples a recipe holds, not on how its
-        # builder happened to shuffle them into shards.
-        records.sort(key=lambda r: r[0])
-        for _, arr, caption, m in records:
-            arrays.append(arr)
-            captions.append(caption)
-            for f in META_FIELDS:
-                meta[f].append(str(m.get(f, "")))
-        counts.append(len(records))
+            tasks.append(ShardTask(str(shard), f"{directory.name}/{name}", count))
+            owner.append(s)
+    guard = {"allow_heldout": leak_allowed(manifest), "test_domain": manifest.get("test_domain"),
+             "heldout": set(manifest.get("heldout_classes") or ()), "kind": manifest.get("kind")}
+    results = decode_shards(tasks, tokenizer, int(image_px), guard, on_bad_sample, int(workers))
+
+    counts, skipped, bad = [], [], []
+    for s in range(len(sources)):
+        mine = [r for r, o in zip(results, owner) if o == s]
+        counts.append(sum(len(r.ids) for r in mine))
+        skipped.append(sum(b["count"] for r in mine for b in r.bad))
+        bad.extend(b for r in mine for b in r.bad)
     expected = [n for _, _, n in sources]
-    if counts != expected:
-        raise ClipgenError(f"recipe {str(recipe_dir)!r} holds {' + '.join(map(str, counts))} samples (recipe + base): "
-                           f"expected {' + '.join(map(str, expected))} as its manifest says; rebuild the recipe")
-    if not arrays:
+    if [c + k for c, k in zip(counts, skipped)] != expected:
+        held = " + ".join(f"{c}" + (f" (+{k} skipped)" if k else "") for c, k in zip(counts, skipped))
+        raise ClipgenError(f"recipe {str(recipe_dir)!r} holds {held} samples (recipe + base): expected "
+                           f"{' + '.join(map(str, expected))} as its manifest says; rebuild the recipe")
+    if not sum(counts):
         raise ClipgenError(f"recipe {str(recipe_dir)!r} has no samples: expected a non-empty recipe")
 
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # N x 3 x H x W uint8
-    tokens = tokenizer(captions).long()  # tokenized once; a step only indexes
+    # Canonical order (by sample id within recipe, then within base): training depends on which samples a
+    # recipe holds, not on how its builder happened to shuffle them into shards.
+    total = sum(counts)
+    first = next(r for r in results if r.images is not None)
+    images = torch.empty((total, *first.images.shape[1:]), dtype=torch.uint8)
+    tokens = torch.empty((total, first.tokens.shape[1]), dtype=torch.int64)
+    meta = {f: [""] * total for f in META_FIELDS}
+    start = 0
+    for s in range(len(sources)):
+        mine = [r for r, o in zip(results, owner) if o == s]
+        ids = [i for r in mine for i in r.ids]
+        order = sorted(range(len(ids)), key=ids.__getitem__)  # stable: equal ids keep shard order
+        dest = np.empty(len(ids), dtype=np.int64)
+        dest[order] = np.arange(start, start + len(ids))  # where each sample (in shard order) goes
+        offset = 0
+        for r in mine:
+            n = len(r.ids)
+            if n:
+                where = torch.from_numpy(dest[offset:offset + n])
+                images[where] = torch.from_numpy(r.images)
+                tokens[where] = torch.from_numpy(r.tokens)
+                for f in META_FIELDS:
+                    for j, v in zip(dest[offset:offset + n].tolist(), r.meta[f]):
+                        meta[f][j] = v
+                r.images = r.tokens = None  # free as we go: peak memory stays near 2 x the decoded size
+            offset += n
+        start += len(ids)
     return TrainData(images=images, tokens=tokens, meta=meta, num_recipe=counts[0],
-                     num_base=counts[1] if len(counts) > 1 else 0)
+                     num_base=counts[1] if len(counts) > 1 else 0, bad_samples=bad)
 
 
-def random_resized_crop(images: torch.Tensor, size: int, generator: torch.Generator,
-                        scale: tuple[float, float] = CROP_SCALE, ratio: tuple[float, float] = CROP_RATIO,
-                        attempts: int = 10, mode: str = "bicubic") -> torch.Tensor:
-    """torchvision's RandomResizedCrop for a float batch of square images in [0, 1], one crop per sample.
+def crop_theta(b: int, generator: torch.Generator, scale: tuple[float, float] = CROP_SCALE,
+               ratio: tuple[float, float] = CROP_RATIO, attempts: int = 10) -> torch.Tensor:
+    """RandomResizedCrop boxes for ``b`` square images as ``affine_grid`` matrices (b x 2 x 3, float32).
 
     Like torchvision, each sample tries ``attempts`` (area, aspect) draws and takes the first that fits, falling
     back to the whole image. Crop boxes are continuous (sub-pixel) rather than rounded to whole pixels. The same
     number of random numbers is drawn whatever happens, so the stream depends only on the generator's seed."""
-    b = images.shape[0]
     area = torch.rand(b, attempts, generator=generator) * (scale[1] - scale[0]) + scale[0]
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(torch.rand(b, attempts, generator=generator) * (hi - lo) + lo)
@@ -196,10 +209,22 @@ def random_resized_crop(images: torch.Tensor, size: int, generator: torch.Genera
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2] = w, 2 * x0 + w - 1
     theta[:, 1, 1], theta[:, 1, 2] = h, 2 * y0 + h - 1
+    return theta
+
+
+def apply_crop(images: torch.Tensor, theta: torch.Tensor, size: int, mode: str = "bicubic") -> torch.Tensor:
+    """Crop-and-resize a float batch in [0, 1] to ``size`` x ``size`` with one ``crop_theta`` matrix per image."""
     theta = theta.to(device=images.device, dtype=images.dtype)
-    grid = F.affine_grid(theta, [b, images.shape[1], size, size], align_corners=False)
+    grid = F.affine_grid(theta, [images.shape[0], images.shape[1], size, size], align_corners=False)
     out = F.grid_sample(images, grid, mode=mode, padding_mode="border", align_corners=False)
     return out.clamp_(0.0, 1.0)  # bicubic overshoots
+
+
+def random_resized_crop(images: torch.Tensor, size: int, generator: torch.Generator,
+                        scale: tuple[float, float] = CROP_SCALE, ratio: tuple[float, float] = CROP_RATIO,
+                        attempts: int = 10, mode: str = "bicubic") -> torch.Tensor:
+    """torchvision's RandomResizedCrop for a float batch of square images in [0, 1], one crop per sample."""
+    return apply_crop(images, crop_theta(images.shape[0], generator, scale, ratio, attempts), size, mode)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -214,22 +239,31 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 class Batch:
     epoch: int
     index: int  # batch index within the epoch
-    images: torch.Tensor  # B x 3 x px x px, float32, augmented and normalised, on the loader's device
-    tokens: torch.Tensor  # B x context_length, int64, on the loader's device
+    images: torch.Tensor  # B/W x 3 x px x px, float32, augmented and normalised, on the loader's device
+    tokens: torch.Tensor  # B/W x context_length, int64, on the loader's device
+    indices: torch.Tensor | None = None  # B/W sample indices into the TrainData (this rank's share)
 
 
 class EpochLoader:
-    """Serves ``TrainData`` as seeded, resumable epochs of augmented batches (see the module docstring)."""
+    """Serves ``TrainData`` as seeded, resumable epochs of augmented batches (see the module docstring).
+    ``batch_size`` is the global batch; rank ``rank`` of ``world_size`` gets its disjoint share of each."""
 
     def __init__(self, data: TrainData, batch_size: int, seed: int, image_px: int,
-                 device: torch.device | str = "cpu", augment: bool = True):
+                 device: torch.device | str = "cpu", augment: bool = True, rank: int = 0, world_size: int = 1):
         if batch_size <= 0:
             raise ClipgenError(f"trainer.batch_size={batch_size}: expected a positive integer")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ClipgenError(f"rank {rank} of world size {world_size}: expected 0 <= rank < world_size")
+        if batch_size % world_size:
+            raise ClipgenError(f"trainer.batch_size={batch_size} is the global batch and does not split over "
+                               f"{world_size} ranks: expected a multiple of {world_size}")
         if len(data) < batch_size:
             raise ClipgenError(f"trainer.batch_size={batch_size} exceeds the {len(data)} samples of recipe + base: "
                                f"expected at most {len(data)} (an epoch would have no full batch)")
         self.data, self.batch_size, self.seed = data, batch_size, int(seed)
         self.image_px, self.device, self.augment = image_px, torch.device(device), augment
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.local_batch_size = batch_size // world_size
 
     @property
     def steps_per_epoch(self) -> int:
@@ -237,23 +271,31 @@ class EpochLoader:
 
     @property
     def samples_per_epoch(self) -> int:
+        """Samples per epoch over all ranks."""
         return self.steps_per_epoch * self.batch_size
+
+    def _share(self) -> slice:
+        return slice(self.rank * self.local_batch_size, (self.rank + 1) * self.local_batch_size)
 
     def permutation(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(derive_seed("perm", self.seed, int(epoch)))
         return torch.randperm(len(self.data), generator=g)
 
-    def batch_indices(self, epoch: int, index: int, perm: torch.Tensor | None = None) -> torch.Tensor:
+    def global_batch_indices(self, epoch: int, index: int, perm: torch.Tensor | None = None) -> torch.Tensor:
         perm = self.permutation(epoch) if perm is None else perm
         return perm[index * self.batch_size:(index + 1) * self.batch_size]
 
+    def batch_indices(self, epoch: int, index: int, perm: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's share of global batch ``index`` of ``epoch``."""
+        return self.global_batch_indices(epoch, index, perm)[self._share()]
+
     def make_batch(self, epoch: int, index: int, idx: torch.Tensor) -> Batch:
         images = self.data.images[idx].to(self.device, non_blocking=True).float().div_(255.0)
-        if self.augment:
+        if self.augment:  # boxes drawn for the whole global batch, then this rank's share taken
             g = torch.Generator().manual_seed(derive_seed("aug", self.seed, int(epoch), int(index)))
-            images = random_resized_crop(images, self.image_px, g)
+            images = apply_crop(images, crop_theta(self.batch_size, g)[self._share()], self.image_px)
         tokens = self.data.tokens[idx].to(self.device, non_blocking=True)
-        return Batch(epoch=epoch, index=index, images=normalize(images), tokens=tokens)
+        return Batch(epoch=epoch, index=index, images=normalize(images), tokens=tokens, indices=idx)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """Batches ``start, start + 1, ...`` of ``epoch`` (a resumed run passes the saved batch index)."""

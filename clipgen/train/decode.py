@@ -1,0 +1,233 @@
+"""Decoding training shards: one webdataset tar per task, in worker processes, results in shard order.
+
+A task reads one shard, decodes its images to uint8 CHW arrays, tokenizes its captions and checks every sample
+(the leak guard, the image size). What comes back depends only on the shard's bytes, and the caller assembles
+the results in shard order, so the decoded data are identical for any number of workers.
+
+Bad samples are samples a shard cannot deliver: image bytes PIL cannot decode, a missing or unreadable
+``.txt``/``.json``, and everything from the point where a tar is truncated or corrupt (a tar that ends early
+at a member boundary shows up as fewer samples than the manifest lists for that shard). With
+``on_bad_sample="error"`` (the default) the first one raises a ClipgenError naming the shard file and the
+sample key; with ``"skip"`` each is left out and reported as ``{"shard", "key", "reason", "count"}`` (count > 1
+for the samples lost behind a truncation). Wrong image sizes and leak-guard violations are never skippable:
+they mean a wrong recipe, not a damaged file.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+import sys
+import tarfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from clipgen.errors import ClipgenError
+from clipgen.utils import process_pool
+
+META_FIELDS = ("sample_id", "domain", "class_name", "split", "source")
+IMAGE_EXTS = ("png", "jpg", "jpeg")
+BAD_SAMPLE_POLICIES = ("error", "skip")
+_ZERO_BLOCK = bytes(512)
+_KINDS = (b"0", b"\0", b"1", b"2", b"3", b"4", b"5", b"6")  # regular files, links, devices, dirs, fifos
+
+
+@dataclass
+class ShardTask:
+    path: str  # the shard file
+    label: str  # "{directory name}/{shard name}", how run metadata names the shard
+    expected: int  # samples the manifest lists for this shard
+
+
+@dataclass
+class ShardResult:
+    ids: list[str]  # sample ids (the json's sample_id, else the key), in shard order
+    images: np.ndarray | None  # n x 3 x px x px uint8 (None when n == 0)
+    tokens: np.ndarray | None  # n x context_length int64
+    meta: dict[str, list[str]]  # META_FIELDS -> one value per sample
+    bad: list[dict] = field(default_factory=list)  # skipped: {"shard", "key", "reason", "count"}
+
+
+class _BadSample(Exception):
+    """Internal: this sample cannot be decoded; the message says why."""
+
+
+_STATE: dict = {}  # per process: tokenizer, image_px, guard, policy (set by _init)
+
+
+def _init(tokenizer, image_px: int, guard: dict, policy: str) -> None:
+    if "torch" in sys.modules:  # a worker process: one intra-op thread, like a torch DataLoader worker
+        sys.modules["torch"].set_num_threads(1)
+    _STATE.update(tokenizer=tokenizer, image_px=int(image_px), guard=guard, policy=policy)
+
+
+def _ustar_members(buf: bytes) -> list[tuple[str, bytes]] | None:
+    """(name, bytes) of every regular file of a plain, intact ustar tar, parsed directly (tarfile spends more
+    time on headers than PIL on a small PNG). None at anything else (pax or GNU extension headers, a bad
+    checksum, a truncated member, no end-of-archive block): the caller then reads the shard with tarfile."""
+    out, pos, n = [], 0, len(buf)
+    while pos + 512 <= n:
+        hdr = buf[pos:pos + 512]
+        if hdr == _ZERO_BLOCK:
+            return out
+        try:
+            size, checksum = int(hdr[124:136].strip(b"\0 ") or b"0", 8), int(hdr[148:156].strip(b"\0 "), 8)
+        except ValueError:
+            return None
+        kind = hdr[156:157]
+        if hdr[257:262] != b"ustar" or checksum != 256 + sum(hdr[:148]) + sum(hdr[156:]) or kind not in _KINDS:
+            return None
+        start = pos + 512
+        if start + size > n:
+            return None
+        if kind in (b"0", b"\0"):
+            name, prefix = hdr[:100].split(b"\0", 1)[0], hdr[345:500].split(b"\0", 1)[0]
+            out.append(((prefix + b"/" + name if prefix else name).decode("utf-8", "replace"), buf[start:start + size]))
+        pos = start + (size + 511) // 512 * 512
+    return None
+
+
+def _group(members) -> tuple[list[tuple[str, dict[str, bytes]]], tuple[str | None, str] | None]:
+    """Consecutive members with the same key form a sample; ``members`` yields (name, read function)."""
+    samples, key, parts = [], None, {}
+    try:
+        for path, data in members:
+            name = path.rsplit("/", 1)[-1]
+            if "." not in name:
+                continue
+            k, ext = name.split(".", 1)
+            if k != key:
+                if key is not None:
+                    samples.append((key, parts))
+                key, parts = k, {}
+            parts[ext.lower()] = data()
+    except (OSError, EOFError, tarfile.TarError) as e:
+        return samples, (key, f"tar truncated or corrupt ({' '.join(str(e).split())})")  # one line
+    if key is not None:
+        samples.append((key, parts))
+    return samples, None
+
+
+def _tarfile_members(path: str):
+    with tarfile.open(path, "r") as tf:
+        for member in tf:
+            if member.isfile():
+                yield member.name, tf.extractfile(member).read
+
+
+def read_shard(path: str) -> tuple[list[tuple[str, dict[str, bytes]]], tuple[str | None, str] | None]:
+    """All samples of a tar in file order as (key, {extension: bytes}); key = file name up to its first dot.
+    The second value is None, or (key of the sample being read, reason) when the tar is truncated or corrupt:
+    that sample and everything after it are lost. Intact plain tars take a fast path; tarfile reads the rest."""
+    try:
+        with open(path, "rb") as f:
+            members = _ustar_members(f.read())
+    except OSError as e:
+        return [], (None, f"shard cannot be read ({e})")
+    if members is None:
+        return _group(_tarfile_members(path))
+    return _group((name, lambda data=data: data) for name, data in members)
+
+
+def _decode(key: str, parts: dict[str, bytes]) -> tuple[np.ndarray, str, dict]:
+    from PIL import Image
+
+    ext = next((e for e in IMAGE_EXTS if e in parts), None)
+    if ext is None or "txt" not in parts or "json" not in parts:
+        raise _BadSample(f"has parts {sorted(parts)}: expected an image ({'/'.join(IMAGE_EXTS)}), .txt and .json")
+    try:
+        with Image.open(io.BytesIO(parts[ext])) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, zlib/struct errors ... for bad bytes
+        why = re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(e).__name__}: {e}")  # no object addresses: same every run
+        raise _BadSample(f"image .{ext} cannot be decoded ({why}): expected a valid image") from None
+    try:
+        meta = json.loads(parts["json"].decode("utf-8"))
+        caption = parts["txt"].decode("utf-8").strip()
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _BadSample(f".json/.txt cannot be read ({e}): expected UTF-8 text and a JSON object") from None
+    if not isinstance(meta, dict):
+        raise _BadSample(f".json holds {type(meta).__name__}: expected a JSON object")
+    return arr, caption, meta
+
+
+def check_sample(meta: dict, key: str, shard: str, guard: dict) -> None:
+    """The load-time leak guard: nothing from a test split, and no held-out class of the test domain unless the
+    recipe is a pseudo/allow recipe that keeps them by design."""
+    sid = meta.get("sample_id", key)
+    if meta.get("split") == "test":
+        raise ClipgenError(f"leak: sample {sid!r} in shard {shard!r} has split 'test': expected only train "
+                           "samples in training shards")
+    if (not guard["allow_heldout"] and meta.get("domain") == guard["test_domain"]
+            and meta.get("class_name") in guard["heldout"]):
+        raise ClipgenError(f"leak: sample {sid!r} in shard {shard!r} is held-out class "
+                           f"{meta.get('class_name')!r} of test domain {meta.get('domain')!r}: expected none in a "
+                           f"{guard['kind']!r} recipe")
+
+
+def _bad(task: ShardTask, key: str | None, reason: str, count: int = 1) -> dict:
+    if _STATE["policy"] != "skip":
+        where = f"sample {key!r}" if key is not None else "before its first sample"
+        raise ClipgenError(f"bad sample in shard {task.path!r}: {where}: {reason} (data.on_bad_sample=skip "
+                           "skips such samples and counts them in the run's meta.json)")
+    return {"shard": task.label, "key": key, "reason": reason, "count": int(count)}
+
+
+def decode_shard(task: ShardTask) -> ShardResult:
+    px, guard = _STATE["image_px"], _STATE["guard"]
+    samples, failure = read_shard(task.path)
+    ids, arrays, captions, bad = [], [], [], []
+    meta = {f: [] for f in META_FIELDS}
+    for key, parts in samples:
+        try:
+            arr, caption, m = _decode(key, parts)
+        except _BadSample as e:
+            bad.append(_bad(task, key, str(e)))
+            continue
+        if arr.shape[0] != px or arr.shape[1] != px:
+            raise ClipgenError(f"sample {key!r} in shard {task.path!r} is {arr.shape[1]}x{arr.shape[0]} px: "
+                               f"expected {px}x{px} (model.image_px); rebuild the recipe with recipe.image_px={px}")
+        check_sample(m, key, task.path, guard)
+        ids.append(str(m.get("sample_id", key)))
+        arrays.append(arr)
+        captions.append(caption)
+        for f in META_FIELDS:
+            meta[f].append(str(m.get(f, "")))
+    lost = task.expected - len(ids) - len(bad)
+    if failure is not None:
+        key, reason = failure
+        bad.append(_bad(task, key, f"{reason}: this and the following samples are lost", max(1, lost)))
+    elif lost > 0:
+        last = samples[-1][0] if samples else None
+        bad.append(_bad(task, last, f"is the last of {len(samples)} samples but the manifest lists "
+                                    f"{task.expected} for this shard (truncated tar)", lost))
+    elif lost < 0:
+        raise ClipgenError(f"shard {task.path!r} holds {len(samples)} samples: expected {task.expected} as the "
+                           "manifest says; rebuild the recipe")
+    if not ids:
+        return ShardResult(ids, None, None, meta, bad)
+    images = np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2))  # n x 3 x px x px
+    unique = {c: i for i, c in enumerate(dict.fromkeys(captions))}  # template captions repeat: tokenize each once
+    tokens = _STATE["tokenizer"](list(unique)).long().numpy()[[unique[c] for c in captions]]  # numpy: pickled by value
+    return ShardResult(ids, images, tokens, meta, bad)
+
+
+def decode_shards(tasks: list[ShardTask], tokenizer, image_px: int, guard: dict, policy: str,
+                  workers: int) -> list[ShardResult]:
+    """``decode_shard`` over ``tasks`` with ``workers`` processes (0 or 1: in this process), in task order."""
+    if policy not in BAD_SAMPLE_POLICIES:
+        raise ClipgenError(f"unknown data.on_bad_sample {policy!r}: expected one of {', '.join(BAD_SAMPLE_POLICIES)}")
+    args = (tokenizer, image_px, guard, policy)
+    if workers <= 1 or len(tasks) <= 1:
+        saved = dict(_STATE)
+        _STATE.clear()
+        _STATE.update(tokenizer=tokenizer, image_px=int(image_px), guard=guard, policy=policy)
+        try:
+            return [decode_shard(t) for t in tasks]
+        finally:
+            _STATE.clear()
+            _STATE.update(saved)
+    with process_pool(min(workers, len(tasks)), _init, args) as pool:
+        # map keeps task order, so with several bad shards the first one in shard order is the one reported
+        return list(pool.map(decode_shard, tasks))
