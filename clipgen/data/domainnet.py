@@ -94,10 +94,38 @@ def carve_validation(samples: list[Sample], fraction: float, seed: int) -> list[
     return [Sample(**{**s.__dict__, "split": "val"}) if i in val else s for i, s in enumerate(samples)]
 
 
+def check_duplicates(samples: list[Sample]) -> None:
+    """Every image once: a path listed twice (e.g. in train and test, a leak) is an error naming both files."""
+    seen: dict[str, Sample] = {}
+    for s in samples:
+        prev = seen.setdefault(s.sample_id, s)
+        if prev is not s:
+            raise ClipgenError(f"image {s.sample_id!r} is listed twice (in {prev.domain}_{prev.split}.txt and "
+                               f"{s.domain}_{s.split}.txt): expected every image in exactly one split file line")
+
+
+def check_all_classes(samples: list[Sample], domains: Iterable[str]) -> None:
+    """Real DomainNet has every class in every domain: a class listed in some domains' split files but in
+    neither split file of another domain is an error (data.allow_missing_classes=true allows it)."""
+    present: dict[str, set[str]] = defaultdict(set)
+    for s in samples:
+        present[s.domain].add(s.class_name)
+    every = set().union(*present.values())
+    for d in domains:
+        missing = sorted(every - present[d])
+        if missing:
+            others = [o for o in domains if missing[0] in present[o]]
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ClipgenError(f"class {missing[0]!r} is missing from domain {d!r}{more}: it is listed in "
+                               f"{', '.join(others)} but in neither {d}_train.txt nor {d}_test.txt; expected every "
+                               "class in every domain (set data.allow_missing_classes=true to allow it)")
+
+
 def read_domainnet(root: str | os.PathLike, domains: Iterable[str] = DOMAINS, val_fraction: float = 0.0,
-                   val_seed: int = 0, check_files: bool = True) -> list[Sample]:
-    """All samples of the given domains (train, val carved from train, test) in split-file order."""
-    root = Path(root)
+                   val_seed: int = 0, check_files: bool = True, require_all_classes: bool = False) -> list[Sample]:
+    """All samples of the given domains (train, val carved from train, test) in split-file order. With
+    ``require_all_classes`` every class of any domain must occur in every domain (real DomainNet)."""
+    root, domains = Path(root), tuple(domains)
     if not root.is_dir():
         raise ClipgenError(f"DomainNet root {str(root)!r} is not a directory: expected a folder with "
                            f"{{domain}}/{{class}}/ images and {{domain}}_train.txt / {{domain}}_test.txt")
@@ -107,4 +135,7 @@ def read_domainnet(root: str | os.PathLike, domains: Iterable[str] = DOMAINS, va
             raise ClipgenError(f"unknown domain {domain!r}: expected one of {', '.join(DOMAINS)}")
         for split in SPLITS:
             samples.extend(read_split_file(root, domain, split, check_files=check_files))
+    check_duplicates(samples)
+    if require_all_classes:
+        check_all_classes(samples, domains)
     return carve_validation(samples, val_fraction, val_seed)

@@ -4,6 +4,12 @@ The synthetic world writes its natural corpus in the same format, so one reader 
 Caption rule: "; ".join of the non-empty [title, " ".join(tags), description], whitespace normalised.
 Class: ImageNet wnids map to DomainNet labels through in_to_dn_mapping.json (-1 where none); the world uses
 wnids of the form ``dn{label:03d}`` for DomainNet classes without an ImageNet counterpart.
+
+Also ImageNet-Sketch (optional extra sketches): ``{root}/{wnid}/{file}``, one folder per ImageNet class. Only
+classes that map to a DomainNet class are kept; each sample takes that DomainNet class's name and label, domain
+"sketch", split train, source "imagenet_sketch". With ``data.use_imagenet_sketch=true`` they are appended to the
+source index, so they join the sketch domain's candidate lists after DomainNet's own samples (never val/test, and
+never counted in S; see recipes/plan.py).
 """
 from __future__ import annotations
 
@@ -67,4 +73,39 @@ def read_imagenet_captions(json_path: str | os.PathLike, train_root: str | os.Pa
                               label=label, split="train", source=source, caption=caption))
     if not samples:
         raise ClipgenError(f"ImageNet-Captions file {str(json_path)!r} has no usable entries")
+    return samples
+
+
+# --- ImageNet-Sketch -----------------------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+SKETCH_SOURCE = "imagenet_sketch"
+
+
+def read_imagenet_sketch(root: str | os.PathLike, classes: set[str] | None = None,
+                         key: str = "data.imagenet_sketch_root") -> list[Sample]:
+    """Samples of every wnid folder that maps to a DomainNet class (restricted to ``classes`` if given), in
+    sorted folder / file order."""
+    root = Path(os.path.expanduser(str(root)))
+    if not root.is_dir():
+        raise ClipgenError(f"{key}={str(root)!r} is not a directory: expected ImageNet-Sketch's {{wnid}}/{{file}} "
+                           "folders (e.g. n01440764/)")
+    table = wnid_table()
+    names = domainnet_classes()
+    samples: list[Sample] = []
+    folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not folders:
+        raise ClipgenError(f"{key}={str(root)!r} has no class folders: expected one folder per ImageNet wnid")
+    for wnid in folders:
+        if wnid not in table or wnid.startswith("dn"):
+            raise ClipgenError(f"unknown folder {wnid!r} in {key}={str(root)!r}: expected ImageNet wnid folders "
+                               "(e.g. n01440764)")
+        label = table[wnid][1]
+        if label < 0 or (classes is not None and names[label] not in classes):
+            continue  # no DomainNet counterpart (or not in the source's classes): not a DomainNet-class sketch
+        files = sorted(f for f in os.listdir(root / wnid) if f.lower().endswith(IMAGE_SUFFIXES))
+        for f in files:
+            samples.append(Sample(sample_id=f"{SKETCH_SOURCE}/{wnid}/{os.path.splitext(f)[0]}",
+                                  path=str(root / wnid / f), domain="sketch", class_name=names[label], label=label,
+                                  split="train", source=SKETCH_SOURCE))
     return samples

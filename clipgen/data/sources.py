@@ -6,8 +6,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from clipgen import layout
+from clipgen.data.cc import read_cc_shards
 from clipgen.data.domainnet import read_domainnet
-from clipgen.data.imagenet_captions import read_imagenet_captions
+from clipgen.data.imagenet_captions import read_imagenet_captions, read_imagenet_sketch
 from clipgen.data.index import Sample
 from clipgen.errors import ClipgenError
 
@@ -31,9 +32,19 @@ def ensure_world(cfg: DictConfig) -> None:
 
 
 def domainnet_index(cfg: DictConfig, check_files: bool = True) -> list[Sample]:
+    """DomainNet-layout samples (train, val, test), plus ImageNet-Sketch's train sketches when
+    data.use_imagenet_sketch=true. Real DomainNet must hold every class in every domain unless
+    data.allow_missing_classes=true (the world may be any subset)."""
     ensure_world(cfg)
-    return read_domainnet(domainnet_root(cfg), val_fraction=cfg.data.val_fraction, val_seed=cfg.data.val_seed,
-                          check_files=check_files)
+    strict = cfg.data.source == "domainnet" and not cfg.data.allow_missing_classes
+    samples = read_domainnet(domainnet_root(cfg), val_fraction=cfg.data.val_fraction, val_seed=cfg.data.val_seed,
+                             check_files=check_files, require_all_classes=strict)
+    if cfg.data.use_imagenet_sketch:
+        if not cfg.data.imagenet_sketch_root:
+            raise ClipgenError("data.use_imagenet_sketch=true needs data.imagenet_sketch_root: expected the "
+                               "ImageNet-Sketch folder ({wnid}/{file})")
+        samples = samples + read_imagenet_sketch(cfg.data.imagenet_sketch_root, {s.class_name for s in samples})
+    return samples
 
 
 def base_index(cfg: DictConfig) -> list[Sample]:
@@ -49,4 +60,6 @@ def base_index(cfg: DictConfig) -> list[Sample]:
             raise ClipgenError("data.base=imagenet_captions needs data.imagenet_captions_json and "
                                "data.imagenet_train_root")
         return read_imagenet_captions(cfg.data.imagenet_captions_json, cfg.data.imagenet_train_root)
-    raise ClipgenError(f"unknown data.base {base!r}: expected world, imagenet_captions or none")
+    if base == "cc":
+        return read_cc_shards(cfg.data.cc_shards)
+    raise ClipgenError(f"unknown data.base {base!r}: expected world, imagenet_captions, cc or none")

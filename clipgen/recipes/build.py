@@ -146,8 +146,9 @@ def build_recipe(cfg: DictConfig) -> dict:
         return {**summary, "built": False, "seconds": time.time() - t0}
     base = ensure_base(cfg)
     samples = _shuffled(plan.samples, f"{spec.recipe_id}:{cfg.recipe.caption_seed}:{spec.seed}")
-    captions = [make_caption(cfg.recipe.caption_seed, s.sample_id, s.domain, s.class_name,
-                             spec.aligned_captions) for s in samples]
+    caption_seed = int(cfg.recipe.caption_seed)  # read once: OmegaConf access per sample is slow
+    captions = [make_caption(caption_seed, s.sample_id, s.domain, s.class_name, spec.aligned_captions)
+                for s in samples]
     labels = sorted({(s.label, s.class_name) for s in index})
     val = [s for s in index if s.split == "val" and s.domain in spec.domains
            and not (s.domain == spec.test_domain and s.class_name in plan.heldout and spec.heldout_keep == 0)]

@@ -9,6 +9,12 @@ overshoot is trimmed in passes that walk the domains in TRIM_ORDER and, within a
 split-file order, removing the last kept sample of each class and stopping the moment the total reaches S.
 allow-p: every held-out list of D keeps ceil(p*f0*n) (f0 = S/|X|, A in total of M); all other lists use
 f = (S-A)/(|X|-M), and trimming never touches the held-out lists.
+
+Extra candidates (ImageNet-Sketch, ``EXTRA_SOURCES``) join their (domain, class) lists after the DomainNet samples
+but never count towards S, so a recipe has the same size with or without them.
+
+Planning many recipes from one index: group it once with ``train_index(index)`` and pass the result to
+``plan_recipe`` instead of the sample list (same plans; the grouping pass is the only O(index) step).
 """
 from __future__ import annotations
 
@@ -17,13 +23,16 @@ import random
 from fractions import Fraction
 from collections import OrderedDict
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from clipgen.data.index import Sample
 from clipgen.errors import ClipgenError
-from clipgen.facts import NATURAL_DOMAIN
-from clipgen.recipes.naming import RecipeSpec
+from clipgen.facts import DOMAINS, NATURAL_DOMAIN, TEST_DOMAINS
+from clipgen.recipes.naming import ALLOW_P_VALUES, PAPER_INTERPOLATIONS, RecipeSpec, recipe_spec
 
 TRIM_ORDER = ("real", "quickdraw", "painting", "sketch", "infograph", "clipart")
+# Sources whose samples are extra candidates of their (domain, class) lists but not part of S.
+EXTRA_SOURCES = frozenset({"imagenet_sketch"})
 
 Key = tuple[str, str]  # (domain, class_name)
 
@@ -59,10 +68,26 @@ def group_by_domain_class(samples: list[Sample], split: str = "train") -> "Order
     return groups
 
 
-def target_size(groups: "OrderedDict[Key, list[int] | list[Sample]]", test_domain: str,
+@dataclass
+class TrainIndex:
+    """The train split of a source index grouped once for planning many recipes (see ``train_index``)."""
+
+    groups: "OrderedDict[Key, list[Sample]]"  # (domain, class) -> train samples, split-file order
+    core: dict[Key, int]  # samples of each list that count towards S (all but EXTRA_SOURCES)
+
+
+def train_index(index: "list[Sample] | TrainIndex") -> TrainIndex:
+    if isinstance(index, TrainIndex):
+        return index
+    groups = group_by_domain_class(index, "train")
+    core = {k: sum(1 for s in v if s.source not in EXTRA_SOURCES) for k, v in groups.items()}
+    return TrainIndex(groups, core)
+
+
+def target_size(groups: "OrderedDict[Key, list[int] | list[Sample]] | dict[Key, int]", test_domain: str,
                 heldout: set[str]) -> int:
-    """S = |real_train| + |D_train minus C2|."""
-    return sum(len(v) for (d, c), v in groups.items()
+    """S = |real_train| + |D_train minus C2| (``groups`` maps keys to lists or to their sizes)."""
+    return sum(v if isinstance(v, int) else len(v) for (d, c), v in groups.items()
                if d == NATURAL_DOMAIN or (d == test_domain and c not in heldout))
 
 
@@ -111,17 +136,23 @@ def _take(lst: list[Sample], k: int, spec: RecipeSpec) -> list[Sample]:
     return [lst[i] for i in sorted(idx[:k])]
 
 
-def plan_recipe(spec: RecipeSpec, index: list[Sample], heldout_classes: list[str]) -> Plan:
-    """The samples of one recipe from a DomainNet-layout index (train split only; val/test never enter)."""
-    all_groups = group_by_domain_class(index, "train")
+def plan_recipe(spec: RecipeSpec, index: "list[Sample] | TrainIndex", heldout_classes: list[str]) -> Plan:
+    """The samples of one recipe from a DomainNet-layout index (train split only; val/test never enter).
+    ``index`` is the sample list or its ``train_index`` (the same plan, without regrouping per recipe)."""
+    tindex = train_index(index)
+    all_groups = tindex.groups
+    if not all_groups:
+        raise ClipgenError(f"recipe {spec.recipe_id!r} would be empty: the source index has no train samples; "
+                           "expected train split lines (validation is carved out of train, never all of it)")
+    D = spec.test_domain
+    if spec.kind != "natural_only" and not any(d == D for d, _ in all_groups):
+        raise ClipgenError(f"test domain {D!r} has no train samples in the source index")
     present = {c for (_, c) in all_groups}
     heldout = tuple(c for c in heldout_classes if c in present)
     if spec.kind != "natural_only" and not heldout:
         raise ClipgenError(f"none of the held-out classes {list(heldout_classes)} occurs in the source: expected "
                            f"at least one held-out class for recipe kind {spec.kind!r}")
-    D, C2 = spec.test_domain, set(heldout)
-    if not any(d == D for d, _ in all_groups):
-        raise ClipgenError(f"test domain {D!r} has no train samples in the source index")
+    C2 = set(heldout)
     candidates: "OrderedDict[Key, list[Sample]]" = OrderedDict()
     for (d, c), lst in all_groups.items():
         if d not in spec.domains:
@@ -132,10 +163,13 @@ def plan_recipe(spec: RecipeSpec, index: list[Sample], heldout_classes: list[str
     if not candidates:
         raise ClipgenError(f"recipe {spec.recipe_id!r} is empty after filtering: expected samples of "
                            f"{', '.join(spec.domains)}")
-    if not spec.size_matched:
-        return Plan(spec, None, candidates, heldout)
+    if not spec.size_matched:  # copies: a plan never shares its lists with a reusable TrainIndex
+        return Plan(spec, None, OrderedDict((k, list(v)) for k, v in candidates.items()), heldout)
 
-    S = target_size(all_groups, D, C2)
+    S = target_size(tindex.core, D, C2)
+    if S == 0:
+        raise ClipgenError(f"recipe {spec.recipe_id!r} would be empty: S = |real train| + |{D} train minus "
+                           f"held-out classes| = 0; expected train samples of real or {D}")
     sizes = OrderedDict((k, len(v)) for k, v in candidates.items())
     protected = None
     if spec.kind == "allow":
@@ -146,6 +180,27 @@ def plan_recipe(spec: RecipeSpec, index: list[Sample], heldout_classes: list[str
     q = quotas(sizes, S, protected)
     kept = OrderedDict((k, _take(candidates[k], q[k], spec)) for k in candidates if q[k] > 0)
     return Plan(spec, S, kept, heldout)
+
+
+def paper_family(test_domains=TEST_DOMAINS) -> list[RecipeSpec]:
+    """Every recipe of the paper's family (SPEC §4) for the given test domains: natural-only (once), CG-low/high,
+    LOD, both pseudo upper bounds, allow-p for every p on both bases, the paper's interpolation lists and
+    CG-high with aligned captions."""
+    specs = [_spec("natural_only", TEST_DOMAINS[-1])]
+    for D in test_domains:
+        specs += [_spec(kind, D) for kind in ("cg_low", "cg_high", "lod", "cg_low_pseudo", "cg_high_pseudo")]
+        specs += [_spec("allow", D, allow_p=p, allow_base=b) for b in ("cg_low", "cg_high") for p in ALLOW_P_VALUES]
+        for letters in PAPER_INTERPOLATIONS.get(D, ()):
+            extra = [d for d in DOMAINS if d[0] in letters and d not in (NATURAL_DOMAIN, D)]
+            specs.append(_spec("interpolation", D, extra_domains=extra))
+        specs.append(_spec("cg_high", D, aligned_captions=True))
+    return specs
+
+
+def _spec(kind: str, D: str, **kw) -> RecipeSpec:
+    node = dict(kind=kind, test_domain=D, allow_p=0.0, allow_base="cg_high", extra_domains=[],
+                aligned_captions=False, subsample="first", seed=0)
+    return recipe_spec(SimpleNamespace(**{**node, **kw}))
 
 
 def check_no_leak(plan: Plan) -> None:
