@@ -64,7 +64,7 @@ def fake_run_cfg(root, data_root, kind="cg_low", seed=0, *extra):
 
 def make_fake_run(root, data_root, kind="cg_low", seed=0, epochs=2, model_name="clipgen-tiny-rn",
                   weights_of=None, classes=FAKE_CLASSES, heldout=FAKE_HELDOUT, manifest=None, extra=()):
-    """A run directory as clipgen-train writes it (docs/formats.md), with random weights per epoch."""
+    """A run directory as clipgen-train writes it (clipgen/FORMATS.md), with random weights per epoch."""
     from clipgen.recipes.naming import RECIPE_KINDS, recipe_spec
     from clipgen.train.model import create_clip, model_config
 
@@ -244,6 +244,7 @@ def test_run_eval_writes_one_line_per_checkpoint(tmp_path, fake_data):
     head = json.loads((run_dir / "eval" / "zeroshot_head.json").read_text())
     assert head["classes"] == FAKE_CLASSES and len(head["templates"]) == 86
     assert out["final"] == pytest.approx(lines[-1]["metrics"])
+    assert not (run_dir / "wandb").exists()  # logger=none (debug=smoke): nothing goes to W&B
 
     # Nothing new: everything is skipped and no line is added.
     again = run_eval(cfg)
@@ -321,3 +322,237 @@ def test_eval_run_dir_override_and_throughput(tmp_path, fake_data, capsys):
     table = capsys.readouterr().out
     assert "sketch-lso-ood" in table and table.count("\n") >= 7
     print(f"run_eval: 5 checkpoints x 36 images in {seconds:.1f}s")
+
+
+# --- supervised baseline ---------------------------------------------------------------------------------------
+def make_supervised_run(root, data_root, winners, decoy="zebra"):
+    """A fake run of the supervised model whose epoch-e checkpoint predicts ``winners[e]`` for every image: its
+    head is zero except a bias on that class's column 1000 + DomainNet label. Higher biases on a DomainNet class
+    outside the run's classes (``decoy``) and on an ImageNet column must not matter."""
+    from clipgen.train.supervised_model import create_supervised, supervised_payload
+
+    cfg, run_dir = make_fake_run(root, data_root, epochs=len(winners))
+    meta = json.loads((run_dir / "meta.json").read_text())
+    meta["model_kind"] = "supervised"
+    (run_dir / "meta.json").write_text(json.dumps(meta))
+    for epoch, winner in enumerate(winners):
+        torch.manual_seed(epoch)
+        model = create_supervised("clipgen-tiny-rn", 32)
+        with torch.no_grad():
+            model.head.weight.zero_()
+            model.head.bias.zero_()
+            model.head.bias[1000 + domainnet_label(winner)] = 5.0
+            model.head.bias[1000 + domainnet_label(decoy)] = 50.0
+            model.head.bias[3] = 100.0
+        payload = supervised_payload(model, model_name="clipgen-tiny-rn", model_cfg=meta["model_cfg"], epoch=epoch,
+                                     step=3 * epoch, samples_seen=96 * epoch, run_name=meta["run_name"],
+                                     recipe_id=meta["recipe_id"], seed=0)
+        torch.save(payload, run_dir / "checkpoints" / f"epoch_{epoch:03d}.pt")
+    return cfg, run_dir
+
+
+def test_supervised_model_and_checkpoint_format(tmp_path):
+    from clipgen.train.supervised_model import NUM_CLASSES, create_supervised, domainnet_columns, supervised_payload
+
+    torch.manual_seed(0)
+    model = create_supervised("clipgen-tiny-rn", 32).eval()  # eval: forwards leave BatchNorm statistics alone
+    assert NUM_CLASSES == 1345 and model.head.in_features == 64 and model.head.out_features == 1345
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 1345)
+    assert model.encode_image(torch.zeros(2, 3, 32, 32), normalize=True).norm(dim=-1).allclose(torch.ones(2))
+    assert domainnet_columns(["aircraft carrier", "axe"]) == [1000, 1011]
+    with pytest.raises(ClipgenError, match="'tench'.*345"):
+        domainnet_columns(["tench"])
+    payload = supervised_payload(model, model_name="clipgen-tiny-rn", model_cfg={"embed_dim": 64}, epoch=0, step=0,
+                                 samples_seen=0, run_name="r", recipe_id="x", seed=0)
+    torch.save(payload, tmp_path / "epoch_000.pt")
+    back = torch.load(tmp_path / "epoch_000.pt", weights_only=True)
+    assert back["kind"] == "supervised" and back["num_classes"] == 1345 and back["epoch"] == 0
+    assert {"head.weight", "head.bias"} <= set(back["state_dict"]) and not any(
+        k.startswith("module.") for k in back["state_dict"])
+    torch.manual_seed(0)
+    from clipgen.train.model import create_clip
+
+    clip, _ = create_clip("clipgen-tiny-rn", 32)  # same seed -> the same initial visual tower as CLIP's
+    assert all(torch.equal(v, back["state_dict"][f"visual.{k}"]) for k, v in clip.visual.state_dict().items())
+
+
+def test_supervised_run_is_evaluated_on_its_domainnet_columns(tmp_path, fake_data):
+    from clipgen.eval.run import run_eval
+
+    cfg, run_dir = make_supervised_run(tmp_path, fake_data, ["cat", "axe"])
+    out = run_eval(cfg)
+    assert out["evaluated"] == 2
+    first, second = _lines(run_dir)
+    assert first["model_kind"] == "supervised" and first["logit_scale"] == 1.0
+    # Same keys as a CLIP run's.
+    clip_keys = M.lso_metrics(np.zeros((0, 6)), np.zeros(0), [], FAKE_CLASSES, FAKE_HELDOUT, ["sketch", "real"])
+    assert set(first["metrics"]) == set(clip_keys)
+    # Epoch 0 predicts "cat" everywhere: 3 of the 12 in-distribution images per domain are cats.
+    m = first["metrics"]
+    assert m["sketch-lso-ood"] == 0.0 and m["sketch-lso-id"] == pytest.approx(0.25)
+    assert m["real-lso-id"] == pytest.approx(0.25) and m["sketch-acc"] == pytest.approx(3 / 18)
+    assert m["sketch-top5-ood"] == 1.0  # only "cat" scores above the true class
+    # Epoch 1 predicts "axe" (held out): all 3 axe images of each domain right, bananas wrong.
+    m = second["metrics"]
+    assert m["sketch-lso-ood"] == pytest.approx(0.5) and m["sketch-axe-ood"] == 1.0
+    assert m["sketch-banana-ood"] == 0.0 and m["sketch-lso-id"] == 0.0
+    assert m["sketch-lso-unweighted-ood"] == pytest.approx(0.5) and m["real-lso-ood"] == pytest.approx(0.5)
+    npz = np.load(run_dir / "eval" / "outputs" / "epoch_001.npz")
+    assert npz["logits"].shape == (36, 6) and (npz["preds"] == FAKE_CLASSES.index("axe")).all()
+    assert npz["image_embeddings"].shape == (36, 64)
+    head = json.loads((run_dir / "eval" / "zeroshot_head.json").read_text())
+    assert head["model_kind"] == "supervised" and head["templates"] == []
+
+
+def test_supervised_meta_with_clip_checkpoints_is_a_clipgen_error(tmp_path, fake_data):
+    from clipgen.eval.run import run_eval
+
+    cfg, run_dir = make_fake_run(tmp_path, fake_data, epochs=1)
+    meta = json.loads((run_dir / "meta.json").read_text())
+    (run_dir / "meta.json").write_text(json.dumps({**meta, "model_kind": "supervised"}))
+    with pytest.raises(ClipgenError, match=r"epoch_000\.pt.*'clip' checkpoint.*'supervised'"):
+        run_eval(cfg)
+    (run_dir / "meta.json").write_text(json.dumps({**meta, "model_kind": "linear-probe"}))
+    with pytest.raises(ClipgenError, match=r"meta\.json.*'linear-probe'.*clip, supervised"):
+        run_eval(cfg)
+
+
+# --- ImageNet val --------------------------------------------------------------------------------------------
+def write_fake_imagenet_val(tiny_root, dest, per_wnid=2, n_wnids=3):
+    """Base-corpus images of the tiny world (already in ImageNet wnid folders), re-saved as JPEGs in the val
+    layout ``{dest}/{wnid}/*.JPEG``, plus one folder that is not a wnid."""
+    from PIL import Image
+
+    from clipgen.facts import imagenet_class_index
+
+    known = {wnid for wnid, _ in imagenet_class_index().values()}
+    nat = layout.world_dir(make_cfg(tiny_root, "debug=smoke")) / "natural" / "train"
+    wnids = sorted(p.name for p in nat.iterdir() if p.name in known)[:n_wnids]
+    for wnid in wnids:
+        (dest / wnid).mkdir(parents=True)
+        for k, src in enumerate(sorted((nat / wnid).iterdir())[:per_wnid]):
+            Image.open(src).convert("RGB").save(dest / wnid / f"ILSVRC2012_val_{k:08d}.JPEG")
+    (dest / "not_a_wnid").mkdir()
+    return dest, wnids
+
+
+def test_imagenet_val_task(tmp_path, fake_data, tiny_root):
+    from clipgen.eval.run import run_eval
+    from clipgen.eval.testsets import imagenet_val_samples
+    from clipgen.facts import imagenet_class_index
+
+    val, wnids = write_fake_imagenet_val(tiny_root, tmp_path / "val")
+    paths, labels = imagenet_val_samples(val)
+    index = {w: i for i, (w, _) in imagenet_class_index().items()}
+    assert len(paths) == 6 and sorted(set(labels.tolist())) == sorted(index[w] for w in wnids)
+
+    # domain_free (5 templates) keeps the 1000-class head cheap enough for a test.
+    _, run_dir = make_fake_run(tmp_path, fake_data, epochs=2)
+    cfg = make_cfg(tmp_path, "debug=smoke", f"eval.run_dir={run_dir}", f"eval.imagenet_val_root={val}",
+                   "eval.templates=domain_free")
+    out = run_eval(cfg)
+    assert out["evaluated"] == 4 and out["tasks"] == ["domainnet-sketch", "imagenet-val"]
+    inet = [r for r in _lines(run_dir) if r["task"] == "imagenet-val"]
+    assert [r["epoch"] for r in inet] == [0, 1]
+    for r in inet:
+        m = r["metrics"]
+        assert 0.0 <= m["imagenet-top1"] <= m["imagenet-top5"] <= 1.0 and m["imagenet-n"] == 6
+        assert r["num_images"] == 6 and r["test_domain"] is None
+    npz = np.load(run_dir / "eval" / "outputs" / "epoch_001.imagenet-val.npz")
+    assert npz["top5"].shape == (6, 5) and npz["top5"].max() < 1000 and list(npz["labels"]) == list(labels)
+    head = json.loads((run_dir / "eval" / "zeroshot_head.json").read_text())
+    assert len(head["imagenet_classes"]) == 1000 and head["imagenet_classes"][0] == "tench"
+    assert run_eval(cfg)["skipped"] == 4
+
+    with pytest.raises(ClipgenError, match="eval.imagenet_val_root=.*wnid"):
+        run_eval(make_cfg(tmp_path, "debug=smoke", f"eval.run_dir={run_dir}",
+                          f"eval.imagenet_val_root={tmp_path / 'nowhere'}"))
+    (tmp_path / "empty" / "n01440764").mkdir(parents=True)
+    with pytest.raises(ClipgenError, match="holds no images"):
+        imagenet_val_samples(tmp_path / "empty")
+
+
+# --- W&B and the training-time subset ----------------------------------------------------------------------
+def test_eval_logs_into_the_training_runs_wandb_run(tmp_path, fake_data, monkeypatch):
+    from wandb_records import read_offline_run
+
+    from clipgen.eval.run import run_eval
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    _, run_dir = make_fake_run(tmp_path, fake_data, epochs=2)
+    meta = json.loads((run_dir / "meta.json").read_text())
+    (run_dir / "meta.json").write_text(json.dumps({**meta, "wandb_id": "trainrun00000001"}))
+    cfg = make_cfg(tmp_path, "debug=smoke", f"eval.run_dir={run_dir}", "logger=wandb", "logger.mode=offline",
+                   "eval.save_outputs=false")
+    run_eval(cfg)
+    got = read_offline_run(run_dir)
+    assert got["run_ids"] == ["trainrun00000001"]
+    assert ("eval/*", "eval/epoch") in got["metrics"]
+    rows = [h for h in got["history"] if "eval/epoch" in h]
+    assert [h["eval/epoch"] for h in rows] == [0, 1]
+    # Past every training step (total_steps = 3), increasing with the epoch.
+    assert [h["_step"] for h in rows] == [meta["total_steps"] + 1, meta["total_steps"] + 2]
+    for h, rec in zip(rows, _lines(run_dir)):
+        assert h["eval/domainnet-sketch/sketch-lso-ood"] == pytest.approx(rec["metrics"]["sketch-lso-ood"])
+        assert h["eval/domainnet-sketch/sketch-n-ood"] == 6
+    run_eval(cfg)  # nothing new: W&B is not even opened
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+
+
+def test_subset_indices_are_stable_and_capped():
+    from clipgen.eval.testsets import subset_indices
+
+    ids = [f"sketch/cat/{i}.png" for i in range(30)] + [f"real/cat/{i}.png" for i in range(4)]
+    doms = ["sketch"] * 30 + ["real"] * 4
+    labels = [3] * 34
+    keep = subset_indices(ids, doms, labels, 10)
+    assert len(keep) == 10 + 4 and list(keep) == sorted(keep)
+    assert (keep >= 30).sum() == 4  # a group smaller than k is kept whole
+    order = np.random.default_rng(0).permutation(34)  # same ids in another order: same subset
+    again = subset_indices([ids[i] for i in order], [doms[i] for i in order], [labels[i] for i in order], 10)
+    assert sorted(ids[order[i]] for i in again) == sorted(ids[i] for i in keep)
+    with pytest.raises(ClipgenError, match="eval.subset_per_class=0"):
+        subset_indices(ids, doms, labels, 0)
+
+
+def test_trimmed_text_and_reused_models_match_plain_open_clip(tmp_path, fake_data):
+    """The two shortcuts of run_eval are exact: text encoded up to each batch's longest prompt, and checkpoints
+    loaded into one reused model instead of a fresh one each."""
+    from clipgen.eval.run import run_eval
+    from clipgen.eval.testsets import select_test_samples
+    from clipgen.eval.zeroshot import _trimmable, class_embeddings, decode_images, normalize_images
+    from clipgen.facts import zeroshot_templates
+    from clipgen.train.model import create_clip
+
+    long_name = "very " * 20 + "long class"  # longer than the tiny models' 16-token context: truncated
+    classes, templates = ["axe", "cat", long_name], ["a photo of a {}.", "{}", "a rendering of the big {}."]
+    for name in ("clipgen-tiny-rn", "clipgen-tiny-vit"):
+        torch.manual_seed(1)
+        model, tok = create_clip(name, 32)
+        assert _trimmable(model)
+        fast = class_embeddings(model, tok, classes, templates, batch_size=4)
+        with torch.no_grad():
+            plain = model.encode_text(tok([t.format(c) for c in classes for t in templates]), normalize=True)
+        plain = plain.view(3, 3, -1).mean(1)
+        assert torch.allclose(fast, plain / plain.norm(dim=-1, keepdim=True), atol=1e-6), name
+
+    cfg, run_dir = make_fake_run(tmp_path, fake_data, epochs=2)
+    run_eval(cfg)
+    meta = json.loads((run_dir / "meta.json").read_text())
+    samples = select_test_samples(cfg, meta, "meta.json", ["sketch"])
+    images = normalize_images(torch.from_numpy(decode_images([s.path for s in samples], 32)))
+    t = zeroshot_templates("paper86")
+    for epoch in (1,):  # loaded into the model that epoch 0 was loaded into
+        npz = np.load(run_dir / "eval" / "outputs" / f"epoch_{epoch:03d}.npz")
+        assert list(npz["sample_ids"]) == [s.sample_id for s in samples]
+        model, tok = create_clip("clipgen-tiny-rn", 32)
+        state = torch.load(run_dir / "checkpoints" / f"epoch_{epoch:03d}.pt", weights_only=True)["state_dict"]
+        model.load_state_dict(state)
+        model.eval()
+        with torch.no_grad():
+            text = model.encode_text(tok([x.format(c) for c in FAKE_CLASSES for x in t]), normalize=True)
+            text = text.view(len(FAKE_CLASSES), len(t), -1).mean(1)
+            text = text / text.norm(dim=-1, keepdim=True)
+            logits = (model.logit_scale.exp() * model.encode_image(images, normalize=True) @ text.T).numpy()
+        assert (logits.argmax(1) == npz["preds"]).all()
+        assert np.allclose(logits, npz["logits"].astype(np.float32), atol=2e-2)

@@ -104,12 +104,45 @@ def class_embeddings(model, tokenizer, classnames: Sequence[str], templates: Seq
     if tokens.shape[0] != num_c * num_t:
         raise ClipgenError(f"tokens has {tokens.shape[0]} rows: expected {num_c} classes x {num_t} templates")
     model.eval()
-    chunks = []
+    trim = _trimmable(model)
+    # Shortest prompts first, so a batch trimmed to its longest prompt wastes little on padding.
+    order = torch.argsort(tokens.argmax(dim=-1), stable=True) if trim else torch.arange(tokens.shape[0])
+    emb = None
     for start in range(0, tokens.shape[0], batch_size):
-        emb = model.encode_text(tokens[start:start + batch_size].to(device), normalize=True)
-        chunks.append(emb.float())
-    text = torch.cat(chunks).view(num_c, num_t, -1).mean(dim=1)
+        idx = order[start:start + batch_size]
+        batch = tokens[idx].to(device)
+        out = (encode_text_trimmed(model, batch) if trim else model.encode_text(batch, normalize=True)).float()
+        if emb is None:
+            emb = torch.empty(tokens.shape[0], out.shape[-1], device=out.device)
+        emb[idx.to(out.device)] = out
+    text = emb.view(num_c, num_t, -1).mean(dim=1)
     return text / text.norm(dim=-1, keepdim=True)
+
+
+def _trimmable(model) -> bool:
+    """open_clip's own ``CLIP.encode_text`` with a causal mask and end-of-text pooling (every clipgen model):
+    then the padding after a prompt's end token cannot change its embedding."""
+    from open_clip.model import CLIP
+
+    return (type(model).encode_text is CLIP.encode_text and getattr(model, "text_pool_type", None) == "argmax"
+            and getattr(model, "attn_mask", None) is not None)
+
+
+def encode_text_trimmed(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Normalised ``model.encode_text(tokens)`` computed on the first L positions only, L = the batch's longest
+    prompt (its end-of-text token, the largest id, + 1). Exact for :func:`_trimmable` models: the causal mask
+    keeps later (padding) positions out of earlier ones, and pooling reads the end-of-text position. CLIP's
+    context is 77 tokens and a prompt is ~10-20, so this does a fraction of the text tower's work."""
+    length = int(tokens.argmax(dim=-1).max()) + 1
+    tokens = tokens[:, :length]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
+    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+    proj = model.text_projection
+    if proj is not None:
+        x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+    return torch.nn.functional.normalize(x, dim=-1)
 
 
 # --- image side ----------------------------------------------------------------------------------------------
