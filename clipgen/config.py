@@ -38,11 +38,23 @@ class WorldConfig:
 class DataConfig:
     source: str = "world"  # where DomainNet-layout images come from: world | domainnet
     domainnet_root: Optional[str] = None  # real DomainNet directory ({domain}/{class}/..., {domain}_{split}.txt)
-    base: str = "world"  # base corpus: world (the world's natural corpus) | imagenet_captions | none
+    base: str = "world"  # base corpus: world (the world's natural corpus) | imagenet_captions | cc | none
     imagenet_captions_json: Optional[str] = None  # imagenet_captions.json when base=imagenet_captions
     imagenet_train_root: Optional[str] = None  # ImageNet train folder ({wnid}/{file}) when base=imagenet_captions
+    # base=cc: img2dataset webdataset shards of CC3M/CC12M ({key}.jpg + {key}.txt): a brace pattern or glob of
+    # plain .tar paths, several joined by '::' (e.g. /data/cc3m/{00000..00331}.tar)
+    cc_shards: Optional[str] = None
+    use_imagenet_sketch: bool = False  # add ImageNet-Sketch's DomainNet-class sketches to the sketch candidates
+    imagenet_sketch_root: Optional[str] = None  # ImageNet-Sketch folder ({wnid}/{file}) when use_imagenet_sketch
+    # source=domainnet: a class present in some domains' split files but absent from another is an error unless
+    # this is true (real DomainNet has every class in every domain)
+    allow_missing_classes: bool = False
     val_fraction: float = 0.05  # share of each domain x class train list carved out as validation
     val_seed: int = 0  # the carve-out is a stable hash of (val_seed, sample id)
+    # Training loader (clipgen.train.data): shards are decoded into memory once, one shard per task.
+    workers: int = 2  # processes decoding shards at load time (0 or 1 = in-process); any count gives the same data
+    on_bad_sample: str = "error"  # error: stop, naming the shard and key | skip: leave out, count in meta.json
+    max_memory_gb: float = 16.0  # refuse to decode more than this (N x 3 x px x px bytes) into memory
 
 
 @dataclass
@@ -106,6 +118,12 @@ class EvalConfig:
     batch_size: int = 512  # images per forward pass
     run_dir: Optional[str] = None  # evaluate this run directory instead of the one the config names
     save_outputs: bool = True  # keep predictions, logits and embeddings per checkpoint
+    # ImageNet val as {root}/{wnid}/*.JPEG: adds the task imagenet-val (1000-way top-1/top-5) for CLIP runs.
+    imagenet_val_root: Optional[str] = None
+    # Cheap zero-shot evaluation at every epoch end inside the trainer, logged to its W&B run as
+    # eval/<task>-subset/<metric>; writes nothing to results.jsonl (clipgen-eval stays the source of truth).
+    during_training: bool = False
+    subset_per_class: int = 10  # during_training: at most this many test images per class and domain
 
 
 @dataclass

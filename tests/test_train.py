@@ -249,3 +249,66 @@ def test_optimizer_groups_and_schedule():
     assert lr_at(10, 1.0, 10, 100) == pytest.approx(1.0) and lr_at(100, 1.0, 10, 100) == pytest.approx(0.0)
     assert math.log(1 / 0.07) == pytest.approx(model.logit_scale.item())
     assert ckpt.epoch_path("r", 3).name == "epoch_003.pt"
+
+
+def test_eval_during_training_leaves_training_bitwise_equal(full_run, tiny_root):
+    """eval.during_training=true with W&B offline, interrupted by max_steps after the first epoch's subset
+    evaluation and resumed: the same weights and loss as the plain uninterrupted run, ``eval/*-subset`` keys in the
+    training run's W&B run, and nothing in eval/results.jsonl."""
+    from wandb_records import read_offline_run
+
+    cfg_full, out_full = full_run
+    full_dir = Path(out_full["run_dir"])
+    spe = json.loads((full_dir / "meta.json").read_text())["steps_per_epoch"]
+    over = (*SMOKE, "run_name=test-train-subset-eval", "eval.during_training=true", "eval.subset_per_class=3",
+            "logger=wandb", "logger.mode=offline")
+    first = run_train(make_cfg(tiny_root, *over, f"trainer.max_steps={spe + 1}"))
+    assert first["status"] == "running" and first["steps"] == spe + 1
+    last = run_train(make_cfg(tiny_root, *over))
+    assert last["status"] == "finished" and last["final_loss"] == out_full["final_loss"]
+    run_dir = Path(last["run_dir"])
+    for name in ("latest.pt", *(f"checkpoints/epoch_{e:03d}.pt" for e in range(cfg_full.trainer.epochs + 1))):
+        a = torch.load(full_dir / name, weights_only=True)["state_dict"]
+        b = torch.load(run_dir / name, weights_only=True)["state_dict"]
+        assert _same(a, b), name
+    assert not (run_dir / "eval").exists()
+
+    got = read_offline_run(run_dir)
+    assert set(got["run_ids"]) == {stable_run_id(run_dir)} and ("eval/*", "eval/epoch") in got["metrics"]
+    rows = [h for h in got["history"] if "eval/epoch" in h]
+    assert [h["eval/epoch"] for h in rows] == list(range(1, cfg_full.trainer.epochs + 1))
+    assert [h["_step"] for h in rows] == [spe * e for e in range(1, cfg_full.trainer.epochs + 1)]
+    d = cfg_full.recipe.test_domain
+    for h in rows:
+        assert 0.0 <= h[f"eval/domainnet-{d}-subset/{d}-lso-ood"] <= 1.0
+        assert 0 < h[f"eval/domainnet-{d}-subset/{d}-n-ood"] <= 3 * len(cfg_full.heldout.classes)
+
+
+def test_subset_evaluator_leaves_rng_mode_and_weights_alone(full_run):
+    import random
+
+    import numpy as np
+
+    from clipgen.eval.during_training import SubsetEvaluator
+
+    cfg, out = full_run
+    meta = json.loads((Path(out["run_dir"]) / "meta.json").read_text())
+    manifest = json.loads((Path(meta["recipe_dir"]) / "manifest.json").read_text())
+    torch.manual_seed(3)
+    model, tok = create_clip("clipgen-tiny-rn", 32)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng, np_rng, py_rng = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    ev = SubsetEvaluator(make_cfg(cfg.paths.root, *SMOKE, "eval.subset_per_class=2"), manifest, tok, 32)
+    by_task = ev(model, epoch=1, step=0)
+    d = manifest["test_domain"]
+    m = by_task[f"domainnet-{d}"]
+    assert m[f"{d}-n-ood"] + m[f"{d}-n-id"] <= 2 * len(manifest["classes"])
+    assert model.training and _same(model.state_dict(), before)  # BatchNorm statistics untouched
+    assert torch.equal(torch.get_rng_state(), rng) and random.getstate() == py_rng
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), np_rng))
+    again = ev(model, epoch=2, step=0)  # same weights, same fixed subset: same numbers
+    assert again.keys() == by_task.keys()
+    assert all(again[t] == pytest.approx(by_task[t], nan_ok=True) for t in by_task)
+    with pytest.raises(ClipgenError, match="eval.subset_per_class=0"):
+        SubsetEvaluator(make_cfg(cfg.paths.root, *SMOKE, "eval.subset_per_class=0"), manifest, tok, 32)

@@ -1,4 +1,4 @@
-"""Epoch checkpoints and ``latest.pt`` (docs/formats.md): every write atomic, every read ``weights_only=True``.
+"""Epoch checkpoints and ``latest.pt`` (clipgen/FORMATS.md): every write atomic, every read ``weights_only=True``.
 
 An epoch checkpoint is what open_clip itself loads: ``{"state_dict": <open_clip key names, no "module.">,
 "model_name", "model_cfg", ...}``, so ``open_clip.create_model_and_transforms(name, pretrained=path)`` works

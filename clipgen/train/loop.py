@@ -1,7 +1,7 @@
 """The CLIP training loop: one readable function in the spirit of nanoGPT, resumable bit for bit.
 
 ``run_train(cfg)`` builds (or finds) the recipe, trains an open_clip model from scratch on recipe + base corpus
-and writes the run directory of docs/formats.md. A finished run is a no-op. An unfinished one resumes from
+and writes the run directory of clipgen/FORMATS.md. A finished run is a no-op. An unfinished one resumes from
 ``latest.pt`` by default: model, optimizer, scaler, RNG and loader position are restored, and because the data
 order and augmentation depend only on (seed, epoch, batch index) (see clipgen.train.data), an interrupted and
 resumed fp32 CPU run ends with the same weights, bit for bit, as an uninterrupted one.
@@ -29,7 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 from clipgen import layout
 from clipgen.errors import ClipgenError
 from clipgen.train import checkpoint as ckpt
-from clipgen.train.data import EpochLoader, load_train_data
+from clipgen.train.data import EpochLoader, bad_samples_report, check_data_config, load_train_data
+from clipgen.eval.during_training import subset_evaluator
 from clipgen.train.logger import check_logger_config, make_logger
 from clipgen.train.model import create_clip, model_config
 from clipgen.utils import atomic_write_json, atomic_write_text, git_sha, read_json, sha256_file
@@ -141,6 +142,7 @@ def run_train(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.trainer.device)
     autocast(cfg.trainer.precision, device)
     check_logger_config(cfg)
+    check_data_config(cfg.data)
     mcfg = model_config(cfg.model.name)
     if cfg.recipe.dry_run:
         raise ClipgenError("recipe.dry_run=true builds nothing to train on: expected recipe.dry_run=false for training")
@@ -180,7 +182,11 @@ def _train(cfg, device, mcfg, recipe_dir, manifest, manifest_sha, name, run_dir,
     torch.manual_seed(int(tc.seed))
     model, tokenizer = create_clip(cfg.model.name, cfg.model.image_px)
     model.to(device)
-    data = load_train_data(recipe_dir, tokenizer, int(cfg.model.image_px), manifest)
+    data = load_train_data(recipe_dir, tokenizer, int(cfg.model.image_px), manifest, workers=int(cfg.data.workers),
+                           on_bad_sample=str(cfg.data.on_bad_sample), max_memory_gb=float(cfg.data.max_memory_gb))
+    if data.bad_samples:
+        log.warning("skipped %d bad samples (data.on_bad_sample=skip), first: %s", data.num_skipped,
+                    data.bad_samples[0])
     loader = EpochLoader(data, int(tc.batch_size), int(tc.seed), int(cfg.model.image_px), device)
     spe, epochs = loader.steps_per_epoch, int(tc.epochs)
     total = epochs * spe
@@ -198,6 +204,9 @@ def _train(cfg, device, mcfg, recipe_dir, manifest, manifest_sha, name, run_dir,
         if latest.get("train_spec", spec) != spec or latest.get("manifest_sha256", manifest_sha) != manifest_sha:
             raise ClipgenError(f"{str(ckpt.latest_path(run_dir))!r} belongs to a run with other settings or data: "
                                "pick another run_name=... or paths.root=...")
+        if latest.get("num_samples", len(data)) != len(data):  # e.g. another number of bad samples skipped now
+            raise ClipgenError(f"{str(ckpt.latest_path(run_dir))!r} was saved with {latest['num_samples']} training "
+                               f"samples, the recipe now gives {len(data)}: expected the same samples to resume")
         ckpt.unwrap(model).load_state_dict(latest["state_dict"])
         optimizer.load_state_dict(latest["optimizer"])
         if scaler is not None and latest.get("scaler"):
@@ -214,6 +223,7 @@ def _train(cfg, device, mcfg, recipe_dir, manifest, manifest_sha, name, run_dir,
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         ckpt.save_epoch(run_dir, ckpt.epoch_payload(model, epoch=0, step=0, samples_seen=0, **common))
 
+    subset_eval = subset_evaluator(cfg, manifest, tokenizer)  # eval.during_training; None when off
     sha = git_sha()
     logger = make_logger(cfg, run_dir, name, run_id=wandb_id,
                          extra_config={"manifest_sha256": manifest_sha, "git_sha": sha, "recipe_dir": str(recipe_dir)})
@@ -229,13 +239,15 @@ def _train(cfg, device, mcfg, recipe_dir, manifest, manifest_sha, name, run_dir,
             "samples_per_epoch": loader.samples_per_epoch, "total_steps": total, "status": status, "step": step,
             "samples_seen": samples_seen, "git_sha": sha, "wandb_id": logger.id,
             "train_seconds": prior_seconds + time.time() - t_seg, "final_loss": last_loss, "train_spec": spec,
-            "num_samples": {"recipe": data.num_recipe, "base": data.num_base}})
+            "num_samples": {"recipe": data.num_recipe, "base": data.num_base},
+            "bad_samples": bad_samples_report(data)})
 
     def save_latest(position: dict) -> None:
         payload = ckpt.epoch_payload(model, epoch=position["epoch"], step=step, samples_seen=samples_seen, **common)
         ckpt.save_latest(run_dir, payload, optimizer=optimizer, scaler=scaler, position=position, extra={
             "wandb_id": logger.id, "train_seconds": prior_seconds + time.time() - t_seg, "last_loss": last_loss,
-            "train_spec": spec, "manifest_sha256": manifest_sha, "steps_per_epoch": spe, "total_steps": total})
+            "train_spec": spec, "manifest_sha256": manifest_sha, "steps_per_epoch": spe, "total_steps": total,
+            "num_samples": len(data)})
         write_meta("running")
 
     log.info("training %s: %d samples (recipe %d + base %d), %d epochs x %d steps of %d, device %s, %s",
@@ -307,6 +319,8 @@ def _train(cfg, device, mcfg, recipe_dir, manifest, manifest_sha, name, run_dir,
                 ckpt.save_epoch(run_dir, ckpt.epoch_payload(model, epoch=e + 1, step=step, samples_seen=samples_seen,
                                                             **common))
                 save_latest({"epoch": e + 1, "batch": 0})
+                if subset_eval is not None:  # after the saves; leaves RNG, weights and train mode as they were
+                    subset_eval(model, epoch=e + 1, step=step, logger=logger)
 
             if stopped is None:
                 write_meta("finished")
