@@ -359,3 +359,28 @@ def test_unknown_heldout_class_leaves_nothing(tiny_root, tmp_path):
         build_recipe(make_cfg(root, "debug=smoke", "heldout.classes=[axe,unicorn]"))
     assert_no_partial(root)
     assert not (root / "recipes").exists() or not any((root / "recipes").iterdir())
+
+
+def test_manifest_counts_equal_shard_contents(tiny_root):
+    """What manifest.json and sizes.json claim is what the tars hold, read back sample by sample."""
+    import tarfile
+
+    from clipgen.recipes.build import ensure_recipe
+
+    recipe = ensure_recipe(make_cfg(tiny_root, "debug=smoke", "recipe=cg_high"))
+    manifest = json.loads((recipe / "manifest.json").read_text())
+    sizes = json.loads((recipe / "sizes.json").read_text())
+    counts: dict = {}
+    per_shard = {}
+    for name in sizes:
+        with tarfile.open(recipe / name) as tar:
+            metas = [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
+            names = {m.name.rsplit(".", 1)[0] for m in tar.getmembers()}
+        per_shard[name] = len(metas)
+        assert len(names) == len(metas)  # every key has its json (and png/txt share the key)
+        for m in metas:
+            counts.setdefault(m["domain"], {}).setdefault(m["class_name"], 0)
+            counts[m["domain"]][m["class_name"]] += 1
+            assert m["split"] == "train"
+    assert per_shard == sizes == manifest["shards"]
+    assert counts == manifest["counts"] and sum(sizes.values()) == manifest["num_samples"]
