@@ -31,3 +31,15 @@ def tiny_root(tmp_path_factory):
 
     generate_world(make_cfg(root, "debug=smoke"))
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The tiny model's ops are too small to gain from a second thread, and on a shared 2-core machine OpenMP's
+    spin-waiting makes them ~10x slower under load; the setting is restored for other modules."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -23,16 +23,7 @@ FAKE_CLASSES = sorted(["axe", "banana", "bicycle", "cat", "dog", "house"], key=d
 FAKE_HELDOUT = ["axe", "banana"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The tiny model's ops are too small to gain from a second thread, and on a shared 2-core machine OpenMP's
-    spin-waiting makes them ~10x slower under load; restore the setting for other modules."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- fake data and runs (also used by test_report.py) --------------------------------------------------------

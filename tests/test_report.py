@@ -23,16 +23,7 @@ except ImportError:  # tests/ imported as a package
 CHROMIUM = next((c for c in ("/usr/bin/chromium", "chromium", "chromium-browser") if shutil.which(c)), None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The tiny model's ops are too small to gain from a second thread, and on a shared 2-core machine OpenMP's
-    spin-waiting makes them ~10x slower under load; restore the setting for other modules."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write_synthetic_run(root, name, kind, recipe_id, seed, value, manifest_domains, allow_p=None):
