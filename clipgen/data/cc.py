@@ -23,6 +23,7 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
+from clipgen.data import ustar
 from clipgen.data.index import Sample
 from clipgen.errors import ClipgenError
 from clipgen.facts import BASE_DOMAIN
@@ -78,39 +79,19 @@ def expand_shards(pattern: str, key: str = "data.cc_shards") -> list[Path]:
 
 
 def _members_fast(tar: Path) -> list[tuple[str, int, int]] | None:
-    """(name, data offset, size) of every regular member, from the 512-byte ustar headers alone, seeking past the
-    data (several times faster than tarfile); None where a header needs tarfile (pax or GNU long names, base-256
-    sizes, other formats, a bad checksum)."""
-    out = []
+    """(name, data offset, size) of every regular member from the ustar headers alone, seeking past the data
+    (several times faster than tarfile); None where a header needs tarfile (see clipgen.data.ustar)."""
     with open(tar, "rb") as f:
-        end = os.fstat(f.fileno()).st_size
-        pos = 0
-        while True:
+        def read_block(pos: int) -> bytes:
             f.seek(pos)
-            h = f.read(512)
-            if len(h) < 512 or h == bytes(512):
-                return out
-            try:
-                if int(h[148:156].strip(b"\0 ") or b"0", 8) != sum(h[:148]) + 256 + sum(h[156:]):
-                    return None
-                kind, raw, ustar = h[156:157], h[124:136], h[257:263] == b"ustar\0"
-                if h[257:262] != b"ustar" or raw[:1] in (b"\x80", b"\xff"):
-                    return None
-                size = int(raw.strip(b"\0 ") or b"0", 8)
-            except ValueError:
-                return None
-            if kind in (b"0", b"\0"):
-                name = h[0:100].split(b"\0", 1)[0]
-                prefix = h[345:500].split(b"\0", 1)[0] if ustar else b""
-                if prefix:
-                    name = prefix + b"/" + name
-                if pos + 512 + size > end:
-                    raise ClipgenError(f"shard {str(tar)!r} is truncated inside member {name.decode()!r}: "
-                                       "expected a complete tar")
-                out.append((name.decode("utf-8", errors="surrogateescape"), pos + 512, size))
-            elif kind not in (b"1", b"2", b"3", b"4", b"5", b"6"):  # links, devices, dirs carry no data
-                return None
-            pos += 512 + (size + 511) // 512 * 512
+            return f.read(ustar.BLOCK)
+
+        try:
+            scanned = ustar.scan(read_block, os.fstat(f.fileno()).st_size)
+        except ustar.TruncatedMember as e:
+            raise ClipgenError(f"shard {str(tar)!r} is truncated inside member {e.name!r}: "
+                               "expected a complete tar") from None
+    return None if scanned is None else scanned[0]
 
 
 def tar_members(tar: Path) -> list[tuple[str, int, int]]:

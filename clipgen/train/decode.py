@@ -23,14 +23,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from clipgen.data import ustar
 from clipgen.errors import ClipgenError
 from clipgen.utils import process_pool
 
 META_FIELDS = ("sample_id", "domain", "class_name", "split", "source")
 IMAGE_EXTS = ("png", "jpg", "jpeg")
 BAD_SAMPLE_POLICIES = ("error", "skip")
-_ZERO_BLOCK = bytes(512)
-_KINDS = (b"0", b"\0", b"1", b"2", b"3", b"4", b"5", b"6")  # regular files, links, devices, dirs, fifos
 
 
 @dataclass
@@ -63,29 +62,16 @@ def _init(tokenizer, image_px: int, guard: dict, policy: str) -> None:
 
 
 def _ustar_members(buf: bytes) -> list[tuple[str, bytes]] | None:
-    """(name, bytes) of every regular file of a plain, intact ustar tar, parsed directly (tarfile spends more
-    time on headers than PIL on a small PNG). None at anything else (pax or GNU extension headers, a bad
-    checksum, a truncated member, no end-of-archive block): the caller then reads the shard with tarfile."""
-    out, pos, n = [], 0, len(buf)
-    while pos + 512 <= n:
-        hdr = buf[pos:pos + 512]
-        if hdr == _ZERO_BLOCK:
-            return out
-        try:
-            size, checksum = int(hdr[124:136].strip(b"\0 ") or b"0", 8), int(hdr[148:156].strip(b"\0 "), 8)
-        except ValueError:
-            return None
-        kind = hdr[156:157]
-        if hdr[257:262] != b"ustar" or checksum != 256 + sum(hdr[:148]) + sum(hdr[156:]) or kind not in _KINDS:
-            return None
-        start = pos + 512
-        if start + size > n:
-            return None
-        if kind in (b"0", b"\0"):
-            name, prefix = hdr[:100].split(b"\0", 1)[0], hdr[345:500].split(b"\0", 1)[0]
-            out.append(((prefix + b"/" + name if prefix else name).decode("utf-8", "replace"), buf[start:start + size]))
-        pos = start + (size + 511) // 512 * 512
-    return None
+    """(name, bytes) of every regular file of a plain, intact ustar tar. None at anything else (see
+    clipgen.data.ustar, a truncated member, no end-of-archive block): the caller then reads the shard with
+    tarfile, whose errors name what is wrong."""
+    try:
+        scanned = ustar.scan(lambda pos: buf[pos:pos + ustar.BLOCK], len(buf))
+    except ustar.TruncatedMember:
+        return None
+    if scanned is None or not scanned[1]:
+        return None
+    return [(name, buf[offset:offset + size]) for name, offset, size in scanned[0]]
 
 
 def _group(members) -> tuple[list[tuple[str, dict[str, bytes]]], tuple[str | None, str] | None]:
