@@ -52,17 +52,12 @@ def load_checkpoint(path: Path, meta: dict, image_px: int, kind: str = "clip", r
     ``reuse`` (a dict the caller keeps across checkpoints) holds one built model and tokenizer per model name:
     later checkpoints of the same architecture are loaded into it (``load_state_dict`` overwrites every parameter
     and buffer) instead of building, randomly initialising and discarding a model and a tokenizer each time."""
-    import torch
+    from clipgen.train.checkpoint import load
 
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt or truncated files surface as several different torch/pickle errors
-        raise ClipgenError(f"checkpoint {str(path)!r} cannot be loaded ({type(e).__name__}): expected a file "
-                           "written by clipgen-train (torch.load weights_only=True)") from None
-    for key in ("state_dict", "model_name"):
-        if not isinstance(ckpt, dict) or key not in ckpt:
-            raise ClipgenError(f"checkpoint {str(path)!r} has no {key!r}: expected the keys state_dict, "
-                               "model_name, model_cfg, epoch, step, samples_seen (clipgen/FORMATS.md)")
+    ckpt = load(path)  # torch.load(weights_only=True); one-line errors for missing, corrupt, no state_dict
+    if "model_name" not in ckpt:
+        raise ClipgenError(f"checkpoint {str(path)!r} has no 'model_name': expected the keys state_dict, "
+                           "model_name, model_cfg, epoch, step, samples_seen (clipgen/FORMATS.md)")
     name = ckpt["model_name"]
     if meta.get("model_name") and name != meta["model_name"]:
         raise ClipgenError(f"checkpoint {str(path)!r} has model_name {name!r}: expected the run's model "
