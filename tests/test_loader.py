@@ -188,7 +188,7 @@ def test_bad_samples_reach_the_run_meta(tiny_root, tmp_path):
 def test_memory_guard(tiny_recipe, tokenizer):
     rdir, manifest = tiny_recipe
     need = _total(manifest) * 3 * 32 * 32
-    with pytest.raises(ClipgenError, match=rf"in-memory loader.*worlds and small px") as err:
+    with pytest.raises(ClipgenError, match=r"in-memory loader.*worlds and small px") as err:
         load_train_data(rdir, tokenizer, 32, max_memory_gb=need / 2e9)
     assert f"{_total(manifest)} samples x 3 x 32 x 32" in str(err.value)
     assert len(load_train_data(rdir, tokenizer, 32, max_memory_gb=need * 1.01 / 1e9)) == _total(manifest)

@@ -12,7 +12,7 @@ from clipgen.data.index import Sample
 from clipgen.errors import ClipgenError
 from clipgen.facts import DOMAINS
 from clipgen.recipes.captions import make_caption
-from clipgen.recipes.naming import RecipeSpec, recipe_spec
+from clipgen.recipes.naming import recipe_spec
 from clipgen.recipes.plan import TRIM_ORDER, check_no_leak, plan_recipe, quotas
 from omegaconf import OmegaConf
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from conftest import make_cfg
 from clipgen.recipes.build import ensure_recipe
