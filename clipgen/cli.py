@@ -55,6 +55,16 @@ def _eval(cfg):
     return run_eval(cfg)
 
 
+def _analyze(cfg):
+    from clipgen.analyze.run import run_analyze
+    return run_analyze(cfg)
+
+
+def _diff(cfg):
+    from clipgen.diff.run import run_diff
+    return run_diff(cfg)
+
+
 def _report(cfg):
     from clipgen.report.build import run_report
     return run_report(cfg)
@@ -69,5 +79,7 @@ world_main = _app(_world)
 recipe_main = _app(_recipe)
 train_main = _app(_train)
 eval_main = _app(_eval)
+analyze_main = _app(_analyze)
+diff_main = _app(_diff)
 report_main = _app(_report)
 study_main = _app(_study)

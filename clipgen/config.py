@@ -127,6 +127,23 @@ class EvalConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    # clipgen-analyze (clipgen.analyze): which analyses to run over which runs' checkpoints.
+    run_dirs: List[str] = field(default_factory=list)  # run directories; empty = every run under paths.root/runs
+    analyses: List[str] = field(default_factory=lambda: ["sae", "geometry", "cka", "circuits"])
+    epoch: int = -1  # checkpoint to analyse (-1 = the run's last evaluated epoch)
+    seed: int = 0  # every random choice of the analyses (SAE init and batches, UMAP, subsamples)
+
+
+@dataclass
+class DiffConfig:
+    # clipgen-diff (clipgen.diff): explain how run B behaves differently from run A (SPEC §8).
+    epoch: int = -1  # checkpoint whose evaluation outputs are compared (-1 = last epoch both runs evaluated)
+    alpha: float = 0.01  # acceptance margin: predicted side's share must exceed the other's by this much
+    seed: int = 0  # discovery/verification split and every other random choice
+
+
+@dataclass
 class LoggerConfig:
     backend: str = "wandb"  # wandb | none
     mode: str = "offline"  # offline (default, no key needed) | online | disabled
@@ -158,6 +175,11 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    diff: DiffConfig = field(default_factory=DiffConfig)
+    run_a: Optional[str] = None  # clipgen-diff: run A (a run directory, or a run name under paths.root/runs)
+    run_b: Optional[str] = None  # clipgen-diff: run B
+    null_run: Optional[str] = None  # clipgen-diff: another seed of A's configuration (false-discovery control)
     run_name: Optional[str] = None  # run directory name; default derived from recipe id, model and seed
 
 

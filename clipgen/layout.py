@@ -4,6 +4,8 @@
     {root}/recipes/base-{hash}/       the base corpus, sharded once and referenced by every recipe
     {root}/recipes/{recipe_id}-{hash}/ one recipe's shards, sizes.json, manifest.json
     {root}/runs/{run_name}/           config.yaml, meta.json, checkpoints/, latest.pt, eval/
+    {root}/runs/{run_name}/analysis/  clipgen-analyze's JSON results, figures and activation caches
+    {root}/diffs/{run_a}__vs__{run_b}/ clipgen-diff's summary.md, hypotheses.jsonl, plots
     {root}/report/                    index.html, summary.csv, figures
 """
 from __future__ import annotations
@@ -38,6 +40,14 @@ def runs_root(cfg: DictConfig) -> Path:
 
 def recipes_root(cfg: DictConfig) -> Path:
     return root(cfg) / "recipes"
+
+
+def diffs_root(cfg: DictConfig) -> Path:
+    return root(cfg) / "diffs"
+
+
+def analysis_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "analysis"
 
 
 def report_dir(cfg: DictConfig) -> Path:
