@@ -49,12 +49,16 @@ class DataConfig:
     # source=domainnet: a class present in some domains' split files but absent from another is an error unless
     # this is true (real DomainNet has every class in every domain)
     allow_missing_classes: bool = False
+    index_cache: bool = True  # keep source indexes under paths.root/cache, re-read when an input file changes
     val_fraction: float = 0.05  # share of each domain x class train list carved out as validation
     val_seed: int = 0  # the carve-out is a stable hash of (val_seed, sample id)
-    # Training loader (clipgen.train.data): shards are decoded into memory once, one shard per task.
-    workers: int = 2  # processes decoding shards at load time (0 or 1 = in-process); any count gives the same data
+    # Training loader: memory (clipgen.train.data: every image decoded into memory once) | stream
+    # (clipgen.train.stream: images read from the shards batch by batch in DataLoader workers; same batches) |
+    # auto (memory while the decoded images, N x 3 x px x px bytes, fit max_memory_gb, else stream)
+    loader: str = "auto"
+    workers: int = 2  # processes checking/decoding shards and (stream) assembling batches; any count, same data
     on_bad_sample: str = "error"  # error: stop, naming the shard and key | skip: leave out, count in meta.json
-    max_memory_gb: float = 16.0  # refuse to decode more than this (N x 3 x px x px bytes) into memory
+    max_memory_gb: float = 16.0  # the most decoded image bytes the memory loader may hold
 
 
 @dataclass

@@ -107,12 +107,19 @@ def test_fast_tar_reader_matches_tarfile(tiny_recipe, tmp_path):
     assert fast == decode._group(decode._tarfile_members(str(shard))) and fast[1] is None  # ... with tarfile's result
     pax = tmp_path / "pax.tar"  # a name over 100 characters needs a pax header: read by tarfile instead
     with tarfile.open(pax, "w", format=tarfile.PAX_FORMAT) as tf:
-        for key, parts in fast[0][:2]:
+        for key, parts, _ in fast[0][:2]:
             for ext, data in parts.items():
                 info = tarfile.TarInfo(f"{'d' * 120}/{key}.{ext}")
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
-    assert decode._ustar_members(pax.read_bytes()) is None and decode.read_shard(str(pax)) == (fast[0][:2], None)
+    slow, failure = decode.read_shard(str(pax))
+    assert decode._ustar_members(pax.read_bytes()) is None and failure is None
+    assert [(k, p) for k, p, _ in slow] == [(k, p) for k, p, _ in fast[0][:2]]
+    for key, parts, where in fast[0]:  # the offsets say where each member's bytes are in the tar
+        with open(shard, "rb") as f:
+            for ext, data in parts.items():
+                f.seek(where[ext])
+                assert f.read(len(data)) == data
 
 
 def test_corrupt_image_and_missing_parts(recipe_copy, tokenizer):
@@ -234,3 +241,69 @@ def test_sample_level_mixing_and_exact_mid_epoch_resume(tiny_recipe, tiny_data, 
     rank1 = run(EpochLoader(tiny_data, 32, 0, 32, rank=1, world_size=2), 1, 2)
     assert all(torch.equal(r[2], f[2][16:]) and torch.equal(r[3], f[3][16:])
                for r, f in zip(rank1, [b for b in full if b[0] == 1][2:]))
+
+
+# --- streaming loader (clipgen.train.stream): the same batches, read from the shards as they are needed ---
+
+def _batches(loader, epochs=((0, 0), (1, 0))):
+    return [(b.epoch, b.index, b.indices, b.images, b.tokens) for e, start in epochs for b in loader.batches(e, start)]
+
+
+def _equal(xs, ys) -> bool:
+    return len(xs) == len(ys) and all(x[:2] == y[:2] and all(torch.equal(a, b) for a, b in zip(x[2:], y[2:]))
+                                      for x, y in zip(xs, ys))
+
+
+def test_stream_loader_gives_the_in_memory_batches(tiny_recipe, tiny_data, tokenizer):
+    from clipgen.train.stream import StreamLoader, load_stream_data
+
+    stream = load_stream_data(tiny_recipe[0], 32, workers=2)
+    assert (len(stream), stream.num_recipe, stream.num_base) == (len(tiny_data), tiny_data.num_recipe,
+                                                                 tiny_data.num_base)
+    assert stream.meta == tiny_data.meta and stream.bad_samples == []
+    want = _batches(EpochLoader(tiny_data, 32, seed=5, image_px=32))
+    for workers in (0, 2):  # DataLoader workers or in-process: the data are identical, bit for bit
+        assert _equal(_batches(StreamLoader(stream, 32, 5, 32, tokenizer, workers=workers)), want)
+    # exact mid-epoch resume and disjoint rank shares, as the in-memory loader
+    k = 3
+    tail = _batches(StreamLoader(stream, 32, 5, 32, tokenizer, workers=2), ((0, k), (1, 0)))
+    assert _equal(tail, want[k:])
+    rank1 = _batches(StreamLoader(stream, 32, 5, 32, tokenizer, rank=1, world_size=2, workers=2))
+    mem1 = _batches(EpochLoader(tiny_data, 32, 5, 32, rank=1, world_size=2))
+    assert _equal(rank1, mem1) and all(torch.equal(r[2], w[2][16:]) for r, w in zip(rank1, want))
+
+
+def test_stream_loader_bad_samples_and_changed_shards(recipe_copy, tokenizer):
+    from clipgen.train.stream import StreamLoader, load_stream_data
+
+    rdir, base_dir, manifest = recipe_copy
+    shards = [rdir / name for name in sorted(manifest["shards"])]
+    bad_png = _keys(shards[1])[2]
+    _rewrite(shards[1], lambda n, d: b"\x89PNG not really" if n == f"{bad_png}.png" else d)
+    with pytest.raises(ClipgenError, match=rf"shard-00001\.tar.*'{bad_png}'.*cannot be decoded"):
+        load_stream_data(rdir, 32, workers=2)
+    stream = load_stream_data(rdir, 32, workers=2, on_bad_sample="skip")
+    memory = load_train_data(rdir, tokenizer, 32, workers=0, on_bad_sample="skip")
+    assert stream.bad_samples == memory.bad_samples and stream.meta == memory.meta
+    assert _equal(_batches(StreamLoader(stream, 32, 0, 32, tokenizer, workers=0), ((0, 0),)),
+                  _batches(EpochLoader(memory, 32, 0, 32), ((0, 0),)))
+    # A shard overwritten after the check: the batch that reads it fails naming the shard and the sample.
+    raw = shards[0].read_bytes()
+    shards[0].write_bytes(raw[:4096])
+    with pytest.raises(ClipgenError, match=r"shard-00000\.tar.*changed while training"):
+        _batches(StreamLoader(stream, 32, 0, 32, tokenizer, workers=2), ((0, 0),))
+
+
+def test_auto_loader_streams_what_does_not_fit(tiny_recipe, tiny_root):
+    from clipgen.train.stream import choose_loader
+
+    rdir, manifest = tiny_recipe
+    need = _total(manifest) * 3 * 32 * 32 / 1e9
+    data_cfg = make_cfg(tiny_root, *SMOKE).data
+    assert data_cfg.loader == "auto"
+    for max_gb, kind in ((need * 1.01, "memory"), (need / 2, "stream")):
+        data_cfg.max_memory_gb = max_gb
+        assert choose_loader(data_cfg, rdir, manifest, 32) == kind
+    data_cfg.loader = "disk"
+    with pytest.raises(ClipgenError, match="data.loader 'disk'.*auto, memory, stream"):
+        choose_loader(data_cfg, rdir, manifest, 32)

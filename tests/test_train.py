@@ -8,7 +8,9 @@ import math
 import os
 import shutil
 import signal
+import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -194,7 +196,35 @@ def test_leak_guard_rejects_test_split_and_heldout_classes(recipe_copy):
         load_train_data(rdir, tok, 64, {**manifest, "kind": "cg_high_pseudo"})
 
 
+def test_killed_streaming_run_resumes_bitwise(full_run, tiny_root, tmp_path):
+    """kill -9 (no chance to save) of a run on the streaming loader with 2 DataLoader workers, at whatever step
+    it has reached after its first latest.pt; the restarted run redoes the lost steps and ends with exactly the
+    weights of the uninterrupted in-memory run."""
+    cfg_full, out_full = full_run
+    shutil.copytree(Path(tiny_root) / "world", tmp_path / "world")
+    over = [*SMOKE, "run_name=test-train-killed", "data.loader=stream", "data.workers=2",
+            "trainer.save_every_steps=3"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(["clipgen-train", f"paths.root={tmp_path}", *over], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    latest = tmp_path / "runs" / "test-train-killed" / "latest.pt"
+    deadline = time.time() + 120
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its loader workers, mid-step
+    proc.wait()
+    assert latest.exists(), proc.stdout.read().decode()[-2000:]
+    killed_at = torch.load(latest, weights_only=True)["step"]
+    out = run_train(make_cfg(tmp_path, *over))
+    assert out["status"] == "finished" and out["steps"] == out_full["steps"] > killed_at
+    last = f"checkpoints/epoch_{cfg_full.trainer.epochs:03d}.pt"
+    a = torch.load(Path(out_full["run_dir"]) / last, weights_only=True)["state_dict"]
+    assert _same(a, torch.load(Path(out["run_dir"]) / last, weights_only=True)["state_dict"])
+    assert "stream loader" in proc.stdout.read().decode()
+
+
 @pytest.mark.parametrize("override, message", [
+    ("data.loader=disk", "unknown data.loader"),
     ("trainer.precision=amp", "bf16 or fp32"),
     ("model.name=no-such-model", "unknown model.name"),
     ("trainer.precision=fp8", "unknown trainer.precision"),

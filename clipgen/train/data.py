@@ -48,6 +48,7 @@ __all__ = ["IMAGE_EXTS", "META_FIELDS", "TrainData", "Batch", "EpochLoader", "lo
 
 CROP_SCALE = (0.9, 1.0)  # paper: RandomResizedCrop(scale=(0.9, 1.0)), torchvision's default ratio
 CROP_RATIO = (3 / 4, 4 / 3)
+LOADERS = ("auto", "memory", "stream")  # data.loader: see clipgen.train.stream.choose_loader
 BAD_SAMPLES_LISTED = 50  # meta.json lists at most this many bad-sample entries (the count is always exact)
 
 
@@ -91,6 +92,8 @@ def check_data_config(data_cfg) -> None:
     if data_cfg.on_bad_sample not in BAD_SAMPLE_POLICIES:
         raise ClipgenError(f"unknown data.on_bad_sample {data_cfg.on_bad_sample!r}: expected one of "
                            f"{', '.join(BAD_SAMPLE_POLICIES)}")
+    if data_cfg.loader not in LOADERS:
+        raise ClipgenError(f"unknown data.loader {data_cfg.loader!r}: expected one of {', '.join(LOADERS)}")
     if int(data_cfg.workers) < 0:
         raise ClipgenError(f"data.workers={data_cfg.workers}: expected 0 (in-process) or more worker processes")
     if not float(data_cfg.max_memory_gb) > 0:
@@ -109,28 +112,23 @@ def _check_memory(recipe_dir: Path, n: int, image_px: int, max_memory_gb: float)
     if need > max_memory_gb * 1e9:
         raise ClipgenError(f"recipe {str(recipe_dir)!r} would take {need / 1e9:.3g} GB decoded ({n} samples x 3 x "
                            f"{image_px} x {image_px} bytes), above data.max_memory_gb={max_memory_gb:g}: the "
-                           "in-memory loader is meant for synthetic worlds and small px; raise data.max_memory_gb "
-                           "if this machine has the memory, or train at a smaller model.image_px")
+                           "in-memory loader is meant for synthetic worlds and small px; use data.loader=stream (or auto), "
+                           "or raise data.max_memory_gb if this machine has the memory")
 
 
-def load_train_data(recipe_dir: str | Path, tokenizer, image_px: int, manifest: dict | None = None, *,
-                    workers: int = 0, on_bad_sample: str = "error", max_memory_gb: float = 16.0) -> TrainData:
-    """Decode every sample of the recipe and of its base corpus into memory (recipe first, then base), with
-    ``workers`` processes (0 or 1: in this process). ``on_bad_sample``: "error" | "skip" (see decode.py)."""
-    recipe_dir = Path(recipe_dir)
-    if on_bad_sample not in BAD_SAMPLE_POLICIES:
-        raise ClipgenError(f"unknown data.on_bad_sample {on_bad_sample!r}: expected one of "
-                           f"{', '.join(BAD_SAMPLE_POLICIES)}")
-    if manifest is None:
-        manifest = read_json(recipe_dir / "manifest.json", "recipe manifest")
+def data_sources(recipe_dir: Path, manifest: dict) -> list[tuple[Path, dict[str, int], int]]:
+    """(directory, {shard name: count}, num_samples) of the recipe and of the base corpus it references."""
     sources = [(recipe_dir, _shard_counts(manifest, recipe_dir), int(manifest["num_samples"]))]
     base = manifest.get("base")
     if base:
         base_dir = (recipe_dir / base["dir"]).resolve()
         sources.append((base_dir, _shard_counts(base, base_dir), int(base["num_samples"])))
-    _check_memory(recipe_dir, sum(n for _, _, n in sources), int(image_px), float(max_memory_gb))
+    return sources
 
-    tasks, owner = [], []  # one task per shard; owner[i] = index of the source task i belongs to
+
+def shard_tasks(sources) -> tuple[list[ShardTask], list[int]]:
+    """One task per shard, in source then shard order, and the index of the source each belongs to."""
+    tasks, owner = [], []
     for s, (directory, shards, _) in enumerate(sources):
         for name, count in shards.items():
             shard = directory / name
@@ -138,10 +136,19 @@ def load_train_data(recipe_dir: str | Path, tokenizer, image_px: int, manifest: 
                 raise ClipgenError(f"shard {str(shard)!r} listed in the manifest does not exist: rebuild the recipe")
             tasks.append(ShardTask(str(shard), f"{directory.name}/{name}", count))
             owner.append(s)
-    guard = {"allow_heldout": leak_allowed(manifest), "test_domain": manifest.get("test_domain"),
-             "heldout": set(manifest.get("heldout_classes") or ()), "kind": manifest.get("kind")}
-    results = decode_shards(tasks, tokenizer, int(image_px), guard, on_bad_sample, int(workers))
+    return tasks, owner
 
+
+def leak_guard(manifest: dict) -> dict:
+    return {"allow_heldout": leak_allowed(manifest), "test_domain": manifest.get("test_domain"),
+            "heldout": set(manifest.get("heldout_classes") or ()), "kind": manifest.get("kind")}
+
+
+def canonical_order(recipe_dir: Path, sources, results, owner) -> tuple[list[np.ndarray], list[int], list[dict]]:
+    """Check the per-source counts against the manifests and place the samples in canonical order (by sample id
+    within the recipe, then within the base corpus): training depends on which samples a recipe holds, not on
+    how its builder happened to shuffle them into shards. Returns, per result, the destination index of each of
+    its samples; the per-source counts; the bad-sample entries."""
     counts, skipped, bad = [], [], []
     for s in range(len(sources)):
         mine = [r for r, o in zip(results, owner) if o == s]
@@ -155,34 +162,53 @@ def load_train_data(recipe_dir: str | Path, tokenizer, image_px: int, manifest: 
                            f"{' + '.join(map(str, expected))} as its manifest says; rebuild the recipe")
     if not sum(counts):
         raise ClipgenError(f"recipe {str(recipe_dir)!r} has no samples: expected a non-empty recipe")
+    dests: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * len(results)
+    start = 0
+    for s in range(len(sources)):
+        mine = [i for i, o in enumerate(owner) if o == s]
+        ids = [x for i in mine for x in results[i].ids]
+        order = sorted(range(len(ids)), key=ids.__getitem__)  # stable: equal ids keep shard order
+        dest = np.empty(len(ids), dtype=np.int64)
+        dest[order] = np.arange(start, start + len(ids))  # where each sample (in shard order) goes
+        offset = 0
+        for i in mine:
+            n = len(results[i].ids)
+            dests[i] = dest[offset:offset + n]
+            offset += n
+        start += len(ids)
+    return dests, counts, bad
 
-    # Canonical order (by sample id within recipe, then within base): training depends on which samples a
-    # recipe holds, not on how its builder happened to shuffle them into shards.
+
+def load_train_data(recipe_dir: str | Path, tokenizer, image_px: int, manifest: dict | None = None, *,
+                    workers: int = 0, on_bad_sample: str = "error", max_memory_gb: float = 16.0) -> TrainData:
+    """Decode every sample of the recipe and of its base corpus into memory (recipe first, then base), with
+    ``workers`` processes (0 or 1: in this process). ``on_bad_sample``: "error" | "skip" (see decode.py)."""
+    recipe_dir = Path(recipe_dir)
+    if on_bad_sample not in BAD_SAMPLE_POLICIES:
+        raise ClipgenError(f"unknown data.on_bad_sample {on_bad_sample!r}: expected one of "
+                           f"{', '.join(BAD_SAMPLE_POLICIES)}")
+    if manifest is None:
+        manifest = read_json(recipe_dir / "manifest.json", "recipe manifest")
+    sources = data_sources(recipe_dir, manifest)
+    _check_memory(recipe_dir, sum(n for _, _, n in sources), int(image_px), float(max_memory_gb))
+    tasks, owner = shard_tasks(sources)
+    results = decode_shards(tasks, tokenizer, int(image_px), leak_guard(manifest), on_bad_sample, int(workers))
+    dests, counts, bad = canonical_order(recipe_dir, sources, results, owner)
+
     total = sum(counts)
     first = next(r for r in results if r.images is not None)
     images = torch.empty((total, *first.images.shape[1:]), dtype=torch.uint8)
     tokens = torch.empty((total, first.tokens.shape[1]), dtype=torch.int64)
     meta = {f: [""] * total for f in META_FIELDS}
-    start = 0
-    for s in range(len(sources)):
-        mine = [r for r, o in zip(results, owner) if o == s]
-        ids = [i for r in mine for i in r.ids]
-        order = sorted(range(len(ids)), key=ids.__getitem__)  # stable: equal ids keep shard order
-        dest = np.empty(len(ids), dtype=np.int64)
-        dest[order] = np.arange(start, start + len(ids))  # where each sample (in shard order) goes
-        offset = 0
-        for r in mine:
-            n = len(r.ids)
-            if n:
-                where = torch.from_numpy(dest[offset:offset + n])
-                images[where] = torch.from_numpy(r.images)
-                tokens[where] = torch.from_numpy(r.tokens)
-                for f in META_FIELDS:
-                    for j, v in zip(dest[offset:offset + n].tolist(), r.meta[f]):
-                        meta[f][j] = v
-                r.images = r.tokens = None  # free as we go: peak memory stays near 2 x the decoded size
-            offset += n
-        start += len(ids)
+    for r, dest in zip(results, dests):
+        if len(r.ids):
+            where = torch.from_numpy(dest)
+            images[where] = torch.from_numpy(r.images)
+            tokens[where] = torch.from_numpy(r.tokens)
+            for f in META_FIELDS:
+                for j, v in zip(dest.tolist(), r.meta[f]):
+                    meta[f][j] = v
+            r.images = r.tokens = None  # free as we go: peak memory stays near 2 x the decoded size
     return TrainData(images=images, tokens=tokens, meta=meta, num_recipe=counts[0],
                      num_base=counts[1] if len(counts) > 1 else 0, bad_samples=bad)
 
@@ -289,13 +315,18 @@ class EpochLoader:
         """This rank's share of global batch ``index`` of ``epoch``."""
         return self.global_batch_indices(epoch, index, perm)[self._share()]
 
-    def make_batch(self, epoch: int, index: int, idx: torch.Tensor) -> Batch:
-        images = self.data.images[idx].to(self.device, non_blocking=True).float().div_(255.0)
+    def augment_and_normalize(self, images: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
+        """This rank's share of global batch ``index`` of ``epoch`` as floats in [0, 1] -> crop, resize, normalise."""
         if self.augment:  # boxes drawn for the whole global batch, then this rank's share taken
             g = torch.Generator().manual_seed(derive_seed("aug", self.seed, int(epoch), int(index)))
             images = apply_crop(images, crop_theta(self.batch_size, g)[self._share()], self.image_px)
+        return normalize(images)
+
+    def make_batch(self, epoch: int, index: int, idx: torch.Tensor) -> Batch:
+        images = self.data.images[idx].to(self.device, non_blocking=True).float().div_(255.0)
         tokens = self.data.tokens[idx].to(self.device, non_blocking=True)
-        return Batch(epoch=epoch, index=index, images=normalize(images), tokens=tokens, indices=idx)
+        return Batch(epoch=epoch, index=index, images=self.augment_and_normalize(images, epoch, index),
+                     tokens=tokens, indices=idx)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """Batches ``start, start + 1, ...`` of ``epoch`` (a resumed run passes the saved batch index)."""

@@ -61,8 +61,8 @@ def _init(tokenizer, image_px: int, guard: dict, policy: str) -> None:
     _STATE.update(tokenizer=tokenizer, image_px=int(image_px), guard=guard, policy=policy)
 
 
-def _ustar_members(buf: bytes) -> list[tuple[str, bytes]] | None:
-    """(name, bytes) of every regular file of a plain, intact ustar tar. None at anything else (see
+def _ustar_members(buf: bytes) -> list[tuple[str, bytes, int]] | None:
+    """(name, bytes, data offset) of every regular file of a plain, intact ustar tar. None at anything else (see
     clipgen.data.ustar, a truncated member, no end-of-archive block): the caller then reads the shard with
     tarfile, whose errors name what is wrong."""
     try:
@@ -71,27 +71,32 @@ def _ustar_members(buf: bytes) -> list[tuple[str, bytes]] | None:
         return None
     if scanned is None or not scanned[1]:
         return None
-    return [(name, buf[offset:offset + size]) for name, offset, size in scanned[0]]
+    return [(name, buf[offset:offset + size], offset) for name, offset, size in scanned[0]]
 
 
-def _group(members) -> tuple[list[tuple[str, dict[str, bytes]]], tuple[str | None, str] | None]:
-    """Consecutive members with the same key form a sample; ``members`` yields (name, read function)."""
-    samples, key, parts = [], None, {}
+Samples = list[tuple[str, dict[str, bytes], dict[str, int]]]
+
+
+def _group(members) -> tuple[Samples, tuple[str | None, str] | None]:
+    """Consecutive members with the same key form a sample; ``members`` yields (name, read function, data offset).
+    Each sample is (key, {extension: bytes}, {extension: offset of its bytes in the tar})."""
+    samples, key, parts, where = [], None, {}, {}
     try:
-        for path, data in members:
+        for path, data, offset in members:
             name = path.rsplit("/", 1)[-1]
             if "." not in name:
                 continue
             k, ext = name.split(".", 1)
             if k != key:
                 if key is not None:
-                    samples.append((key, parts))
-                key, parts = k, {}
+                    samples.append((key, parts, where))
+                key, parts, where = k, {}, {}
             parts[ext.lower()] = data()
+            where[ext.lower()] = int(offset)
     except (OSError, EOFError, tarfile.TarError) as e:
         return samples, (key, f"tar truncated or corrupt ({' '.join(str(e).split())})")  # one line
     if key is not None:
-        samples.append((key, parts))
+        samples.append((key, parts, where))
     return samples, None
 
 
@@ -99,13 +104,14 @@ def _tarfile_members(path: str):
     with tarfile.open(path, "r") as tf:
         for member in tf:
             if member.isfile():
-                yield member.name, tf.extractfile(member).read
+                yield member.name, tf.extractfile(member).read, member.offset_data
 
 
-def read_shard(path: str) -> tuple[list[tuple[str, dict[str, bytes]]], tuple[str | None, str] | None]:
-    """All samples of a tar in file order as (key, {extension: bytes}); key = file name up to its first dot.
-    The second value is None, or (key of the sample being read, reason) when the tar is truncated or corrupt:
-    that sample and everything after it are lost. Intact plain tars take a fast path; tarfile reads the rest."""
+def read_shard(path: str) -> tuple[Samples, tuple[str | None, str] | None]:
+    """All samples of a tar in file order as (key, {extension: bytes}, {extension: offset}); key = file name up to
+    its first dot. The second value is None, or (key of the sample being read, reason) when the tar is truncated
+    or corrupt: that sample and everything after it are lost. Intact plain tars take a fast path; tarfile reads
+    the rest."""
     try:
         with open(path, "rb") as f:
             members = _ustar_members(f.read())
@@ -113,7 +119,7 @@ def read_shard(path: str) -> tuple[list[tuple[str, dict[str, bytes]]], tuple[str
         return [], (None, f"shard cannot be read ({e})")
     if members is None:
         return _group(_tarfile_members(path))
-    return _group((name, lambda data=data: data) for name, data in members)
+    return _group((name, lambda data=data: data, offset) for name, data, offset in members)
 
 
 def _decode(key: str, parts: dict[str, bytes]) -> tuple[np.ndarray, str, dict]:
@@ -160,12 +166,13 @@ def _bad(task: ShardTask, key: str | None, reason: str, count: int = 1) -> dict:
     return {"shard": task.label, "key": key, "reason": reason, "count": int(count)}
 
 
-def decode_shard(task: ShardTask) -> ShardResult:
+def _check_shard(task: ShardTask, keep_images: bool):
+    """Read, decode and check every sample of one shard: (good samples, bad-sample entries). A good sample is
+    (sample id, image array or None, caption, meta, image offset in the tar, image byte count)."""
     px, guard = _STATE["image_px"], _STATE["guard"]
     samples, failure = read_shard(task.path)
-    ids, arrays, captions, bad = [], [], [], []
-    meta = {f: [] for f in META_FIELDS}
-    for key, parts in samples:
+    good, bad = [], []
+    for key, parts, where in samples:
         try:
             arr, caption, m = _decode(key, parts)
         except _BadSample as e:
@@ -175,12 +182,10 @@ def decode_shard(task: ShardTask) -> ShardResult:
             raise ClipgenError(f"sample {key!r} in shard {task.path!r} is {arr.shape[1]}x{arr.shape[0]} px: "
                                f"expected {px}x{px} (model.image_px); rebuild the recipe with recipe.image_px={px}")
         check_sample(m, key, task.path, guard)
-        ids.append(str(m.get("sample_id", key)))
-        arrays.append(arr)
-        captions.append(caption)
-        for f in META_FIELDS:
-            meta[f].append(str(m.get(f, "")))
-    lost = task.expected - len(ids) - len(bad)
+        ext = next(e for e in IMAGE_EXTS if e in parts)
+        good.append((str(m.get("sample_id", key)), arr if keep_images else None, caption,
+                     {f: str(m.get(f, "")) for f in META_FIELDS}, where[ext], len(parts[ext])))
+    lost = task.expected - len(good) - len(bad)
     if failure is not None:
         key, reason = failure
         bad.append(_bad(task, key, f"{reason}: this and the following samples are lost", max(1, lost)))
@@ -191,17 +196,44 @@ def decode_shard(task: ShardTask) -> ShardResult:
     elif lost < 0:
         raise ClipgenError(f"shard {task.path!r} holds {len(samples)} samples: expected {task.expected} as the "
                            "manifest says; rebuild the recipe")
+    return good, bad
+
+
+def _meta_lists(good) -> dict[str, list[str]]:
+    return {f: [g[3][f] for g in good] for f in META_FIELDS}
+
+
+def decode_shard(task: ShardTask) -> ShardResult:
+    good, bad = _check_shard(task, keep_images=True)
+    ids, captions = [g[0] for g in good], [g[2] for g in good]
     if not ids:
-        return ShardResult(ids, None, None, meta, bad)
-    images = np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2))  # n x 3 x px x px
+        return ShardResult(ids, None, None, _meta_lists(good), bad)
+    images = np.ascontiguousarray(np.stack([g[1] for g in good]).transpose(0, 3, 1, 2))  # n x 3 x px x px
     unique = {c: i for i, c in enumerate(dict.fromkeys(captions))}  # template captions repeat: tokenize each once
     tokens = _STATE["tokenizer"](list(unique)).long().numpy()[[unique[c] for c in captions]]  # numpy: pickled by value
-    return ShardResult(ids, images, tokens, meta, bad)
+    return ShardResult(ids, images, tokens, _meta_lists(good), bad)
 
 
-def decode_shards(tasks: list[ShardTask], tokenizer, image_px: int, guard: dict, policy: str,
-                  workers: int) -> list[ShardResult]:
-    """``decode_shard`` over ``tasks`` with ``workers`` processes (0 or 1: in this process), in task order."""
+@dataclass
+class ShardIndex:
+    """What the streaming loader keeps of a checked shard: where each good sample's image bytes are."""
+    ids: list[str]
+    offsets: np.ndarray  # int64: byte offset of each sample's image in the tar
+    sizes: np.ndarray  # int64: its byte count
+    captions: list[str]
+    meta: dict[str, list[str]]
+    bad: list[dict] = field(default_factory=list)
+
+
+def index_shard(task: ShardTask) -> ShardIndex:
+    """Like decode_shard (every image is decoded once, so bad samples are found before training), but keeps only
+    the image locations: memory stays small whatever the recipe's size."""
+    good, bad = _check_shard(task, keep_images=False)
+    return ShardIndex([g[0] for g in good], np.array([g[4] for g in good], dtype=np.int64),
+                      np.array([g[5] for g in good], dtype=np.int64), [g[2] for g in good], _meta_lists(good), bad)
+
+
+def _run_tasks(fn, tasks: list[ShardTask], tokenizer, image_px: int, guard: dict, policy: str, workers: int) -> list:
     if policy not in BAD_SAMPLE_POLICIES:
         raise ClipgenError(f"unknown data.on_bad_sample {policy!r}: expected one of {', '.join(BAD_SAMPLE_POLICIES)}")
     args = (tokenizer, image_px, guard, policy)
@@ -210,10 +242,21 @@ def decode_shards(tasks: list[ShardTask], tokenizer, image_px: int, guard: dict,
         _STATE.clear()
         _STATE.update(tokenizer=tokenizer, image_px=int(image_px), guard=guard, policy=policy)
         try:
-            return [decode_shard(t) for t in tasks]
+            return [fn(t) for t in tasks]
         finally:
             _STATE.clear()
             _STATE.update(saved)
     with process_pool(min(workers, len(tasks)), _init, args) as pool:
         # map keeps task order, so with several bad shards the first one in shard order is the one reported
-        return list(pool.map(decode_shard, tasks))
+        return list(pool.map(fn, tasks))
+
+
+def decode_shards(tasks: list[ShardTask], tokenizer, image_px: int, guard: dict, policy: str,
+                  workers: int) -> list[ShardResult]:
+    """``decode_shard`` over ``tasks`` with ``workers`` processes (0 or 1: in this process), in task order."""
+    return _run_tasks(decode_shard, tasks, tokenizer, image_px, guard, policy, workers)
+
+
+def index_shards(tasks: list[ShardTask], image_px: int, guard: dict, policy: str, workers: int) -> list[ShardIndex]:
+    """``index_shard`` over ``tasks`` with ``workers`` processes, in task order."""
+    return _run_tasks(index_shard, tasks, None, image_px, guard, policy, workers)

@@ -30,6 +30,7 @@ from clipgen import layout
 from clipgen.errors import ClipgenError
 from clipgen.train import checkpoint as ckpt
 from clipgen.train.data import EpochLoader, bad_samples_report, check_data_config, load_train_data
+from clipgen.train.stream import StreamLoader, choose_loader, load_stream_data
 from clipgen.eval.during_training import subset_evaluator
 from clipgen.train.logger import check_logger_config, make_logger
 from clipgen.train.model import create_clip, model_config
@@ -182,12 +183,18 @@ def _train(cfg, device, mcfg, recipe_dir, manifest, manifest_sha, name, run_dir,
     torch.manual_seed(int(tc.seed))
     model, tokenizer = create_clip(cfg.model.name, cfg.model.image_px)
     model.to(device)
-    data = load_train_data(recipe_dir, tokenizer, int(cfg.model.image_px), manifest, workers=int(cfg.data.workers),
-                           on_bad_sample=str(cfg.data.on_bad_sample), max_memory_gb=float(cfg.data.max_memory_gb))
+    px, workers, policy = int(cfg.model.image_px), int(cfg.data.workers), str(cfg.data.on_bad_sample)
+    loader_kind = choose_loader(cfg.data, recipe_dir, manifest, px)
+    if loader_kind == "stream":
+        data = load_stream_data(recipe_dir, px, manifest, workers=workers, on_bad_sample=policy)
+        loader = StreamLoader(data, int(tc.batch_size), int(tc.seed), px, tokenizer, device, workers=workers)
+    else:
+        data = load_train_data(recipe_dir, tokenizer, px, manifest, workers=workers, on_bad_sample=policy,
+                               max_memory_gb=float(cfg.data.max_memory_gb))
+        loader = EpochLoader(data, int(tc.batch_size), int(tc.seed), px, device)
     if data.bad_samples:
         log.warning("skipped %d bad samples (data.on_bad_sample=skip), first: %s", data.num_skipped,
                     data.bad_samples[0])
-    loader = EpochLoader(data, int(tc.batch_size), int(tc.seed), int(cfg.model.image_px), device)
     spe, epochs = loader.steps_per_epoch, int(tc.epochs)
     total = epochs * spe
     optimizer = torch.optim.AdamW(param_groups(model, float(oc.weight_decay)), lr=float(oc.lr),
@@ -250,8 +257,9 @@ def _train(cfg, device, mcfg, recipe_dir, manifest, manifest_sha, name, run_dir,
             "num_samples": len(data)})
         write_meta("running")
 
-    log.info("training %s: %d samples (recipe %d + base %d), %d epochs x %d steps of %d, device %s, %s",
-             name, len(data), data.num_recipe, data.num_base, epochs, spe, tc.batch_size, device, tc.precision)
+    log.info("training %s: %d samples (recipe %d + base %d, %s loader), %d epochs x %d steps of %d, device %s, %s",
+             name, len(data), data.num_recipe, data.num_base, loader_kind, epochs, spe, tc.batch_size, device,
+             tc.precision)
     steps_here, t_loop, stopped = 0, time.time(), None
     if 0 < tc.max_steps <= step < total:  # a rerun with the same max_steps has nothing left to do
         stopped = "max_steps"

@@ -1,0 +1,226 @@
+"""Streaming training data: recipes too large to decode into memory (paper scale, ~575k images at 224 px).
+
+The semantics are those of the in-memory loader (clipgen.train.data): the same N samples in the same canonical
+order, the same permutation per (seed, epoch), the same crop boxes per (seed, epoch, batch index) and the same
+rank shares. On CPU a recipe therefore gives bitwise the same batches through either loader; only where the
+pixels come from differs.
+
+At start every shard is checked once, in ``data.workers`` processes: each image is decoded once, the leak guard
+and the image size are checked, and bad samples are found exactly as the in-memory loader finds them. What is
+kept is each sample's image location (shard, byte offset, byte count), caption and metadata, about 200 bytes a
+sample. During training a torch DataLoader with ``data.workers`` workers assembles whole batches: it reads each
+image's bytes with one ``os.pread`` from its tar (in a plain tar a member's bytes are contiguous), decodes,
+crops, normalises and tokenizes. A worker is given only a batch index and what it returns depends only on
+(seed, epoch, batch index, rank), so the worker count never changes the data, and the loader position
+(epoch, batch index) in ``latest.pt`` is all a resumed run needs.
+
+Why random access rather than sequential tar streaming with a shuffle buffer: buffer shuffling mixes only
+within a buffer and a shard order, so it gives neither exact sample-level proportions between base corpus and
+recipe, nor an order that depends on (seed, epoch) alone, nor resume at an exact sample. Each read is one image
+member (a few to ~150 kB) at a known offset: cheap on local disks and on cluster file systems.
+"""
+from __future__ import annotations
+
+import io
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from clipgen.errors import ClipgenError
+from clipgen.train.data import (LOADERS, Batch, EpochLoader, canonical_order, data_sources, derive_seed,
+                                leak_guard, shard_tasks)
+from clipgen.train.decode import BAD_SAMPLE_POLICIES, META_FIELDS, index_shards
+from clipgen.utils import read_json
+
+
+@dataclass
+class StreamData:
+    shards: list[str]  # shard paths; shard_of indexes this list
+    shard_of: np.ndarray  # N, int32
+    offsets: np.ndarray  # N, int64: byte offset of each sample's image in its shard
+    sizes: np.ndarray  # N, int64: the image's byte count
+    captions: list[str]
+    meta: dict[str, list[str]]  # META_FIELDS -> one value per sample (canonical order)
+    image_px: int
+    num_recipe: int
+    num_base: int
+    bad_samples: list[dict] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(int(b["count"]) for b in self.bad_samples)
+
+
+def load_stream_data(recipe_dir: str | Path, image_px: int, manifest: dict | None = None, *, workers: int = 0,
+                     on_bad_sample: str = "error") -> StreamData:
+    """Check every shard of the recipe and its base corpus once and index where each good sample's image is."""
+    recipe_dir = Path(recipe_dir)
+    if on_bad_sample not in BAD_SAMPLE_POLICIES:
+        raise ClipgenError(f"unknown data.on_bad_sample {on_bad_sample!r}: expected one of "
+                           f"{', '.join(BAD_SAMPLE_POLICIES)}")
+    if manifest is None:
+        manifest = read_json(recipe_dir / "manifest.json", "recipe manifest")
+    sources = data_sources(recipe_dir, manifest)
+    tasks, owner = shard_tasks(sources)
+    results = index_shards(tasks, int(image_px), leak_guard(manifest), on_bad_sample, int(workers))
+    dests, counts, bad = canonical_order(recipe_dir, sources, results, owner)
+    total = sum(counts)
+    shard_of = np.empty(total, dtype=np.int32)
+    offsets = np.empty(total, dtype=np.int64)
+    sizes = np.empty(total, dtype=np.int64)
+    captions = [""] * total
+    meta = {f: [""] * total for f in META_FIELDS}
+    for t, (r, dest) in enumerate(zip(results, dests)):
+        shard_of[dest], offsets[dest], sizes[dest] = t, r.offsets, r.sizes
+        for j, c in zip(dest.tolist(), r.captions):
+            captions[j] = c
+        for f in META_FIELDS:
+            for j, v in zip(dest.tolist(), r.meta[f]):
+                meta[f][j] = v
+    return StreamData(shards=[t.path for t in tasks], shard_of=shard_of, offsets=offsets, sizes=sizes,
+                      captions=captions, meta=meta, image_px=int(image_px), num_recipe=counts[0],
+                      num_base=counts[1] if len(counts) > 1 else 0, bad_samples=bad)
+
+
+class _Reader:
+    """Reads and decodes samples' images; file descriptors are opened lazily, per process."""
+
+    def __init__(self, data: StreamData):
+        self.data = data
+        self._fds: dict[int, int] = {}
+        self._pid = os.getpid()
+
+    def __getstate__(self):
+        return {"data": self.data}
+
+    def __setstate__(self, state):
+        self.__init__(state["data"])
+
+    def _fd(self, shard: int) -> int:
+        if self._pid != os.getpid():  # forked: descriptors are shared with the parent; open our own
+            self._fds, self._pid = {}, os.getpid()
+        if shard not in self._fds:
+            self._fds[shard] = os.open(self.data.shards[shard], os.O_RDONLY)
+        return self._fds[shard]
+
+    def images(self, idx: np.ndarray) -> torch.Tensor:
+        """uint8 n x 3 x px x px for the samples ``idx`` (canonical indices), decoded as the in-memory loader
+        decodes them."""
+        from PIL import Image
+
+        d, px = self.data, self.data.image_px
+        out = np.empty((len(idx), 3, px, px), dtype=np.uint8)
+        for k, i in enumerate(idx.tolist()):
+            shard = int(d.shard_of[i])
+            raw = os.pread(self._fd(shard), int(d.sizes[i]), int(d.offsets[i]))
+            try:
+                if len(raw) != int(d.sizes[i]):
+                    raise ValueError(f"read {len(raw)} of {int(d.sizes[i])} bytes")
+                with Image.open(io.BytesIO(raw)) as im:
+                    arr = np.asarray(im.convert("RGB"))
+                if arr.shape[:2] != (px, px):
+                    raise ValueError(f"{arr.shape[1]}x{arr.shape[0]} px, expected {px}x{px}")
+            except Exception as e:  # the shard changed after it was checked at start
+                raise ClipgenError(f"sample {d.meta['sample_id'][i]!r} in shard {d.shards[shard]!r} cannot be "
+                                   f"decoded any more ({type(e).__name__}: {e}): the shard changed while training; "
+                                   "rebuild the recipe and restart the run") from None
+            out[k] = arr.transpose(2, 0, 1)
+        return torch.from_numpy(out)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+
+class _EpochBatches(torch.utils.data.Dataset):
+    """Item ``b`` = batch ``b`` of one epoch for one rank, decoded, augmented and normalised (run in workers)."""
+
+    def __init__(self, loader: "StreamLoader", epoch: int):
+        self.loader, self.epoch, self._perm = loader, int(epoch), None
+
+    def __len__(self) -> int:
+        return self.loader.steps_per_epoch
+
+    def __getitem__(self, index: int):
+        if self._perm is None:  # once per worker and epoch
+            self._perm = self.loader.permutation(self.epoch)
+        idx = self.loader.batch_indices(self.epoch, int(index), self._perm)
+        images, tokens = self.loader.assemble(self.epoch, int(index), idx, torch.device("cpu"))
+        return int(index), images, tokens, idx
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+class StreamLoader(EpochLoader):
+    """EpochLoader's batches (same permutation, crops, rank shares), read from the shards as they are needed,
+    assembled in ``workers`` DataLoader workers (0: in this process)."""
+
+    def __init__(self, data: StreamData, batch_size: int, seed: int, image_px: int, tokenizer,
+                 device: torch.device | str = "cpu", augment: bool = True, rank: int = 0, world_size: int = 1,
+                 workers: int = 2, prefetch: int = 2):
+        super().__init__(data, batch_size, seed, image_px, device, augment, rank, world_size)
+        self.tokenizer, self.workers, self.prefetch = tokenizer, int(workers), int(prefetch)
+        self.reader = _Reader(data)
+
+    def __getstate__(self):  # what a worker receives: no device tensors, nothing open
+        state = dict(self.__dict__)
+        state["device"] = torch.device("cpu")
+        return state
+
+    def assemble(self, epoch: int, index: int, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor,
+                                                                                                  torch.Tensor]:
+        images = self.reader.images(idx.numpy()).to(device).float().div_(255.0)
+        images = self.augment_and_normalize(images, epoch, index)
+        captions = [self.data.captions[i] for i in idx.tolist()]
+        unique = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+        tokens = self.tokenizer(list(unique)).long()[[unique[c] for c in captions]]
+        return images, tokens.to(device)
+
+    def make_batch(self, epoch: int, index: int, idx: torch.Tensor) -> Batch:
+        images, tokens = self.assemble(epoch, index, idx, self.device)
+        return Batch(epoch=epoch, index=index, images=images, tokens=tokens, indices=idx)
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        if self.workers <= 0:
+            yield from super().batches(epoch, start)
+            return
+        import multiprocessing as mp
+
+        # Like clipgen.utils.process_pool: fork only while no other thread runs (W&B's would make it unsafe).
+        method = "fork" if threading.active_count() == 1 else "forkserver"
+        dl = torch.utils.data.DataLoader(
+            _EpochBatches(self, epoch), batch_size=None, sampler=range(start, self.steps_per_epoch),
+            num_workers=self.workers, prefetch_factor=self.prefetch, worker_init_fn=_worker_init,
+            multiprocessing_context=mp.get_context(method), pin_memory=self.device.type == "cuda")
+        for index, images, tokens, idx in dl:
+            yield Batch(epoch=epoch, index=index, images=images.to(self.device, non_blocking=True),
+                        tokens=tokens.to(self.device, non_blocking=True), indices=idx)
+
+
+def decoded_gb(num_samples: int, image_px: int) -> float:
+    return num_samples * 3 * image_px * image_px / 1e9
+
+
+def choose_loader(data_cfg, recipe_dir: Path, manifest: dict, image_px: int) -> str:
+    """``data.loader``: memory | stream, or auto = memory while the decoded images fit data.max_memory_gb."""
+    kind = str(data_cfg.loader)
+    if kind not in LOADERS:
+        raise ClipgenError(f"unknown data.loader {kind!r}: expected one of {', '.join(LOADERS)}")
+    if kind != "auto":
+        return kind
+    n = sum(n for _, _, n in data_sources(Path(recipe_dir), manifest))
+    return "memory" if decoded_gb(n, image_px) <= float(data_cfg.max_memory_gb) else "stream"
+
+
+__all__ = ["StreamData", "StreamLoader", "load_stream_data", "choose_loader", "LOADERS", "derive_seed"]
