@@ -7,6 +7,7 @@
     {root}/runs/{run_name}/analysis/  clipgen-analyze's JSON results, figures and activation caches
     {root}/diffs/{run_a}__vs__{run_b}/ clipgen-diff's summary.md, hypotheses.jsonl, plots
     {root}/report/                    index.html, summary.csv, figures
+    {root}/cache/                     source indexes (clipgen.data.cache), rebuilt when an input changes
 """
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ def runs_root(cfg: DictConfig) -> Path:
 
 def recipes_root(cfg: DictConfig) -> Path:
     return root(cfg) / "recipes"
+
+
+def cache_dir(cfg: DictConfig) -> Path:
+    return root(cfg) / "cache"
 
 
 def diffs_root(cfg: DictConfig) -> Path:

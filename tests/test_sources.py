@@ -315,6 +315,35 @@ def test_split_file_disagrees_with_folder_leaves_nothing(dn_copy, tmp_path):
     assert_no_partial(root)
 
 
+def test_index_cache_is_reused_and_follows_its_inputs(dn_copy, tmp_path, monkeypatch, caplog):
+    from clipgen.data import sources
+
+    root = tmp_path / "out"
+    cfg = dn_cfg(root, dn_copy)
+    first = domainnet_index(cfg)
+    cached = list((root / "cache").glob("index-domainnet-*.json.gz"))
+    assert len(cached) == 1
+
+    real_reader = sources.read_domainnet
+    monkeypatch.setattr(sources, "read_domainnet", lambda *a, **k: pytest.fail("the cached index was not used"))
+    assert domainnet_index(cfg) == first  # same inputs: served from the cache, equal field for field
+    # An edited split file is another input: the cache is not used, the folder is read again.
+    lines = (dn_copy / "sketch_test.txt").read_text().splitlines()
+    (dn_copy / "sketch_test.txt").write_text("".join(ln + "\n" for ln in lines[:-1]))
+    monkeypatch.setattr(sources, "read_domainnet", real_reader)
+    second = domainnet_index(cfg)
+    assert len(second) == len(first) - 1 and len(list((root / "cache").glob("index-domainnet-*"))) == 2
+    # A damaged cache file is reported and rebuilt, never trusted.
+    for f in (root / "cache").glob("index-domainnet-*"):
+        f.write_bytes(b"not gzip")
+    with caplog.at_level("WARNING", logger="clipgen.data"):
+        assert domainnet_index(cfg) == second
+    assert "cannot be read" in caplog.text
+    # data.index_cache=false reads the source and writes no cache.
+    assert domainnet_index(dn_cfg(tmp_path / "nocache", dn_copy, "data.index_cache=false")) == second
+    assert not (tmp_path / "nocache" / "cache").exists()
+
+
 def test_image_listed_in_train_and_test(dn_copy, tmp_path):
     line = (dn_copy / "sketch_train.txt").read_text().splitlines()[0]
     with open(dn_copy / "sketch_test.txt", "a") as f:

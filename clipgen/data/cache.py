@@ -1,0 +1,76 @@
+"""On-disk cache of source indexes, so that recipe builds, training and evaluation do not re-read and re-check a
+whole dataset (600k DomainNet split-file lines and folder listings, a CC12M shard scan) every time they start.
+
+    {root}/cache/index-{name}-{key}.json.gz   the index as columns (one JSON list per Sample field), gzip
+
+The key is a hash of the reader's parameters and of every input file's path, size and modification time (split
+files, the captions JSON, CC tars): editing, replacing or touching an input gives another key, and the index is
+read again. Only a reader's full success is cached, so its errors (a malformed split file ...) are raised every
+time. A cache file that cannot be read is reported and rebuilt. The cache holds no pixels and only reflects the
+inputs it names: an image file deleted from a DomainNet folder after the first read is noticed when a recipe
+build reads that image, not here. ``data.index_cache=false`` turns the cache off.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+from dataclasses import fields
+from pathlib import Path
+from typing import Callable, Iterable
+
+from clipgen.data.index import Sample
+from clipgen.utils import atomic_write_bytes, stable_hash
+
+log = logging.getLogger("clipgen.data")
+INDEX_CACHE_VERSION = 1
+_FIELDS = tuple(f.name for f in fields(Sample))
+
+
+def _stats(inputs: Iterable[Path]) -> list | None:
+    out = []
+    for p in inputs:
+        try:
+            st = os.stat(p)
+        except OSError:
+            return None  # a missing input: let the reader report it
+        out.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _encode(samples: list[Sample]) -> bytes:
+    columns = {f: [getattr(s, f) for s in samples] for f in _FIELDS}
+    return gzip.compress(json.dumps({"version": INDEX_CACHE_VERSION, "columns": columns}).encode("utf-8"),
+                         compresslevel=1)
+
+
+def _decode(raw: bytes) -> list[Sample]:
+    payload = json.loads(gzip.decompress(raw).decode("utf-8"))
+    if payload.get("version") != INDEX_CACHE_VERSION or set(payload["columns"]) != set(_FIELDS):
+        raise ValueError("another cache format")
+    cols = [payload["columns"][f] for f in _FIELDS]
+    return [Sample(*row) for row in zip(*cols)]
+
+
+def cached_index(cache_dir: Path | None, name: str, params: dict, inputs: Iterable[Path],
+                 read: Callable[[], list[Sample]]) -> list[Sample]:
+    """``read()``'s samples, from ``cache_dir`` when the same parameters and inputs were read before."""
+    if cache_dir is None:
+        return read()
+    stats = _stats(inputs)
+    if stats is None:
+        return read()
+    key = stable_hash({"name": name, "params": params, "inputs": stats, "version": INDEX_CACHE_VERSION}, 16)
+    path = Path(cache_dir) / f"index-{name}-{key}.json.gz"
+    if path.is_file():
+        try:
+            return _decode(path.read_bytes())
+        except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
+            log.warning("index cache %s cannot be read (%s): reading the source again", path, e)
+    samples = read()
+    try:
+        atomic_write_bytes(path, _encode(samples))
+    except OSError as e:  # a read-only root still works, just without the cache
+        log.warning("index cache %s cannot be written (%s): continuing without it", path, e)
+    return samples
