@@ -114,6 +114,7 @@ class TrainerConfig:
     log_every: int = 50  # steps between log lines / W&B points
     save_every_steps: int = 200  # steps between latest.pt saves (plus every epoch end and on a stop signal)
     max_steps: int = -1  # stop after this many steps (debugging); -1 = the full schedule
+    sync_bn: bool = False  # DDP on CUDA: SyncBatchNorm, so ResNets' batch statistics span the global batch
 
 
 @dataclass

@@ -9,8 +9,13 @@ resumed fp32 CPU run ends with the same weights, bit for bit, as an uninterrupte
 SIGTERM / SIGUSR1 / SIGUSR2 (what SLURM sends before preemption or the time limit) set a flag; at the next step
 boundary latest.pt is saved and the process exits with status 128 + signal number, ready to be requeued.
 
-Single process for now; the loss and checkpoint code already take rank/world size and unwrap DDP so that
-multi-GPU can be added without touching the file formats.
+Distributed: under torchrun or srun (clipgen.train.dist) every process trains one DDP replica on its share of
+each global batch (``trainer.batch_size`` is global, so the data, the schedule and the checkpoints are those of
+one process). ClipLoss computes the local rows against the gathered features (local loss + gather with grad);
+rank 0 alone builds the recipe, writes checkpoints, meta.json and logs to W&B. Every step the ranks agree on the
+mean loss (for the NaN check and the log) and on whether to stop (a signal reaching any rank stops all at the
+same step). ``trainer.sync_bn=true`` turns BatchNorm into SyncBatchNorm (CUDA only) so that ResNets see batch
+statistics of the global batch.
 """
 from __future__ import annotations
 
@@ -29,10 +34,11 @@ from omegaconf import DictConfig, OmegaConf
 from clipgen import layout
 from clipgen.errors import ClipgenError
 from clipgen.train import checkpoint as ckpt
+from clipgen.train import dist
 from clipgen.train.data import EpochLoader, bad_samples_report, check_data_config, load_train_data
 from clipgen.train.stream import StreamLoader, choose_loader, load_stream_data
 from clipgen.eval.during_training import subset_evaluator
-from clipgen.train.logger import check_logger_config, make_logger
+from clipgen.train.logger import NullLogger, check_logger_config, make_logger
 from clipgen.train.model import create_clip, model_config
 from clipgen.utils import atomic_write_json, atomic_write_text, git_sha, read_json, sha256_file
 
@@ -147,10 +153,28 @@ def run_train(cfg: DictConfig) -> dict:
     mcfg = model_config(cfg.model.name)
     if cfg.recipe.dry_run:
         raise ClipgenError("recipe.dry_run=true builds nothing to train on: expected recipe.dry_run=false for training")
+    denv = dist.detect()
+    if int(cfg.trainer.batch_size) % denv.world_size:
+        raise ClipgenError(f"trainer.batch_size={cfg.trainer.batch_size} is the global batch and does not split over "
+                           f"{denv.world_size} processes ({denv.launcher}): expected a multiple of {denv.world_size}")
+    if cfg.trainer.sync_bn and device.type != "cuda":
+        raise ClipgenError("trainer.sync_bn=true needs CUDA (SyncBatchNorm has no CPU implementation): expected "
+                           "trainer.sync_bn=false on CPU")
+    device = dist.init(denv, device)
+    try:
+        return _run(cfg, denv, device, mcfg, t_call)
+    finally:
+        dist.shutdown(denv)
 
+
+def _run(cfg: DictConfig, denv: dist.DistEnv, device: torch.device, mcfg: dict, t_call: float) -> dict:
     from clipgen.recipes.build import ensure_recipe
 
+    if not denv.is_main:  # rank 0 builds the recipe (and the world) once; the others then find it
+        dist.barrier(denv)
     recipe_dir = Path(ensure_recipe(cfg))
+    if denv.is_main:
+        dist.barrier(denv)
     manifest = read_json(recipe_dir / "manifest.json", "recipe manifest")
     manifest_sha = sha256_file(recipe_dir / "manifest.json")
     name = layout.run_name(cfg, manifest["recipe_id"])
@@ -170,28 +194,33 @@ def run_train(cfg: DictConfig) -> dict:
     if cfg.trainer.threads > 0:
         torch.set_num_threads(int(cfg.trainer.threads))
     try:
-        return _train(cfg, device, mcfg, recipe_dir, manifest, manifest_sha, name, run_dir, spec, t_call)
+        return _train(cfg, denv, device, mcfg, recipe_dir, manifest, manifest_sha, name, run_dir, spec, t_call)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(cfg, device, mcfg, recipe_dir, manifest, manifest_sha, name, run_dir, spec, t_call) -> dict:
+def _train(cfg, denv, device, mcfg, recipe_dir, manifest, manifest_sha, name, run_dir, spec, t_call) -> dict:
     from open_clip.loss import ClipLoss
 
     tc, oc = cfg.trainer, cfg.optim
     # Seeding right before the model is built makes epoch_000 a function of trainer.seed alone.
     torch.manual_seed(int(tc.seed))
     model, tokenizer = create_clip(cfg.model.name, cfg.model.image_px)
+    if tc.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
+    main = denv.is_main  # only rank 0 writes files and logs
     px, workers, policy = int(cfg.model.image_px), int(cfg.data.workers), str(cfg.data.on_bad_sample)
     loader_kind = choose_loader(cfg.data, recipe_dir, manifest, px)
     if loader_kind == "stream":
         data = load_stream_data(recipe_dir, px, manifest, workers=workers, on_bad_sample=policy)
-        loader = StreamLoader(data, int(tc.batch_size), int(tc.seed), px, tokenizer, device, workers=workers)
+        loader = StreamLoader(data, int(tc.batch_size), int(tc.seed), px, tokenizer, device, rank=denv.rank,
+                              world_size=denv.world_size, workers=workers)
     else:
         data = load_train_data(recipe_dir, tokenizer, px, manifest, workers=workers, on_bad_sample=policy,
                                max_memory_gb=float(cfg.data.max_memory_gb))
-        loader = EpochLoader(data, int(tc.batch_size), int(tc.seed), px, device)
+        loader = EpochLoader(data, int(tc.batch_size), int(tc.seed), px, device, rank=denv.rank,
+                             world_size=denv.world_size)
     if data.bad_samples:
         log.warning("skipped %d bad samples (data.on_bad_sample=skip), first: %s", data.num_skipped,
                     data.bad_samples[0])
@@ -200,8 +229,9 @@ def _train(cfg, device, mcfg, recipe_dir, manifest, manifest_sha, name, run_dir,
     optimizer = torch.optim.AdamW(param_groups(model, float(oc.weight_decay)), lr=float(oc.lr),
                                   betas=(float(oc.beta1), float(oc.beta2)), eps=float(oc.eps))
     scaler = torch.amp.GradScaler("cuda") if tc.precision == "amp" else None
-    # Paper: local loss with gather-with-grad. With one process both are no-ops; DDP passes rank/world size.
-    loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=0, world_size=1)
+    # Paper: local loss with gather-with-grad (no-ops in one process).
+    loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=denv.rank,
+                       world_size=denv.world_size)
     common = dict(model_name=cfg.model.name, model_cfg=mcfg, run_name=name, recipe_id=manifest["recipe_id"],
                   seed=int(tc.seed))
 
@@ -227,16 +257,23 @@ def _train(cfg, device, mcfg, recipe_dir, manifest, manifest_sha, name, run_dir,
     else:
         step = samples_seen = epoch = batch = 0
         wandb_id, prior_seconds, last_loss = None, 0.0, None
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        ckpt.save_epoch(run_dir, ckpt.epoch_payload(model, epoch=0, step=0, samples_seen=0, **common))
+        if main:
+            atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+            ckpt.save_epoch(run_dir, ckpt.epoch_payload(model, epoch=0, step=0, samples_seen=0, **common))
+    if denv.distributed:  # after any resume: every replica starts from the same weights
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    subset_eval = subset_evaluator(cfg, manifest, tokenizer)  # eval.during_training; None when off
+    subset_eval = subset_evaluator(cfg, manifest, tokenizer) if main else None  # eval.during_training
     sha = git_sha()
-    logger = make_logger(cfg, run_dir, name, run_id=wandb_id,
-                         extra_config={"manifest_sha256": manifest_sha, "git_sha": sha, "recipe_dir": str(recipe_dir)})
+    logger = (make_logger(cfg, run_dir, name, run_id=wandb_id, extra_config={
+        "manifest_sha256": manifest_sha, "git_sha": sha, "recipe_dir": str(recipe_dir),
+        "world_size": denv.world_size}) if main else NullLogger())
     t_seg = time.time()  # train_seconds accumulates over resumed segments
 
     def write_meta(status: str) -> None:
+        if not main:
+            return
         atomic_write_json(run_dir / "meta.json", {
             "run_name": name, "recipe_id": manifest["recipe_id"], "recipe_kind": manifest.get("kind"),
             "recipe_dir": str(recipe_dir), "manifest_sha256": manifest_sha, "test_domain": manifest.get("test_domain"),
@@ -247,9 +284,11 @@ def _train(cfg, device, mcfg, recipe_dir, manifest, manifest_sha, name, run_dir,
             "samples_seen": samples_seen, "git_sha": sha, "wandb_id": logger.id,
             "train_seconds": prior_seconds + time.time() - t_seg, "final_loss": last_loss, "train_spec": spec,
             "num_samples": {"recipe": data.num_recipe, "base": data.num_base},
-            "bad_samples": bad_samples_report(data)})
+            "bad_samples": bad_samples_report(data), "world_size": denv.world_size})
 
     def save_latest(position: dict) -> None:
+        if not main:
+            return
         payload = ckpt.epoch_payload(model, epoch=position["epoch"], step=step, samples_seen=samples_seen, **common)
         ckpt.save_latest(run_dir, payload, optimizer=optimizer, scaler=scaler, position=position, extra={
             "wandb_id": logger.id, "train_seconds": prior_seconds + time.time() - t_seg, "last_loss": last_loss,
@@ -282,7 +321,8 @@ def _train(cfg, device, mcfg, recipe_dir, manifest, manifest_sha, name, run_dir,
                     with autocast(tc.precision, device):
                         out = model(b.images, b.tokens)
                         loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
-                    loss_value = loss.item()
+                    # All ranks agree on the loss (mean) and on a stop signal that reached any of them.
+                    loss_value, sig = dist.all_mean_max(denv, loss.item(), float(stop.received or 0), device)
                     if not math.isfinite(loss_value):
                         good = ckpt.latest_path(run_dir)
                         good = good if good.exists() else ckpt.epoch_path(run_dir, 0)
@@ -300,13 +340,13 @@ def _train(cfg, device, mcfg, recipe_dir, manifest, manifest_sha, name, run_dir,
                     with torch.no_grad():
                         ckpt.unwrap(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
                     step, steps_here, n_log = step + 1, steps_here + 1, n_log + 1
-                    samples_seen += b.images.shape[0]
+                    samples_seen += b.images.shape[0] * denv.world_size
                     last_loss = loss_value
                     position = {"epoch": e, "batch": b.index + 1}
 
-                    if step % tc.log_every == 0 or step == total:
+                    if main and (step % tc.log_every == 0 or step == total):
                         dt = time.time() - t_log
-                        sps = n_log * b.images.shape[0] / max(dt, 1e-9)
+                        sps = n_log * b.images.shape[0] * denv.world_size / max(dt, 1e-9)
                         scale = float(out["logit_scale"].detach())
                         log.info("step %d/%d | epoch %d/%d | loss %.4f | lr %.2e | logit scale %.2f | %.0f samples/s",
                                  step, total, e + 1, epochs, loss_value, lr, scale, sps)
@@ -315,8 +355,8 @@ def _train(cfg, device, mcfg, recipe_dir, manifest, manifest_sha, name, run_dir,
                                     "train/epoch": e + (b.index + 1) / spe}, step=step)
                         t_log, n_log, data_time = time.time(), 0, 0.0
 
-                    if stop.received is not None:
-                        stopped = signal.Signals(stop.received).name
+                    if sig:
+                        stopped = signal.Signals(int(sig)).name
                     elif tc.max_steps > 0 and step >= tc.max_steps and step < total:
                         stopped = "max_steps"
                     if stopped or step % tc.save_every_steps == 0:
@@ -324,11 +364,12 @@ def _train(cfg, device, mcfg, recipe_dir, manifest, manifest_sha, name, run_dir,
                 if stopped:
                     break
                 # Epoch end: the epoch checkpoint first, then latest.pt pointing at the next epoch.
-                ckpt.save_epoch(run_dir, ckpt.epoch_payload(model, epoch=e + 1, step=step, samples_seen=samples_seen,
-                                                            **common))
+                if main:
+                    ckpt.save_epoch(run_dir, ckpt.epoch_payload(model, epoch=e + 1, step=step,
+                                                                samples_seen=samples_seen, **common))
                 save_latest({"epoch": e + 1, "batch": 0})
                 if subset_eval is not None:  # after the saves; leaves RNG, weights and train mode as they were
-                    subset_eval(model, epoch=e + 1, step=step, logger=logger)
+                    subset_eval(ckpt.unwrap(model), epoch=e + 1, step=step, logger=logger)
 
             if stopped is None:
                 write_meta("finished")
@@ -339,11 +380,13 @@ def _train(cfg, device, mcfg, recipe_dir, manifest, manifest_sha, name, run_dir,
     sps = steps_here * int(tc.batch_size) / seconds if steps_here else None
     status = "running" if stopped else "finished"
     if stopped and stopped != "max_steps":
-        print(f"clipgen: received {stopped}: saved {ckpt.latest_path(run_dir)} at step {step}/{total}; "
-              "rerun the same command to resume")
+        if main:
+            print(f"clipgen: received {stopped}: saved {ckpt.latest_path(run_dir)} at step {step}/{total}; "
+                  "rerun the same command to resume")
         raise SystemExit(128 + int(signal.Signals[stopped]))
-    print(f"clipgen: {name} {status} at step {step}/{total} (epoch {step // spe}/{epochs}), loss "
-          f"{last_loss if last_loss is None else round(last_loss, 4)}, "
-          f"{sps or 0:.0f} samples/s -> {run_dir}")
+    if main:
+        print(f"clipgen: {name} {status} at step {step}/{total} (epoch {step // spe}/{epochs}), loss "
+              f"{last_loss if last_loss is None else round(last_loss, 4)}, "
+              f"{sps or 0:.0f} samples/s -> {run_dir}")
     return {"run_dir": str(run_dir), "status": status, "steps": step, "epochs": epochs, "final_loss": last_loss,
             "seconds": time.time() - t_call, "samples_per_s": sps}
