@@ -95,12 +95,18 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # adamw (CLIP, paper) | sgd (supervised baseline: SGD with momentum)
     lr: float = 1e-3  # peak learning rate
-    weight_decay: float = 0.2  # AdamW weight decay (not applied to gains, biases, logit scale)
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    warmup_steps: int = 500  # linear warmup, then cosine decay to 0
+    weight_decay: float = 0.2  # weight decay (never on gains, biases, norms, logit scale)
+    beta1: float = 0.9  # adamw
+    beta2: float = 0.999  # adamw
+    eps: float = 1e-8  # adamw
+    momentum: float = 0.9  # sgd
+    nesterov: bool = True  # sgd
+    schedule: str = "cosine"  # cosine (linear warmup, then cosine to 0) | step (x gamma at each milestone epoch)
+    warmup_steps: int = 500  # linear warmup steps (both schedules; 0 = none)
+    milestones: List[int] = field(default_factory=list)  # step schedule: epochs at which lr is multiplied by gamma
+    gamma: float = 0.1  # step schedule factor
 
 
 @dataclass
@@ -115,6 +121,13 @@ class TrainerConfig:
     save_every_steps: int = 200  # steps between latest.pt saves (plus every epoch end and on a stop signal)
     max_steps: int = -1  # stop after this many steps (debugging); -1 = the full schedule
     sync_bn: bool = False  # DDP on CUDA: SyncBatchNorm, so ResNets' batch statistics span the global batch
+    objective: str = "clip"  # clip (contrastive, open_clip's ClipLoss) | supervised (SPEC §5 baseline, 1345-way)
+    save_every_epochs: int = 1  # epoch checkpoints every this many epochs (and after the last); epoch 0 always
+    # Memory/speed options that leave the result unchanged (up to float rounding):
+    accum_steps: int = 1  # split each (per-rank) batch into this many micro-batches; the loss is still the full batch's
+    grad_checkpointing: bool = False  # recompute activations in backward (transformer blocks, ResNet bottlenecks)
+    channels_last: bool = False  # NHWC memory format for convolutions (faster on recent GPUs)
+    compile: bool = False  # torch.compile the model
 
 
 @dataclass

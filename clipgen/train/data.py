@@ -60,6 +60,7 @@ class TrainData:
     num_recipe: int  # the first num_recipe samples are the recipe's, the rest the base corpus' (each by sample id)
     num_base: int
     bad_samples: list[dict] = field(default_factory=list)  # skipped: {"shard", "key", "reason", "count"}
+    labels: torch.Tensor | None = None  # N class targets (supervised objective), set by the trainer
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -268,6 +269,7 @@ class Batch:
     images: torch.Tensor  # B/W x 3 x px x px, float32, augmented and normalised, on the loader's device
     tokens: torch.Tensor  # B/W x context_length, int64, on the loader's device
     indices: torch.Tensor | None = None  # B/W sample indices into the TrainData (this rank's share)
+    labels: torch.Tensor | None = None  # B/W class targets when the data have labels (supervised)
 
 
 class EpochLoader:
@@ -326,7 +328,11 @@ class EpochLoader:
         images = self.data.images[idx].to(self.device, non_blocking=True).float().div_(255.0)
         tokens = self.data.tokens[idx].to(self.device, non_blocking=True)
         return Batch(epoch=epoch, index=index, images=self.augment_and_normalize(images, epoch, index),
-                     tokens=tokens, indices=idx)
+                     tokens=tokens, indices=idx, labels=self.labels_of(idx))
+
+    def labels_of(self, idx: torch.Tensor) -> torch.Tensor | None:
+        labels = getattr(self.data, "labels", None)
+        return None if labels is None else labels[idx].to(self.device, non_blocking=True)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """Batches ``start, start + 1, ...`` of ``epoch`` (a resumed run passes the saved batch index)."""

@@ -27,7 +27,7 @@ from clipgen.data import ustar
 from clipgen.errors import ClipgenError
 from clipgen.utils import process_pool
 
-META_FIELDS = ("sample_id", "domain", "class_name", "split", "source")
+META_FIELDS = ("sample_id", "domain", "class_name", "label", "split", "source")
 IMAGE_EXTS = ("png", "jpg", "jpeg")
 BAD_SAMPLE_POLICIES = ("error", "skip")
 

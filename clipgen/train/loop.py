@@ -20,6 +20,7 @@ statistics of the global batch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -35,11 +36,14 @@ from clipgen import layout
 from clipgen.errors import ClipgenError
 from clipgen.train import checkpoint as ckpt
 from clipgen.train import dist
+from clipgen.train.objective import (check_trainer_config, clip_backward, enable_grad_checkpointing, make_optimizer,
+                                     schedule, supervised_backward)
 from clipgen.train.data import EpochLoader, bad_samples_report, check_data_config, load_train_data
 from clipgen.train.stream import StreamLoader, choose_loader, load_stream_data
 from clipgen.eval.during_training import subset_evaluator
 from clipgen.train.logger import NullLogger, check_logger_config, make_logger
 from clipgen.train.model import create_clip, model_config
+from clipgen.train.supervised_model import create_supervised, supervised_labels, supervised_payload
 from clipgen.utils import atomic_write_json, atomic_write_text, git_sha, read_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -71,32 +75,26 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """open_clip's rule: no weight decay on gains, biases, norms and the logit scale (ndim < 2 or a name with
-    "bn", "ln", "bias" or "logit_scale"); decay on every other (>= 2-D) weight."""
-    decay, no_decay = [], []
-    for name, p in ckpt.unwrap(model).named_parameters():
-        if not p.requires_grad:
-            continue
-        exclude = p.ndim < 2 or any(s in name for s in ("bn", "ln", "bias", "logit_scale"))
-        (no_decay if exclude else decay).append(p)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
-def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
-    """Linear warmup to ``base_lr`` over ``warmup`` steps, then cosine to 0 at ``total`` (open_clip's cosine_lr)."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    span = max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(step - warmup, span) / span)) * base_lr
-
-
 def train_spec(cfg: DictConfig) -> dict:
     """The settings that determine a run's result: a run directory is only resumed with the same ones."""
     return {"model.name": cfg.model.name, "model.image_px": int(cfg.model.image_px),
             "trainer.seed": int(cfg.trainer.seed), "trainer.epochs": int(cfg.trainer.epochs),
-            "trainer.batch_size": int(cfg.trainer.batch_size),
+            "trainer.batch_size": int(cfg.trainer.batch_size), "trainer.objective": str(cfg.trainer.objective),
+            "trainer.accum_steps": int(cfg.trainer.accum_steps),
             **{f"optim.{k}": v for k, v in OmegaConf.to_container(cfg.optim, resolve=True).items()}}
+
+
+def _spec_defaults() -> dict:
+    """What a setting was before it became part of train_spec: its schema default."""
+    from dataclasses import fields
+
+    from clipgen.config import OptimConfig, TrainerConfig
+
+    out = {}
+    for prefix, cls in (("trainer", TrainerConfig), ("optim", OptimConfig)):
+        inst = cls()
+        out.update({f"{prefix}.{f.name}": getattr(inst, f.name) for f in fields(cls)})
+    return out
 
 
 def _check_same_run(run_dir: Path, old: dict, spec: dict, manifest_sha: str) -> None:
@@ -104,8 +102,9 @@ def _check_same_run(run_dir: Path, old: dict, spec: dict, manifest_sha: str) -> 
     if old.get("manifest_sha256") != manifest_sha:
         raise ClipgenError(f"run dir {str(run_dir)!r} was trained on a different recipe (manifest sha256 "
                            f"{str(old.get('manifest_sha256'))[:12]}, now {manifest_sha[:12]}): {hint}")
-    diff = [f"{k}={old['train_spec'].get(k)!r} (now {v!r})" for k, v in spec.items()
-            if "train_spec" in old and old["train_spec"].get(k) != v]
+    defaults = _spec_defaults()  # runs started before a setting existed ran with its default
+    diff = [f"{k}={old['train_spec'].get(k, defaults.get(k))!r} (now {v!r})" for k, v in spec.items()
+            if "train_spec" in old and old["train_spec"].get(k, defaults.get(k)) != v]
     if diff:
         raise ClipgenError(f"run dir {str(run_dir)!r} was started with {', '.join(diff)}: {hint}")
 
@@ -150,6 +149,10 @@ def run_train(cfg: DictConfig) -> dict:
     autocast(cfg.trainer.precision, device)
     check_logger_config(cfg)
     check_data_config(cfg.data)
+    check_trainer_config(cfg.trainer, cfg.optim)
+    if cfg.trainer.objective == "supervised" and cfg.eval.during_training:
+        raise ClipgenError("eval.during_training=true is a zero-shot CLIP evaluation: expected it off for "
+                           "trainer.objective=supervised (clipgen-eval evaluates supervised checkpoints)")
     mcfg = model_config(cfg.model.name)
     if cfg.recipe.dry_run:
         raise ClipgenError("recipe.dry_run=true builds nothing to train on: expected recipe.dry_run=false for training")
@@ -160,6 +163,9 @@ def run_train(cfg: DictConfig) -> dict:
     if cfg.trainer.sync_bn and device.type != "cuda":
         raise ClipgenError("trainer.sync_bn=true needs CUDA (SyncBatchNorm has no CPU implementation): expected "
                            "trainer.sync_bn=false on CPU")
+    if int(cfg.trainer.batch_size) // denv.world_size % int(cfg.trainer.accum_steps):
+        raise ClipgenError(f"trainer.accum_steps={cfg.trainer.accum_steps} does not divide the per-process batch "
+                           f"{int(cfg.trainer.batch_size) // denv.world_size}: expected a divisor of it")
     device = dist.init(denv, device)
     try:
         return _run(cfg, denv, device, mcfg, t_call)
@@ -203,9 +209,16 @@ def _train(cfg, denv, device, mcfg, recipe_dir, manifest, manifest_sha, name, ru
     from open_clip.loss import ClipLoss
 
     tc, oc = cfg.trainer, cfg.optim
+    supervised = tc.objective == "supervised"
     # Seeding right before the model is built makes epoch_000 a function of trainer.seed alone.
     torch.manual_seed(int(tc.seed))
-    model, tokenizer = create_clip(cfg.model.name, cfg.model.image_px)
+    if supervised:
+        import open_clip
+
+        model = create_supervised(cfg.model.name, cfg.model.image_px)
+        tokenizer = open_clip.get_tokenizer(cfg.model.name)
+    else:
+        model, tokenizer = create_clip(cfg.model.name, cfg.model.image_px)
     if tc.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
@@ -224,16 +237,19 @@ def _train(cfg, denv, device, mcfg, recipe_dir, manifest, manifest_sha, name, ru
     if data.bad_samples:
         log.warning("skipped %d bad samples (data.on_bad_sample=skip), first: %s", data.num_skipped,
                     data.bad_samples[0])
+    if supervised:
+        data.labels = supervised_labels(data.meta, recipe_dir)
     spe, epochs = loader.steps_per_epoch, int(tc.epochs)
     total = epochs * spe
-    optimizer = torch.optim.AdamW(param_groups(model, float(oc.weight_decay)), lr=float(oc.lr),
-                                  betas=(float(oc.beta1), float(oc.beta2)), eps=float(oc.eps))
+    optimizer = make_optimizer(model, oc)
+    lr_fn = schedule(oc, spe, total)
     scaler = torch.amp.GradScaler("cuda") if tc.precision == "amp" else None
     # Paper: local loss with gather-with-grad (no-ops in one process).
     loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=denv.rank,
                        world_size=denv.world_size)
     common = dict(model_name=cfg.model.name, model_cfg=mcfg, run_name=name, recipe_id=manifest["recipe_id"],
                   seed=int(tc.seed))
+    payload_fn = supervised_payload if supervised else ckpt.epoch_payload
 
     run_dir.mkdir(parents=True, exist_ok=True)
     latest = ckpt.load_latest(run_dir)
@@ -259,10 +275,19 @@ def _train(cfg, denv, device, mcfg, recipe_dir, manifest, manifest_sha, name, ru
         wandb_id, prior_seconds, last_loss = None, 0.0, None
         if main:
             atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-            ckpt.save_epoch(run_dir, ckpt.epoch_payload(model, epoch=0, step=0, samples_seen=0, **common))
+            ckpt.save_epoch(run_dir, payload_fn(model, epoch=0, step=0, samples_seen=0, **common))
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if tc.grad_checkpointing:
+        enable_grad_checkpointing(model)
     if denv.distributed:  # after any resume: every replica starts from the same weights
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if tc.compile:
+        model = torch.compile(model)
+    accum = int(tc.accum_steps)
+    amp_ctx = functools.partial(autocast, tc.precision, device)
+    scale_loss = scaler.scale if scaler is not None else (lambda loss: loss)
 
     subset_eval = subset_evaluator(cfg, manifest, tokenizer) if main else None  # eval.during_training
     sha = git_sha()
@@ -284,12 +309,12 @@ def _train(cfg, denv, device, mcfg, recipe_dir, manifest, manifest_sha, name, ru
             "samples_seen": samples_seen, "git_sha": sha, "wandb_id": logger.id,
             "train_seconds": prior_seconds + time.time() - t_seg, "final_loss": last_loss, "train_spec": spec,
             "num_samples": {"recipe": data.num_recipe, "base": data.num_base},
-            "bad_samples": bad_samples_report(data), "world_size": denv.world_size})
+            "bad_samples": bad_samples_report(data), "world_size": denv.world_size, "model_kind": tc.objective})
 
     def save_latest(position: dict) -> None:
         if not main:
             return
-        payload = ckpt.epoch_payload(model, epoch=position["epoch"], step=step, samples_seen=samples_seen, **common)
+        payload = payload_fn(model, epoch=position["epoch"], step=step, samples_seen=samples_seen, **common)
         ckpt.save_latest(run_dir, payload, optimizer=optimizer, scaler=scaler, position=position, extra={
             "wandb_id": logger.id, "train_seconds": prior_seconds + time.time() - t_seg, "last_loss": last_loss,
             "train_spec": spec, "manifest_sha256": manifest_sha, "steps_per_epoch": spe, "total_steps": total,
@@ -315,30 +340,33 @@ def _train(cfg, denv, device, mcfg, recipe_dir, manifest, manifest_sha, name, ru
                     data_time += time.time() - t0
                     if b is None:
                         break
-                    lr = lr_at(step, float(oc.lr), int(oc.warmup_steps), total)
+                    lr = lr_fn(step)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
-                    with autocast(tc.precision, device):
-                        out = model(b.images, b.tokens)
-                        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+                    optimizer.zero_grad(set_to_none=True)
+                    images = b.images.contiguous(memory_format=torch.channels_last) if tc.channels_last else b.images
+                    if supervised:
+                        loss_value, stat = supervised_backward(model, images, b.labels, accum, amp_ctx, scale_loss)
+                    else:
+                        loss_value, stat = clip_backward(model, loss_fn, images, b.tokens, accum, amp_ctx,
+                                                         scale_loss)
                     # All ranks agree on the loss (mean) and on a stop signal that reached any of them.
-                    loss_value, sig = dist.all_mean_max(denv, loss.item(), float(stop.received or 0), device)
+                    loss_value, sig = dist.all_mean_max(denv, loss_value, float(stop.received or 0), device)
                     if not math.isfinite(loss_value):
                         good = ckpt.latest_path(run_dir)
                         good = good if good.exists() else ckpt.epoch_path(run_dir, 0)
                         raise ClipgenError(f"loss is {loss_value} at step {step + 1} (epoch {e}, batch {b.index}) of "
-                                           f"{name}: nothing was saved, the last good checkpoint {str(good)!r} is "
-                                           "kept; lower optim.lr or use trainer.precision=fp32")
-                    optimizer.zero_grad(set_to_none=True)
+                                           f"{name}: no step was taken and nothing was saved, the last good "
+                                           f"checkpoint {str(good)!r} is kept; lower optim.lr or use "
+                                           "trainer.precision=fp32")
                     if scaler is not None:
-                        scaler.scale(loss).backward()
                         scaler.step(optimizer)
                         scaler.update()
                     else:
-                        loss.backward()
                         optimizer.step()
-                    with torch.no_grad():
-                        ckpt.unwrap(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+                    if not supervised:
+                        with torch.no_grad():
+                            ckpt.unwrap(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
                     step, steps_here, n_log = step + 1, steps_here + 1, n_log + 1
                     samples_seen += b.images.shape[0] * denv.world_size
                     last_loss = loss_value
@@ -347,10 +375,10 @@ def _train(cfg, denv, device, mcfg, recipe_dir, manifest, manifest_sha, name, ru
                     if main and (step % tc.log_every == 0 or step == total):
                         dt = time.time() - t_log
                         sps = n_log * b.images.shape[0] * denv.world_size / max(dt, 1e-9)
-                        scale = float(out["logit_scale"].detach())
-                        log.info("step %d/%d | epoch %d/%d | loss %.4f | lr %.2e | logit scale %.2f | %.0f samples/s",
-                                 step, total, e + 1, epochs, loss_value, lr, scale, sps)
-                        logger.log({"train/loss": loss_value, "train/lr": lr, "train/logit_scale": scale,
+                        what = "train/acc" if supervised else "train/logit_scale"  # stat: batch accuracy / scale
+                        log.info("step %d/%d | epoch %d/%d | loss %.4f | lr %.2e | %s %.3f | %.0f samples/s",
+                                 step, total, e + 1, epochs, loss_value, lr, what.split("/")[1], stat, sps)
+                        logger.log({"train/loss": loss_value, "train/lr": lr, what: stat,
                                     "train/samples_per_s": sps, "train/data_time": data_time / n_log,
                                     "train/epoch": e + (b.index + 1) / spe}, step=step)
                         t_log, n_log, data_time = time.time(), 0, 0.0
@@ -364,9 +392,9 @@ def _train(cfg, denv, device, mcfg, recipe_dir, manifest, manifest_sha, name, ru
                 if stopped:
                     break
                 # Epoch end: the epoch checkpoint first, then latest.pt pointing at the next epoch.
-                if main:
-                    ckpt.save_epoch(run_dir, ckpt.epoch_payload(model, epoch=e + 1, step=step,
-                                                                samples_seen=samples_seen, **common))
+                if main and ((e + 1) % int(tc.save_every_epochs) == 0 or e + 1 == epochs):
+                    ckpt.save_epoch(run_dir, payload_fn(model, epoch=e + 1, step=step, samples_seen=samples_seen,
+                                                        **common))
                 save_latest({"epoch": e + 1, "batch": 0})
                 if subset_eval is not None:  # after the saves; leaves RNG, weights and train mode as they were
                     subset_eval(ckpt.unwrap(model), epoch=e + 1, step=step, logger=logger)

@@ -50,6 +50,7 @@ class StreamData:
     num_recipe: int
     num_base: int
     bad_samples: list[dict] = field(default_factory=list)
+    labels: torch.Tensor | None = None  # N class targets (supervised objective), set by the trainer
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -189,7 +190,7 @@ class StreamLoader(EpochLoader):
 
     def make_batch(self, epoch: int, index: int, idx: torch.Tensor) -> Batch:
         images, tokens = self.assemble(epoch, index, idx, self.device)
-        return Batch(epoch=epoch, index=index, images=images, tokens=tokens, indices=idx)
+        return Batch(epoch=epoch, index=index, images=images, tokens=tokens, indices=idx, labels=self.labels_of(idx))
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         if self.workers <= 0:
@@ -205,7 +206,7 @@ class StreamLoader(EpochLoader):
             multiprocessing_context=mp.get_context(method), pin_memory=self.device.type == "cuda")
         for index, images, tokens, idx in dl:
             yield Batch(epoch=epoch, index=index, images=images.to(self.device, non_blocking=True),
-                        tokens=tokens.to(self.device, non_blocking=True), indices=idx)
+                        tokens=tokens.to(self.device, non_blocking=True), indices=idx, labels=self.labels_of(idx))
 
 
 def decoded_gb(num_samples: int, image_px: int) -> float:

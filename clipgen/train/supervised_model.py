@@ -75,6 +75,30 @@ def domainnet_columns(classnames: Sequence[str]) -> list[int]:
     return cols
 
 
+def supervised_labels(meta: dict[str, list[str]], where) -> torch.Tensor:
+    """Training targets (SPEC §5) from the shards' metadata: 1000 + DomainNet label for every sample of a
+    DomainNet class (DomainNet images, and base images whose ImageNet class maps to DomainNet), else the ImageNet
+    index of the base image's wnid (``base/{wnid}/...``). A sample with neither (CC pairs have no class) is a
+    ClipgenError naming it."""
+    from clipgen.facts import imagenet_class_index
+
+    index = {wnid: i for i, (wnid, _) in imagenet_class_index().items()}
+    out = []
+    for sid, label, source in zip(meta["sample_id"], meta["label"], meta["source"]):
+        lab = int(label) if str(label).lstrip("-").isdigit() else -1
+        if lab >= 0:
+            out.append(NUM_IMAGENET_CLASSES + lab)
+            continue
+        parts = sid.split("/")
+        idx = index.get(parts[1]) if len(parts) > 2 and parts[0] == "base" else None
+        if idx is None:
+            raise ClipgenError(f"sample {sid!r} (source {source!r}) in {str(where)!r} has no supervised label: "
+                               "expected a DomainNet class or an ImageNet wnid (the supervised baseline needs a "
+                               "labelled base corpus: data.base=imagenet_captions or world, not cc)")
+        out.append(idx)
+    return torch.tensor(out, dtype=torch.int64)
+
+
 @torch.no_grad()
 def restricted_logits(model: SupervisedClassifier, images: torch.Tensor, columns: Sequence[int]):
     """``(logits[:, columns], features)`` of normalised float ``images``: the zero-shot-equivalent logits over

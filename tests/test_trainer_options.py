@@ -1,0 +1,116 @@
+"""The supervised baseline on the shared loop, micro-batching, gradient checkpointing and channels-last: each
+trains on the tiny world, resumes, and (for the memory/speed options) gives the model the plain run gives."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_cfg
+
+from clipgen.errors import ClipgenError
+from clipgen.train.loop import run_train
+from clipgen.train.objective import step_lr_at
+from clipgen.train.supervised_model import NUM_CLASSES, supervised_labels
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+SMOKE = ("debug=smoke", "recipe=cg_high", "trainer.threads=1")
+
+
+def _copy_world(tiny_root, dest: Path) -> Path:
+    shutil.copytree(Path(tiny_root) / "world", dest / "world")
+    return dest
+
+
+def _sd(run_dir: Path, name: str) -> dict:
+    return torch.load(Path(run_dir) / name, weights_only=True)
+
+
+def test_supervised_baseline_trains_resumes_and_is_evaluated(tiny_root, tmp_path):
+    over = (*SMOKE, "trainer=supervised", "trainer.epochs=3", "trainer.save_every_epochs=2", "optim.lr=0.05")
+    full = run_train(make_cfg(tiny_root, *over, "run_name=test-sup-full"))
+    run = Path(full["run_dir"])
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_000.pt", "epoch_002.pt",
+                                                                        "epoch_003.pt"]  # init, every 2, last
+    last = _sd(run, "checkpoints/epoch_003.pt")
+    assert last["kind"] == "supervised" and last["num_classes"] == NUM_CLASSES
+    assert {k.split(".")[0] for k in last["state_dict"]} == {"visual", "head"}
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["model_kind"] == "supervised" and meta["status"] == "finished"
+    latest = _sd(run, "latest.pt")
+    group = latest["optimizer"]["param_groups"][0]
+    assert group["nesterov"] and group["momentum"] == 0.9  # SGD with Nesterov momentum (optim=sgd_step)
+    first = _sd(run, "checkpoints/epoch_000.pt")["state_dict"]
+    assert any(not torch.equal(first[k], last["state_dict"][k]) for k in first)
+
+    # Interrupted after 4 steps and resumed: bit for bit the uninterrupted run.
+    root = _copy_world(tiny_root, tmp_path)
+    part = run_train(make_cfg(root, *over, "run_name=test-sup-full", "trainer.max_steps=4"))
+    assert part["status"] == "running" and part["steps"] == 4
+    done = run_train(make_cfg(root, *over, "run_name=test-sup-full"))
+    assert done["status"] == "finished" and done["final_loss"] == full["final_loss"]
+    resumed = _sd(Path(done["run_dir"]), "checkpoints/epoch_003.pt")["state_dict"]
+    assert all(torch.equal(resumed[k], last["state_dict"][k]) for k in resumed)
+
+    # clipgen-eval reads the supervised run through its DomainNet columns.
+    from clipgen.eval.run import run_eval
+
+    out = run_eval(make_cfg(tiny_root, *over, f"eval.run_dir={run}", "eval.save_outputs=false"))
+    assert out["evaluated"] == 3 and 0.0 <= out["final"]["sketch-lso-id"] <= 1.0
+
+
+def test_supervised_targets_follow_the_spec():
+    meta = {"sample_id": ["sketch/cat/1", "base/n01440764/x", "base/dn017/y", "cc/00001/k"],
+            "label": ["60", "-1", "17", "-1"], "source": ["domainnet", "imagenet_captions", "world_base", "cc"]}
+    with pytest.raises(ClipgenError, match=r"'cc/00001/k'.*no supervised label.*not cc"):
+        supervised_labels(meta, "recipe")
+    labels = supervised_labels({k: v[:3] for k, v in meta.items()}, "recipe")
+    assert labels.tolist() == [1000 + 60, 0, 1000 + 17]  # DomainNet -> 1000 + label; ImageNet tench -> 0
+
+
+def test_step_schedule_by_hand():
+    lr = [step_lr_at(s, 0.01, 0, 10, [30, 50, 70], 0.1) for s in (0, 299, 300, 499, 500, 700, 899)]
+    assert lr == pytest.approx([0.01, 0.01, 0.001, 0.001, 1e-4, 1e-5, 1e-5])
+    assert step_lr_at(1, 0.01, 4, 10, [1], 0.1) == pytest.approx(0.005)  # warmup first
+
+
+def _outputs(path: Path, model_name: str):
+    import open_clip
+
+    from clipgen.train.model import register_clipgen_models
+
+    register_clipgen_models()
+    model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=str(path))
+    model.eval()
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    tokens = open_clip.get_tokenizer(model_name)(["a sketch of a cat", "a photo of a bus"])
+    with torch.no_grad():
+        return model.encode_image(images, normalize=True), model.encode_text(tokens, normalize=True)
+
+
+@pytest.mark.parametrize("model, options, tol", [
+    ("tiny_vit", ("trainer.accum_steps=4",), 1e-5),  # LayerNorm only: micro-batches give the full-batch gradient
+    ("tiny_rn", ("trainer.grad_checkpointing=true",), 1e-5),  # BatchNorm statistics counted once
+    ("tiny_rn", ("trainer.channels_last=true",), 1e-3),  # other convolution kernels: rounding, amplified by Adam
+])
+def test_memory_options_leave_the_model_unchanged(tiny_root, model, options, tol):
+    over = (*SMOKE, f"model={model}", "trainer.max_steps=6")
+    plain = run_train(make_cfg(tiny_root, *over, f"run_name=test-opt-{model}-plain"))  # a no-op when it exists
+    option = options[0].split(".")[1].split("=")[0]
+    other = run_train(make_cfg(tiny_root, *over, *options, f"run_name=test-opt-{model}-{option}"))
+    assert plain["steps"] == other["steps"] == 6 and abs(plain["final_loss"] - other["final_loss"]) < 1e-3
+    name = f"clipgen-tiny-{model.split('_')[1]}"
+    a = _outputs(Path(plain["run_dir"]) / "latest.pt", name)
+    b = _outputs(Path(other["run_dir"]) / "latest.pt", name)
+    init = _outputs(Path(plain["run_dir"]) / "checkpoints" / "epoch_000.pt", name)
+    gap = max(float((x - y).abs().max()) for x, y in zip(a, b))
+    moved = max(float((x - y).abs().max()) for x, y in zip(a, init))
+    assert gap < tol and moved > 100 * gap, (gap, moved)
+
+
+def test_accum_steps_must_divide_the_batch(tmp_path):
+    with pytest.raises(ClipgenError, match="accum_steps=5 does not divide the per-process batch 32"):
+        run_train(make_cfg(tmp_path, *SMOKE, "trainer.accum_steps=5"))
+    assert not (tmp_path / "runs").exists()
