@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -329,6 +330,12 @@ def _train(cfg, denv, device, mcfg, recipe_dir, manifest, manifest_sha, name, ru
         stopped = "max_steps"
     t_log, n_log, data_time = time.time(), 0, 0.0
     model.train()
+    # A progress bar on a terminal; plain log lines every trainer.log_every steps otherwise (batch jobs, pipes).
+    bar = None
+    if main and sys.stderr.isatty() and step < total:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=step, desc=name, unit="step", dynamic_ncols=True)
     try:
         with StopSignals() as stop:
             write_meta("running")
@@ -368,6 +375,8 @@ def _train(cfg, denv, device, mcfg, recipe_dir, manifest, manifest_sha, name, ru
                         with torch.no_grad():
                             ckpt.unwrap(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
                     step, steps_here, n_log = step + 1, steps_here + 1, n_log + 1
+                    if bar is not None:
+                        bar.update(1)
                     samples_seen += b.images.shape[0] * denv.world_size
                     last_loss = loss_value
                     position = {"epoch": e, "batch": b.index + 1}
@@ -376,8 +385,11 @@ def _train(cfg, denv, device, mcfg, recipe_dir, manifest, manifest_sha, name, ru
                         dt = time.time() - t_log
                         sps = n_log * b.images.shape[0] * denv.world_size / max(dt, 1e-9)
                         what = "train/acc" if supervised else "train/logit_scale"  # stat: batch accuracy / scale
-                        log.info("step %d/%d | epoch %d/%d | loss %.4f | lr %.2e | %s %.3f | %.0f samples/s",
-                                 step, total, e + 1, epochs, loss_value, lr, what.split("/")[1], stat, sps)
+                        if bar is not None:
+                            bar.set_postfix_str(f"loss {loss_value:.4f} lr {lr:.2e} {sps:.0f} samples/s")
+                        else:
+                            log.info("step %d/%d | epoch %d/%d | loss %.4f | lr %.2e | %s %.3f | %.0f samples/s",
+                                     step, total, e + 1, epochs, loss_value, lr, what.split("/")[1], stat, sps)
                         logger.log({"train/loss": loss_value, "train/lr": lr, what: stat,
                                     "train/samples_per_s": sps, "train/data_time": data_time / n_log,
                                     "train/epoch": e + (b.index + 1) / spe}, step=step)
@@ -402,6 +414,8 @@ def _train(cfg, denv, device, mcfg, recipe_dir, manifest, manifest_sha, name, ru
             if stopped is None:
                 write_meta("finished")
     finally:
+        if bar is not None:
+            bar.close()
         logger.finish()
 
     seconds = time.time() - t_loop
