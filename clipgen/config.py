@@ -121,6 +121,7 @@ class TrainerConfig:
     save_every_steps: int = 200  # steps between latest.pt saves (plus every epoch end and on a stop signal)
     max_steps: int = -1  # stop after this many steps (debugging); -1 = the full schedule
     sync_bn: bool = False  # DDP on CUDA: SyncBatchNorm, so ResNets' batch statistics span the global batch
+    requeue: bool = True  # in a SLURM job: after SIGUSR1/SIGUSR2 and saving latest.pt, requeue it (scontrol requeue)
     objective: str = "clip"  # clip (contrastive, open_clip's ClipLoss) | supervised (SPEC §5 baseline, 1345-way)
     save_every_epochs: int = 1  # epoch checkpoints every this many epochs (and after the last); epoch 0 always
     # Memory/speed options that leave the result unchanged (up to float rounding):

@@ -135,6 +135,36 @@ class StopSignals:
         self._previous.clear()
         return False
 
+    def previous(self, name: str):
+        """The handler that was installed for signal ``name`` before this one (submitit's, under submitit)."""
+        return self._previous.get(getattr(signal, name, None))
+
+
+def requeue_after_stop(stopped: str, handler, enabled: bool) -> str:
+    """After latest.pt is saved on a stop signal: who brings the job back. Under submitit, its own handler
+    (checkpoint + requeue; rank 0 exits there). Under a plain SLURM job, ``scontrol requeue`` on SIGUSR1/SIGUSR2
+    (``#SBATCH --signal=USR1@180`` before the time limit); SIGTERM is scancel's signal (and preemption with
+    PreemptMode=REQUEUE requeues by itself), so it never requeues. Returns what happened, for the log."""
+    if not enabled:
+        return "trainer.requeue=false"
+    if os.environ.get("SUBMITIT_EXECUTOR"):
+        if callable(handler):
+            handler(getattr(signal, stopped), None)
+            return "submitit's handler requeued the job"
+        return "submitit: no handler to delegate to"
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job or stopped == "SIGTERM":
+        return "not requeued"
+    import subprocess
+
+    try:
+        out = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"scontrol requeue {job} failed ({e})"
+    if out.returncode:
+        return f"scontrol requeue {job} failed: {out.stderr.strip() or out.returncode}"
+    return f"requeued SLURM job {job}"
+
 
 def run_train(cfg: DictConfig) -> dict:
     """Train (or resume, or skip if finished) the run the config names. Returns ``{"run_dir", "status", "steps",
@@ -325,7 +355,7 @@ def _train(cfg, denv, device, mcfg, recipe_dir, manifest, manifest_sha, name, ru
     log.info("training %s: %d samples (recipe %d + base %d, %s loader), %d epochs x %d steps of %d, device %s, %s",
              name, len(data), data.num_recipe, data.num_base, loader_kind, epochs, spe, tc.batch_size, device,
              tc.precision)
-    steps_here, t_loop, stopped = 0, time.time(), None
+    steps_here, t_loop, stopped, previous_handler = 0, time.time(), None, None
     if 0 < tc.max_steps <= step < total:  # a rerun with the same max_steps has nothing left to do
         stopped = "max_steps"
     t_log, n_log, data_time = time.time(), 0, 0.0
@@ -413,6 +443,8 @@ def _train(cfg, denv, device, mcfg, recipe_dir, manifest, manifest_sha, name, ru
 
             if stopped is None:
                 write_meta("finished")
+            elif stopped != "max_steps":
+                previous_handler = stop.previous(stopped)
     finally:
         if bar is not None:
             bar.close()
@@ -423,7 +455,8 @@ def _train(cfg, denv, device, mcfg, recipe_dir, manifest, manifest_sha, name, ru
     status = "running" if stopped else "finished"
     if stopped and stopped != "max_steps":
         if main:
-            print(f"clipgen: received {stopped}: saved {ckpt.latest_path(run_dir)} at step {step}/{total}; "
+            what = requeue_after_stop(stopped, previous_handler, bool(tc.requeue))
+            print(f"clipgen: received {stopped}: saved {ckpt.latest_path(run_dir)} at step {step}/{total} ({what}); "
                   "rerun the same command to resume")
         raise SystemExit(128 + int(signal.Signals[stopped]))
     if main:
