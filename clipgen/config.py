@@ -168,6 +168,35 @@ class LoggerConfig:
     mode: str = "offline"  # offline (default, no key needed) | online | disabled
     project: str = "clipgen"
     group: Optional[str] = None  # W&B group; defaults to the study name
+    tags: List[str] = field(default_factory=list)  # W&B tags (experiments set theirs)
+
+
+@dataclass
+class SlurmJobConfig:
+    partition: Optional[str] = None  # null = the cluster's default partition
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    timeout_min: int = 1440
+    nodes: int = 1
+    tasks_per_node: int = 1  # one task per GPU: DDP over srun
+    gpus_per_node: int = 0
+    cpus_per_task: int = 8
+    mem_gb: int = 64
+    signal_delay_s: int = 180  # USR2 this long before the time limit (and at preemption): save, requeue
+    max_num_timeout: int = 5  # requeues after time limits / preemptions (safe: training resumes exactly)
+    setup: List[str] = field(default_factory=list)  # shell lines run before the job (module load, conda ...)
+
+
+@dataclass
+class SlurmStageConfig:
+    # study.launcher=slurm: one SLURM job per run for training and for evaluation (submitit); every value can be
+    # overridden on the command line, e.g. study.slurm.train.partition=gpu study.slurm.train.gpus_per_node=4
+    folder: str = "${paths.root}/logs/study/${study.name}"  # submitit's job scripts and logs
+    train: SlurmJobConfig = field(default_factory=lambda: SlurmJobConfig(tasks_per_node=4, gpus_per_node=4,
+                                                                         cpus_per_task=8, mem_gb=128))
+    eval: SlurmJobConfig = field(default_factory=lambda: SlurmJobConfig(timeout_min=240, gpus_per_node=1,
+                                                                        cpus_per_task=8, mem_gb=32,
+                                                                        max_num_timeout=3))
 
 
 @dataclass
@@ -179,6 +208,9 @@ class StudyConfig:
     # Runs trained/evaluated at once on this machine (separate processes, each with trainer.threads threads).
     # On a small CPU, 2 one-thread processes beat one 2-thread process for tiny models.
     parallel: int = 1
+    dry_run: bool = False  # list the study's runs and what each still needs, launch nothing
+    launcher: str = "local"  # local (processes on this machine) | slurm (one submitit job per run and stage)
+    slurm: SlurmStageConfig = field(default_factory=SlurmStageConfig)
 
 
 @dataclass

@@ -62,4 +62,7 @@ def report_dir(cfg: DictConfig) -> Path:
 def run_name(cfg: DictConfig, recipe_id: str) -> str:
     if cfg.get("run_name"):
         return str(cfg.run_name)
-    return f"{recipe_id}--{cfg.model.name}--seed{cfg.trainer.seed}"
+    model = cfg.model.name
+    if OmegaConf.select(cfg, "trainer.objective", default="clip") == "supervised":
+        model += "-supervised"  # the baseline never shares a directory with the CLIP run of the same recipe
+    return f"{recipe_id}--{model}--seed{cfg.trainer.seed}"

@@ -1,8 +1,13 @@
 """One command for a whole study: world/sources -> recipes -> training grid -> evaluation -> report.
 
 Every stage is idempotent (worlds and recipes are keyed by spec hash, finished runs and evaluated checkpoints are
-skipped), so relaunching a study only does what is missing. The per-stage time table printed at the end is
-what ``benchmarks/quickstart_timing.py`` reproduces.
+skipped), so relaunching a study only does what is missing: a run whose training is finished and whose every
+checkpoint is evaluated gets no job at all. ``study.dry_run=true`` lists the runs and what each still needs.
+``study.launcher=local`` runs the stages here (``study.parallel`` processes); ``study.launcher=slurm`` submits
+one submitit job per run for training (DDP over srun when tasks_per_node > 1), waits, then one per run for
+evaluation, and builds the report here. Jobs that time out or are preempted are requeued by submitit (up to
+``max_num_timeout``) and resume from ``latest.pt``. The study ends with a status table (done / failed with the
+log path) and the per-stage time table that ``benchmarks/quickstart_timing.py`` reproduces.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
 
@@ -26,20 +32,29 @@ class Job:
 
 
 def parse_recipe_entry(entry: str, test_domain: str) -> dict:
-    """Study recipe entries: a kind (``cg_high``), ``allow:0.2`` or ``interpolation:cqrs`` (letters of all
-    included domains, as in the paper's lists)."""
+    """Study recipe entries: a kind (``cg_high``), ``allow:0.2`` or ``allow:0.2:cg_low`` (p and the base
+    recipe), ``interpolation:cqrs`` (letters of all included domains, as in the paper's lists); a ``+aligned``
+    suffix gives the aligned-caption variant (``cg_high+aligned``)."""
     from clipgen.facts import DOMAIN_LETTERS, NATURAL_DOMAIN
 
-    kind, _, arg = str(entry).partition(":")
+    entry, plus, suffix = str(entry).partition("+")
+    if plus and suffix != "aligned":
+        raise ClipgenError(f"study.recipes entry {entry}+{suffix!r}: expected the suffix '+aligned' or none")
+    kind, _, arg = entry.partition(":")
     if kind not in RECIPE_KINDS:
         raise ClipgenError(f"unknown study.recipes entry {entry!r}: expected one of {', '.join(RECIPE_KINDS)} "
                            "(allow:P and interpolation:LETTERS take an argument)")
     out: dict = {"kind": kind}
+    if plus:
+        out["aligned_captions"] = True
     if kind == "allow":
+        p, _, base = arg.partition(":")
         try:
-            out["allow_p"] = float(arg)
+            out["allow_p"] = float(p)
         except ValueError:
-            raise ClipgenError(f"study.recipes entry {entry!r}: expected allow:P with P a number") from None
+            raise ClipgenError(f"study.recipes entry {entry!r}: expected allow:P[:BASE] with P a number") from None
+        if base:
+            out["allow_base"] = base
     elif kind == "interpolation":
         by_letter = {v: k for k, v in DOMAIN_LETTERS.items()}
         if not arg or any(ch not in by_letter for ch in arg):
@@ -67,13 +82,74 @@ def job_config(cfg: DictConfig, job: Job) -> DictConfig:
 
 
 def study_jobs(cfg: DictConfig) -> list[Job]:
-    jobs = [Job(d, r, int(s)) for d in cfg.study.test_domains for r in cfg.study.recipes for s in cfg.study.seeds]
-    if not jobs:
+    """The study's runs, one per distinct run directory: natural-only is the same run for every test domain, so
+    it appears once (with the first test domain)."""
+    from clipgen import layout
+
+    from clipgen.recipes.naming import PAPER_INTERPOLATIONS
+
+    grid = []
+    for d in cfg.study.test_domains:
+        for r in cfg.study.recipes:
+            entries = [r]
+            if str(r) == "interpolation:paper":  # the paper's list for this test domain (SPEC §4)
+                if d not in PAPER_INTERPOLATIONS:
+                    raise ClipgenError(f"study.recipes entry 'interpolation:paper' has no paper list for test "
+                                       f"domain {d!r}: expected one of {', '.join(PAPER_INTERPOLATIONS)}")
+                entries = [f"interpolation:{letters}" for letters in PAPER_INTERPOLATIONS[d]]
+            grid += [Job(d, e, int(s)) for e in entries for s in cfg.study.seeds]
+    if not grid:
         raise ClipgenError("the study has no runs: expected non-empty study.test_domains, study.recipes and "
                            "study.seeds")
-    for j in jobs:
-        job_config(cfg, j)
+    jobs, seen = [], set()
+    for j in grid:
+        sub = job_config(cfg, j)
+        name = layout.run_name(sub, recipe_spec(sub.recipe).recipe_id)
+        if name not in seen:
+            seen.add(name)
+            jobs.append(j)
     return jobs
+
+
+def run_dir_of(sub: DictConfig):
+    from clipgen import layout
+
+    return layout.runs_root(sub) / layout.run_name(sub, recipe_spec(sub.recipe).recipe_id)
+
+
+def run_state(sub: DictConfig) -> tuple[str, str]:
+    """(training, evaluation) state of one run from its directory: training "finished" | "step N/M" | "not
+    started"; evaluation "done" (every checkpoint of every task has a result line) | "N/M" | "-"."""
+    import json
+
+    from clipgen.eval.results import read_results
+    from clipgen.eval.testsets import task_domains, task_name
+
+    run_dir = run_dir_of(sub)
+    try:
+        meta = json.loads((run_dir / "meta.json").read_text())
+    except (OSError, ValueError):
+        return "not started", "-"
+    train = "finished" if meta.get("status") == "finished" else f"step {meta.get('step', 0)}/{meta.get('total_steps')}"
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("epoch_*.pt"))
+    tasks = [task_name(d) for d in task_domains(meta)]
+    try:
+        records, _ = read_results(run_dir / "eval" / "results.jsonl")
+    except Exception:  # unreadable results: clipgen-eval reports it precisely when it runs
+        records = []
+    have = {(r.get("task"), Path(str(r.get("checkpoint", ""))).name) for r in records}
+    need = {(t, c) for t in tasks for c in ckpts}
+    done = len(need & have)
+    evaluation = "done" if need and done == len(need) and train == "finished" else f"{done}/{len(need)}"
+    return train, evaluation
+
+
+def format_runs(rows: list[tuple]) -> str:
+    head = ("#", "run", "test domain", "training", "evaluation")
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*map(str, r)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def _call(fn_name: str, cfg: DictConfig) -> dict:
@@ -114,53 +190,150 @@ def format_time_table(rows: list[tuple[str, float]]) -> str:
     return "\n".join(lines)
 
 
+LAUNCHERS = ("local", "slurm")
+
+
+class StageCall:
+    """A study stage for one run as a submitit job: ``StageCall("clipgen.train.loop.run_train")(cfg)``. Being
+    checkpointable, it is resubmitted with the same config when its job is preempted or times out (submitit
+    requeues it up to ``max_num_timeout`` times); the stage then resumes from what is on disk."""
+
+    def __init__(self, fn_name: str):
+        self.fn_name = fn_name
+
+    def __call__(self, cfg: DictConfig) -> dict:
+        return _call(self.fn_name, cfg)
+
+    def checkpoint(self, cfg: DictConfig):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(StageCall(self.fn_name), cfg)
+
+
+def slurm_executor(folder: str, stage: str, jc):
+    """A submitit SLURM executor for one stage from a ``study.slurm.<stage>`` node."""
+    import submitit
+
+    ex = submitit.AutoExecutor(folder=f"{folder}/{stage}/%j", cluster="slurm",
+                               slurm_max_num_timeout=int(jc.max_num_timeout))
+    params = {"name": f"clipgen-{stage}", "timeout_min": int(jc.timeout_min), "nodes": int(jc.nodes),
+              "tasks_per_node": int(jc.tasks_per_node), "cpus_per_task": int(jc.cpus_per_task),
+              "mem_gb": int(jc.mem_gb), "slurm_signal_delay_s": int(jc.signal_delay_s)}
+    if int(jc.gpus_per_node) > 0:
+        params["gpus_per_node"] = int(jc.gpus_per_node)
+    for key in ("partition", "account", "qos"):
+        if jc[key]:
+            params[f"slurm_{key}"] = str(jc[key])
+    if jc.setup:
+        params["slurm_setup"] = list(jc.setup)
+    ex.update_parameters(**params)
+    return ex
+
+
+def run_on_slurm(stage: str, fn_name: str, cfgs: list[DictConfig], cfg: DictConfig) -> list[dict]:
+    """Submit one job per config, wait for all; returns per config {"job_id", "state", "log", "result"}."""
+    if not cfgs:
+        return []
+    ex = slurm_executor(str(cfg.study.slurm.folder), stage, cfg.study.slurm[stage])
+    with ex.batch():
+        jobs = [ex.submit(StageCall(fn_name), c) for c in cfgs]
+    print(f"  submitted {len(jobs)} {stage} jobs: {', '.join(j.job_id for j in jobs)}")
+    out = []
+    for job in jobs:
+        try:
+            result, state = job.result(), "done"
+        except Exception as e:  # a failed job: its log says why
+            result, state = {"error": str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}, \
+                "failed"
+        out.append({"job_id": job.job_id, "state": state, "log": str(job.paths.stderr), "result": result})
+    return out
+
+
 def run_study(cfg: DictConfig) -> dict:
     from clipgen.recipes.build import build_recipe
     from clipgen.report.build import run_report
     from clipgen.world.generate import run_world
 
+    launcher = str(cfg.study.launcher)
+    if launcher not in LAUNCHERS:
+        raise ClipgenError(f"unknown study.launcher {launcher!r}: expected one of {', '.join(LAUNCHERS)}")
+    parallel = int(cfg.study.parallel)
+    if parallel < 1:
+        raise ClipgenError(f"invalid study.parallel {parallel}: expected 1 or more processes")
     jobs = study_jobs(cfg)
+    subs = [job_config(cfg, job) for job in jobs]
     times: list[tuple[str, float]] = []
     print(f"study {cfg.study.name}: {len(jobs)} runs "
           f"({len(cfg.study.test_domains)} test domains x {len(cfg.study.recipes)} recipes x "
-          f"{len(cfg.study.seeds)} seeds)")
+          f"{len(cfg.study.seeds)} seeds, each run once), launcher {launcher}")
+    if cfg.study.dry_run:
+        states = [run_state(sub) for sub in subs]
+        print(format_runs([(i + 1, run_dir_of(sub).name, j.test_domain, *st)
+                           for i, (sub, j, st) in enumerate(zip(subs, jobs, states))]))
+        n_train = sum(st[0] != "finished" for st in states)
+        n_eval = sum(st[1] != "done" for st in states)
+        print(f"dry run: {n_train} runs to train, {n_eval} to evaluate; nothing was launched")
+        return {"runs": [str(run_dir_of(sub)) for sub in subs], "dry_run": True, "to_train": n_train,
+                "to_eval": n_eval}
+
     if cfg.data.source == "world" or cfg.data.base == "world":
         _timed(times, "world", run_world, cfg)
-
     recipes = {}
     t0 = time.time()
-    for job in jobs:
-        sub = job_config(cfg, job)
-        key = (job.test_domain, job.recipe)
+    for sub in subs:
+        key = (sub.recipe.test_domain, str(recipe_spec(sub.recipe).recipe_id))
         if key not in recipes:
             recipes[key] = build_recipe(sub)
             print(f"  recipe {recipes[key]['recipe_id']}: {recipes[key]['num_samples']} samples")
     times.append(("recipes", time.time() - t0))
 
-    parallel = int(cfg.study.parallel)
-    if parallel < 1:
-        raise ClipgenError(f"invalid study.parallel {parallel}: expected 1 or more processes")
-    train_cfgs = [job_config(cfg, job) for job in jobs]
+    failed: dict[str, dict] = {}
+    to_train = [sub for sub in subs if run_state(sub)[0] != "finished"]
     t0 = time.time()
-    runs = run_many("clipgen.train.loop.run_train", train_cfgs, parallel)
-    times.append((f"train ({len(jobs)} runs, {parallel} at a time)", time.time() - t0))
-    for run in runs:
-        print(f"  {run['run_dir']}: {run.get('status', '?')}, {run.get('seconds', 0):.0f} s, "
-              f"{run.get('samples_per_s') or 0:.0f} samples/s")
+    if launcher == "slurm":
+        for sub, res in zip(to_train, run_on_slurm("train", "clipgen.train.loop.run_train", to_train, cfg)):
+            if res["state"] != "done":
+                failed[run_dir_of(sub).name] = {"stage": "train", **res}
+    else:
+        for run in run_many("clipgen.train.loop.run_train", to_train, parallel):
+            print(f"  {run['run_dir']}: {run.get('status', '?')}, {run.get('seconds', 0):.0f} s, "
+                  f"{run.get('samples_per_s') or 0:.0f} samples/s")
+    where = "jobs" if launcher == "slurm" else f"{parallel} at a time"
+    times.append((f"train ({len(to_train)} of {len(subs)} runs, {where})", time.time() - t0))
 
-    eval_cfgs = []
-    for sub, run in zip(train_cfgs, runs):
+    to_eval = []
+    for sub in subs:
+        if run_dir_of(sub).name in failed or run_state(sub)[1] == "done":
+            continue
         sub = copy.deepcopy(sub)
         with open_dict(sub):
-            sub.eval.run_dir = run["run_dir"]
-        eval_cfgs.append(sub)
+            sub.eval.run_dir = str(run_dir_of(sub))
+        to_eval.append(sub)
     t0 = time.time()
-    run_many("clipgen.eval.run.run_eval", eval_cfgs, parallel)
-    times.append(("eval", time.time() - t0))
+    if launcher == "slurm":
+        for sub, res in zip(to_eval, run_on_slurm("eval", "clipgen.eval.run.run_eval", to_eval, cfg)):
+            if res["state"] != "done":
+                failed[run_dir_of(sub).name] = {"stage": "eval", **res}
+    else:
+        run_many("clipgen.eval.run.run_eval", to_eval, parallel)
+    times.append((f"eval ({len(to_eval)} runs)", time.time() - t0))
     report = _timed(times, "report", run_report, cfg)
 
+    rows = []
+    for i, (sub, job) in enumerate(zip(subs, jobs)):
+        name = run_dir_of(sub).name
+        train, evaluation = run_state(sub)
+        if name in failed:
+            f = failed[name]
+            evaluation = f"FAILED in {f['stage']} (job {f['job_id']}): {f['log']}"
+        rows.append((i + 1, name, job.test_domain, train, evaluation))
+    print()
+    print(format_runs(rows))
     print()
     print(format_time_table(times))
     print(f"\nreport: {report['report']}")
-    return {"runs": [r["run_dir"] for r in runs], "report": report["report"], "times": dict(times),
-            "total_seconds": sum(t for _, t in times)}
+    if failed:
+        raise ClipgenError(f"{len(failed)} of {len(subs)} runs failed (their logs are listed above); relaunch the "
+                           "same command to retry them: finished work is skipped")
+    return {"runs": [str(run_dir_of(sub)) for sub in subs], "report": report["report"], "times": dict(times),
+            "total_seconds": sum(t for _, t in times), "trained": len(to_train), "evaluated": len(to_eval)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -68,8 +69,10 @@ def make_logger(cfg: DictConfig, run_dir: str | Path, run_name: str, run_id: str
     config.update(extra_config or {})
     group = cfg.logger.group or OmegaConf.select(cfg, "study.name", default=None)
     try:
-        run = wandb.init(project=cfg.logger.project, group=group, name=run_name, id=run_id or stable_run_id(run_dir),
-                         resume="allow", dir=str(run_dir), mode=cfg.logger.mode, job_type="train", config=config)
+        # name: the run without its seed, so the seeds of one configuration line up in W&B's grouping
+        run = wandb.init(project=cfg.logger.project, group=group, name=re.sub(r"--seed\d+$", "", run_name),
+                         id=run_id or stable_run_id(run_dir), resume="allow", dir=str(run_dir), mode=cfg.logger.mode,
+                         job_type="train", config=config, tags=list(cfg.logger.get("tags") or []) or None)
     except Exception as e:  # W&B raises its own error types (auth, network); report them as one line
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ClipgenError(f"wandb.init failed with logger.mode={cfg.logger.mode!r} ({msg}): use "
