@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: models ar
 log = logging.getLogger("clipgen")
 
 
-def _app(run: Callable[[DictConfig], dict]):
+def _app(run: Callable[[DictConfig], dict], name: str):
     @hydra.main(version_base="1.3", config_path="conf", config_name="config")
     @wraps(run)
     def main(cfg: DictConfig) -> dict:
@@ -32,7 +32,14 @@ def _app(run: Callable[[DictConfig], dict]):
             print(f"clipgen: error: {e}", file=sys.stderr)
             sys.exit(2)
 
-    return main
+    def entry():
+        # Hydra names a job after the calling module (here always "cli"); each app names its own, so sweeps land
+        # in {paths.root}/logs/clipgen-<stage>/multirun/<overrides>.
+        if not any(a.startswith("hydra.job.name=") for a in sys.argv[1:]):
+            sys.argv.append(f"hydra.job.name={name}")
+        return main()
+
+    return entry
 
 
 def _world(cfg):
@@ -75,11 +82,11 @@ def _study(cfg):
     return run_study(cfg)
 
 
-world_main = _app(_world)
-recipe_main = _app(_recipe)
-train_main = _app(_train)
-eval_main = _app(_eval)
-analyze_main = _app(_analyze)
-diff_main = _app(_diff)
-report_main = _app(_report)
-study_main = _app(_study)
+world_main = _app(_world, "clipgen-world")
+recipe_main = _app(_recipe, "clipgen-recipe")
+train_main = _app(_train, "clipgen-train")
+eval_main = _app(_eval, "clipgen-eval")
+analyze_main = _app(_analyze, "clipgen-analyze")
+diff_main = _app(_diff, "clipgen-diff")
+report_main = _app(_report, "clipgen-report")
+study_main = _app(_study, "clipgen-study")

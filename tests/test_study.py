@@ -81,3 +81,20 @@ def test_cfg_job_prints_the_grid(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "test_domains:\n  - clipart\n  - infograph\n  - painting\n  - quickdraw\n  - sketch" in out.stdout
     assert "cg_high_pseudo" in out.stdout and "name: RN50" in out.stdout
+
+
+def test_world_study_on_submitit_local_then_relaunch_does_nothing(tiny_root, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_root / "world", tmp_path / "world")
+    over = [f"paths.root={tmp_path}", "debug=smoke", "study.name=local-jobs", "study.recipes=[cg_high]",
+            "study.launcher=submitit_local", "study.slurm.train.cpus_per_task=1", "study.slurm.eval.cpus_per_task=1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    out = subprocess.run(["clipgen-study", *over], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "submitted 1 train jobs" in out.stdout and "submitted 1 eval jobs" in out.stdout
+    assert "lso-cipqrs-nosketchclasses--clipgen-tiny-rn--seed0  sketch       finished  done" in out.stdout
+    assert list((tmp_path / "logs" / "study" / "local-jobs" / "train").glob("*/*_log.out"))  # submitit's logs
+    again = subprocess.run(["clipgen-study", *over], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "submitted" not in again.stdout and "train (0 of 1 runs" in again.stdout and "eval (0 runs)" in again.stdout

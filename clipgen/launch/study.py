@@ -190,7 +190,7 @@ def format_time_table(rows: list[tuple[str, float]]) -> str:
     return "\n".join(lines)
 
 
-LAUNCHERS = ("local", "slurm")
+LAUNCHERS = ("local", "submitit_local", "slurm")
 
 
 class StageCall:
@@ -210,11 +210,12 @@ class StageCall:
         return submitit.helpers.DelayedSubmission(StageCall(self.fn_name), cfg)
 
 
-def slurm_executor(folder: str, stage: str, jc):
-    """A submitit SLURM executor for one stage from a ``study.slurm.<stage>`` node."""
+def slurm_executor(folder: str, stage: str, jc, cluster: str = "slurm"):
+    """A submitit executor for one stage from a ``study.slurm.<stage>`` node: SLURM, or submitit's local
+    executor (``cluster="local"``: the same jobs as processes on this machine; SLURM-only values are ignored)."""
     import submitit
 
-    ex = submitit.AutoExecutor(folder=f"{folder}/{stage}/%j", cluster="slurm",
+    ex = submitit.AutoExecutor(folder=f"{folder}/{stage}/%j", cluster=cluster,
                                slurm_max_num_timeout=int(jc.max_num_timeout))
     params = {"name": f"clipgen-{stage}", "timeout_min": int(jc.timeout_min), "nodes": int(jc.nodes),
               "tasks_per_node": int(jc.tasks_per_node), "cpus_per_task": int(jc.cpus_per_task),
@@ -226,6 +227,9 @@ def slurm_executor(folder: str, stage: str, jc):
             params[f"slurm_{key}"] = str(jc[key])
     if jc.setup:
         params["slurm_setup"] = list(jc.setup)
+    if cluster == "local":  # one process per job here (submitit's local tasks get no SLURM rank variables)
+        params.update(tasks_per_node=1, nodes=1)
+        params.pop("gpus_per_node", None)
     ex.update_parameters(**params)
     return ex
 
@@ -234,7 +238,8 @@ def run_on_slurm(stage: str, fn_name: str, cfgs: list[DictConfig], cfg: DictConf
     """Submit one job per config, wait for all; returns per config {"job_id", "state", "log", "result"}."""
     if not cfgs:
         return []
-    ex = slurm_executor(str(cfg.study.slurm.folder), stage, cfg.study.slurm[stage])
+    cluster = "local" if cfg.study.launcher == "submitit_local" else "slurm"
+    ex = slurm_executor(str(cfg.study.slurm.folder), stage, cfg.study.slurm[stage], cluster)
     with ex.batch():
         jobs = [ex.submit(StageCall(fn_name), c) for c in cfgs]
     print(f"  submitted {len(jobs)} {stage} jobs: {', '.join(j.job_id for j in jobs)}")
@@ -290,7 +295,7 @@ def run_study(cfg: DictConfig) -> dict:
     failed: dict[str, dict] = {}
     to_train = [sub for sub in subs if run_state(sub)[0] != "finished"]
     t0 = time.time()
-    if launcher == "slurm":
+    if launcher != "local":
         for sub, res in zip(to_train, run_on_slurm("train", "clipgen.train.loop.run_train", to_train, cfg)):
             if res["state"] != "done":
                 failed[run_dir_of(sub).name] = {"stage": "train", **res}
@@ -298,7 +303,7 @@ def run_study(cfg: DictConfig) -> dict:
         for run in run_many("clipgen.train.loop.run_train", to_train, parallel):
             print(f"  {run['run_dir']}: {run.get('status', '?')}, {run.get('seconds', 0):.0f} s, "
                   f"{run.get('samples_per_s') or 0:.0f} samples/s")
-    where = "jobs" if launcher == "slurm" else f"{parallel} at a time"
+    where = f"{launcher} jobs" if launcher != "local" else f"{parallel} at a time"
     times.append((f"train ({len(to_train)} of {len(subs)} runs, {where})", time.time() - t0))
 
     to_eval = []
@@ -310,7 +315,7 @@ def run_study(cfg: DictConfig) -> dict:
             sub.eval.run_dir = str(run_dir_of(sub))
         to_eval.append(sub)
     t0 = time.time()
-    if launcher == "slurm":
+    if launcher != "local":
         for sub, res in zip(to_eval, run_on_slurm("eval", "clipgen.eval.run.run_eval", to_eval, cfg)):
             if res["state"] != "done":
                 failed[run_dir_of(sub).name] = {"stage": "eval", **res}
