@@ -160,6 +160,24 @@ class DiffConfig:
     epoch: int = -1  # checkpoint whose evaluation outputs are compared (-1 = last epoch both runs evaluated)
     alpha: float = 0.01  # acceptance margin: predicted side's share must exceed the other's by this much
     seed: int = 0  # discovery/verification split and every other random choice
+    generators: List[str] = field(default_factory=lambda: ["slice_diff", "cluster"])  # hypothesis generators
+    tau: float = 0.1  # behaviour true_prob: minimum difference in true-class probability
+    confident: float = 0.5  # behaviour confident_error: minimum top probability of a wrong prediction
+    fdr_q: float = 0.05  # Benjamini-Hochberg level of the generators, and slice_diff's child-vs-parent test level
+    min_slice: int = 10  # smallest slice (discovery images) a hypothesis may speak about
+    max_hypotheses: int = 50  # per generator, strongest first
+    cluster_max_points: int = 4000  # cluster: discordant images clustered at most (seeded subsample)
+    cluster_pca_dim: int = 8  # cluster: PCA components kept of each run's embeddings
+    top_k: int = 10  # top hypotheses shown in summary.md and the report
+    evidence: int = 5  # evidence image ids per hypothesis
+    # Optional LLM (off by default; never downloads): paraphrases hypotheses and rates them as the paper's
+    # autorater; its agreement with the rule-based scores is reported. none | openai (endpoint on localhost) |
+    # llama_cpp (a local GGUF file through the llama_cpp package)
+    llm_backend: str = "none"
+    llm_endpoint: Optional[str] = None  # openai: e.g. http://127.0.0.1:8080/v1 (llama.cpp's llama-server)
+    llm_model: Optional[str] = None  # openai: model name sent to the endpoint
+    llm_model_path: Optional[str] = None  # llama_cpp: path of the GGUF model file
+    llm_max_hypotheses: int = 20  # hypotheses sent to the LLM (accepted first, strongest first)
 
 
 @dataclass

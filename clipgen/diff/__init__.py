@@ -1,0 +1,14 @@
+"""Model diffing of two trained runs (SPEC §8): testable hypotheses about how run B behaves differently from run A.
+
+    records.py     per-image behaviour records of two runs (aligned eval outputs + exposure from the manifests)
+    split.py       stable, stratified discovery / verification split
+    predicates.py  the hypothesis language (slice x behaviour x direction) and its English rendering
+    verify.py      the deterministic verifier (N/A | A | B per image) and the paper's metrics per hypothesis
+    generators/    slice_diff (exact McNemar + Benjamini-Hochberg), cluster (HDBSCAN over discordant images)
+    scores.py      interestingness and abstraction (1-5) by explicit rules
+    llm.py         optional paraphraser / autorater (off by default; localhost endpoint or a local GGUF file)
+    summary.py     summary.md, hypotheses.jsonl, metrics.json, plots
+    report.py      the study report's HTML section
+    run.py         ``run_diff(cfg)``, the entry point of ``clipgen-diff``
+    synthetic.py   synthetic run directories with planted differences (tests, benchmark)
+"""

@@ -1,0 +1,106 @@
+"""The study report's section on model diffs: one block per directory under ``{root}/diffs``.
+
+``report_section(root, report_dir)`` returns an HTML fragment (``""`` when no diff exists) with, per diff, the
+per-generator table (and the seed-null control), the top hypotheses with evidence, and the two plots, copied to
+``report_dir/diffs/<diff name>/`` and linked relatively. Every string goes through html.escape.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+from urllib.parse import quote
+
+from clipgen.diff.run import FILES, top_hypotheses
+from clipgen.utils import atomic_write_bytes
+
+_PLOTS = ("accuracy_vs_frequency.png", "delta_accuracy.png")
+
+
+def _e(x) -> str:
+    return html.escape("" if x is None else str(x))
+
+
+def _num(x, nd: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return _e(f"{x:.{nd}f}" if isinstance(x, float) else x)
+
+
+def _read(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _top(diff_dir: Path, k: int) -> list[dict]:
+    hyps = []
+    try:
+        with open(diff_dir / "hypotheses.jsonl", encoding="utf-8") as f:
+            hyps = [json.loads(line) for line in f if line.strip()]
+    except (OSError, json.JSONDecodeError):
+        return []
+    return top_hypotheses(hyps, k)
+
+
+def _one(diff_dir: Path, report_dir: Path, k: int) -> str:
+    rec = _read(diff_dir / "diff.json")
+    metrics = _read(diff_dir / "metrics.json")
+    if not rec or not metrics:
+        return ""
+    parts = [f"<h3>{_e(diff_dir.name.replace('__vs__', ' vs '))}</h3>",
+             f"<p class=muted>A = {_e(Path(rec['run_a']).name)}, B = {_e(Path(rec['run_b']).name)}; epoch "
+             f"{_e(rec['epoch'])}; {_e(rec['n_images'])} images; α = {_e(metrics.get('alpha'))}</p>"]
+    rows = [("", metrics["generators"])]
+    if metrics.get("null"):
+        rows.append((f" (null: {metrics['null']['run']})", metrics["null"]["generators"]))
+    head = ("<tr><th class=l>generator</th><th>hypotheses</th><th>accepted</th><th>acceptance rate</th>"
+            "<th>verification accuracy</th><th>verification frequency</th><th>interestingness</th>"
+            "<th>abstraction</th></tr>")
+    body = []
+    for suffix, gens in rows:
+        for g, m in gens.items():
+            body.append(f"<tr><td class=l>{_e(g + suffix)}</td><td>{_num(m['hypotheses'])}</td>"
+                        f"<td>{_num(m['accepted'])}</td><td>{_num(m['acceptance_rate'])}</td>"
+                        f"<td>{_num(m['verification_accuracy'])}</td><td>{_num(m['verification_frequency'], 4)}</td>"
+                        f"<td>{_num(m['interestingness'], 2)}</td><td>{_num(m['abstraction'], 2)}</td></tr>")
+    parts.append(f"<div class=scroll><table>{head}{''.join(body)}</table></div>")
+    top = _top(diff_dir, k)
+    if top:
+        items = []
+        for h in top:
+            v = h["verification"]
+            items.append(f"<li>{_e(h['text'])} <span class=muted>({_e(h['generator'])}; verification accuracy "
+                         f"{_num(v.get('accuracy'))}, frequency {_num(v.get('frequency'), 4)}; interestingness "
+                         f"{_e(h['interestingness']['score'])}, abstraction {_e(h['abstraction']['score'])}; "
+                         f"evidence: {_e(', '.join(h.get('evidence', [])))})</span></li>")
+        parts.append(f"<ol>{''.join(items)}</ol>")
+    else:
+        parts.append("<p>No hypothesis was accepted.</p>")
+    dest = report_dir / "diffs" / diff_dir.name
+    figs = []
+    for name in _PLOTS:
+        src = diff_dir / name
+        if src.is_file():
+            atomic_write_bytes(dest / name, src.read_bytes())
+            rel = quote(f"diffs/{diff_dir.name}/{name}")
+            figs.append(f'<figure><img src="{_e(rel)}" alt="{_e(name)}"><figcaption>{_e(name)}</figcaption></figure>')
+    parts.append("".join(figs))
+    return "\n".join(parts)
+
+
+def report_section(root: Path, report_dir: Path, top_k: int = 5) -> str:
+    base = Path(root) / "diffs"
+    if not base.is_dir():
+        return ""
+    dirs = [d for d in sorted(base.iterdir()) if d.is_dir() and all((d / f).is_file() for f in FILES)
+            and (d / "diff.json").is_file()]
+    blocks = [b for b in (_one(d, Path(report_dir), top_k) for d in dirs) if b]
+    if not blocks:
+        return ""
+    intro = ("<p class=muted>clipgen-diff: hypotheses (slice × behaviour × direction) about how run B behaves "
+             "differently from run A, generated on 2/3 of the images and checked by a deterministic verifier on "
+             "the other 1/3.</p>")
+    return "<h2>Model diffs</h2>\n" + intro + "\n" + "\n".join(blocks)

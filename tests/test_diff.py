@@ -1,0 +1,354 @@
+"""clipgen-diff (SPEC §8): metrics against hand counts, the verifier, the split, planted differences, controls,
+rerun skipping, the report section, and a diff of two real trained runs."""
+from __future__ import annotations
+
+import json
+import shutil
+from html import unescape
+from urllib.parse import unquote
+
+import numpy as np
+import pytest
+
+from conftest import make_cfg
+from clipgen.diff import metrics as M
+from clipgen.diff import synthetic as syn
+from clipgen.diff.split import split_mask
+
+DOMAINS = ["clipart", "quickdraw", "real", "sketch"]
+CLASSES = ["aircraft carrier", "axe", "banana", "barn", "bed", "bicycle", "dolphin", "duck", "horse", "pants"]
+HELDOUT = ["aircraft carrier", "axe", "banana"]
+ABSENT = {("sketch", c) for c in HELDOUT}  # C2 removed from the test domain in both recipes
+
+
+# --- metric functions against hand counts -------------------------------------------------------------------
+def test_metrics_hand_counts():
+    m = M.split_metrics(n_a=3, n_b=7, n_slice=20, n_total=100, direction="B", alpha=0.01)
+    assert m["frequency"] == pytest.approx(10 / 100)
+    assert m["accuracy"] == pytest.approx(7 / 10)
+    assert m["margin"] == pytest.approx((7 - 3) / 20)
+    assert m["accepted"]
+    m = M.split_metrics(n_a=3, n_b=7, n_slice=20, n_total=100, direction="A", alpha=0.01)
+    assert m["accuracy"] == pytest.approx(3 / 10) and m["margin"] == pytest.approx(-0.2) and not m["accepted"]
+    assert np.isnan(M.accuracy(0, 0, "B")) and M.frequency(0, 0, 50) == 0.0
+    assert M.acceptance_rate([True, False, False, True]) == 0.5
+
+
+def test_alpha_margin_rule():
+    # share of B (11/100) exceeds share of A (10/100) by exactly alpha: not more, so rejected
+    assert not M.accepted(10, 11, 100, "B", 0.01)
+    assert M.accepted(10, 12, 100, "B", 0.01)
+    assert not M.accepted(10, 12, 100, "B", 0.02)
+    assert not M.accepted(12, 10, 100, "B", 0.0)  # wrong direction
+    assert M.accepted(12, 10, 100, "A", 0.01)
+    assert not M.accepted(0, 0, 0, "B", 0.0)  # an empty slice is never accepted
+
+
+def test_mcnemar_and_bh_hand_values():
+    # exact two-sided McNemar: 0 vs 5 discordant -> 2 * 0.5**5
+    assert M.mcnemar_exact(0, 5) == pytest.approx(2 * 0.5 ** 5)
+    assert M.mcnemar_exact(3, 3) == pytest.approx(1.0)
+    # 1 vs 9: 2 * (1 + 10) / 1024
+    assert M.mcnemar_exact(1, 9) == pytest.approx(2 * 11 / 1024)
+    q = M.benjamini_hochberg([0.01, 0.04, 0.03, 0.5])
+    assert q == pytest.approx([0.04, 0.04 * 4 / 3, 0.04 * 4 / 3, 0.5])
+    assert M.mcnemar_z(4, 13) == pytest.approx(9 / np.sqrt(17))
+
+
+def test_split_is_stratified_and_stable():
+    ts = syn.make_test_set(DOMAINS, CLASSES, 9)
+    strata = np.unique(ts["domains"], return_inverse=True)[1] * len(CLASSES) + ts["labels"]
+    v = split_mask(ts["sample_ids"], strata, seed=0)
+    assert v.sum() == len(v) // 3
+    for s in np.unique(strata):
+        assert v[strata == s].sum() == 3  # 9 images per cell -> 3 for verification
+    perm = np.random.default_rng(0).permutation(len(v))
+    assert np.array_equal(split_mask(ts["sample_ids"][perm], strata[perm], seed=0), v[perm])  # order-free
+    assert not np.array_equal(split_mask(ts["sample_ids"], strata, seed=1), v)
+
+
+# --- synthetic pairs ----------------------------------------------------------------------------------------
+def _difficulty(ts, seed=7):
+    return np.random.default_rng(seed).random(len(ts["labels"]))
+
+
+def _correct(ts, base_acc, seed, sigma):
+    """A run's correctness: shared per-image difficulty plus run-specific noise (seed-like variation)."""
+    u = _difficulty(ts) + np.random.default_rng(seed).normal(0, sigma, len(ts["labels"]))
+    return u < base_acc
+
+
+def _write(root, name, ts, correct, seed, rid="cfg"):
+    return syn.write_run(root, name, syn.outputs(ts, correct, len(CLASSES), seed), CLASSES, HELDOUT, "sketch",
+                         syn.counts_matrix(DOMAINS, CLASSES, absent=ABSENT), seed=seed, recipe_id=rid)
+
+
+def _diff(root, a, b, *extra):
+    from clipgen.diff.run import run_diff
+
+    return run_diff(make_cfg(root, "logger=none", f"run_a='{a}'", f"run_b='{b}'", *extra))
+
+
+def _hyps(res):
+    with open(f"{res['diff_dir']}/hypotheses.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_identical_copy_yields_nothing_and_rerun_skips(tmp_path, capsys):
+    ts = syn.make_test_set(DOMAINS, CLASSES, 30)
+    a = _write(tmp_path, "A", ts, _correct(ts, 0.6, 1, 0.1), 1)
+    b = tmp_path / "runs" / "A_copy"
+    shutil.copytree(a, b)
+    json_path = b / "meta.json"
+    meta = json.loads(json_path.read_text())
+    json_path.write_text(json.dumps({**meta, "run_name": "A_copy"}))
+    res = _diff(tmp_path, "A", "A_copy")
+    assert all(m["accepted"] == 0 for m in res["generators"].values())
+    assert not any(h["accepted"] for h in _hyps(res))
+    assert res["top"] == []
+    summary = (tmp_path / "diffs" / "A__vs__A_copy" / "summary.md").read_text()
+    assert "No hypothesis was accepted." in summary
+    mtime = (tmp_path / "diffs" / "A__vs__A_copy" / "summary.md").stat().st_mtime_ns
+    again = _diff(tmp_path, "A", "A_copy")
+    assert again["skipped"] and (tmp_path / "diffs" / "A__vs__A_copy" / "summary.md").stat().st_mtime_ns == mtime
+    assert "nothing to do" in capsys.readouterr().out
+    # a changed diff config is a different key: recomputed
+    assert not _diff(tmp_path, "A", "A_copy", "diff.alpha=0.02")["skipped"]
+
+
+def test_planted_domain_failure_is_top_hypothesis(tmp_path):
+    """B is wrong on 30% of quickdraw images (and seed-like noise elsewhere)."""
+    ts = syn.make_test_set(DOMAINS, CLASSES, 40)
+    ca = _correct(ts, 0.7, 1, 0.03)
+    cb = _correct(ts, 0.7, 2, 0.03)
+    qd = np.flatnonzero(ts["domains"] == "quickdraw")
+    broken = np.random.default_rng(3).choice(qd, size=int(0.3 * len(qd)), replace=False)
+    cb[broken] = False
+    _write(tmp_path, "A", ts, ca, 1)
+    _write(tmp_path, "B", ts, cb, 2)
+    res = _diff(tmp_path, "A", "B")
+    top = res["top"][:3]
+    hit = [h for h in top if h["slice"] == {"domain": "quickdraw"} and h["direction"] == "A"
+           and h["behaviour"] in ("correct", "true_prob")]
+    assert hit, f"planted quickdraw failure not among the top hypotheses: {[h['text'] for h in top]}"
+    assert hit[0]["verification_accuracy"] > 0.9
+    full = [h for h in _hyps(res) if h["slice"] == {"domain": "quickdraw"} and h["behaviour"] == "correct"]
+    assert full and full[0]["accepted"] and full[0]["verification"]["accuracy"] > 0.9
+    assert "On quickdraw images" in hit[0]["text"] and "run A" in hit[0]["text"]
+    assert full[0]["evidence"] and all(e.startswith("quickdraw/") for e in full[0]["evidence"])
+    scores = full[0]["interestingness"], full[0]["abstraction"]
+    assert all(1 <= s["score"] <= 5 for s in scores)
+
+
+def test_planted_heldout_cell_improvement_is_found(tmp_path):
+    """B is much better on one held-out class x domain cell (sketch x axe, unseen by both recipes)."""
+    ts = syn.make_test_set(DOMAINS, CLASSES, 40)
+    ca = _correct(ts, 0.6, 1, 0.03)
+    cb = _correct(ts, 0.6, 2, 0.03)
+    cell = (ts["domains"] == "sketch") & (ts["labels"] == CLASSES.index("axe"))
+    ca[cell] = _difficulty(ts)[cell] < 0.1
+    cb[cell] = _difficulty(ts)[cell] < 0.95
+    _write(tmp_path, "A", ts, ca, 1)
+    _write(tmp_path, "B", ts, cb, 2)
+    res = _diff(tmp_path, "A", "B")
+    top = res["top"][:3]
+    hit = [h for h in top if h["slice"] == {"domain": "sketch", "class": "axe"} and h["direction"] == "B"]
+    assert hit, f"planted cell not among the top hypotheses: {[h['text'] for h in top]}"
+    assert hit[0]["verification_accuracy"] > 0.9
+    assert "sketch images of axe" in hit[0]["text"] and "neither run saw" in hit[0]["text"]
+
+
+def test_seed_noise_is_like_the_null_control(tmp_path):
+    """Two seeds of one configuration vs a third: A-vs-B accepts about as much as A-vs-null (the FDR baseline)."""
+    ts = syn.make_test_set(DOMAINS, CLASSES, 30)
+    for i, name in enumerate(("A", "B", "N"), 1):
+        _write(tmp_path, name, ts, _correct(ts, 0.6, i, 0.2), i)
+    res = _diff(tmp_path, "A", "B", "null_run=N")
+    acc_ab = sum(m["accepted"] for m in res["generators"].values())
+    acc_null = sum(m["accepted"] for m in res["null"]["generators"].values())
+    assert res["null"]["run"] == "N"
+    assert abs(acc_ab - acc_null) <= 3, (acc_ab, acc_null)
+    assert acc_ab <= 5  # noise: few if any accepted slice-diff/cluster hypotheses
+    metrics = json.loads((tmp_path / "diffs" / "A__vs__B" / "metrics.json").read_text())
+    assert metrics["null"]["generators"].keys() == metrics["generators"].keys()
+    # the seed noise column is filled from A's other seeds (B and N share A's recipe id)
+    assert all(r["seed_std"] is not None for r in metrics["domain_accuracy"])
+    summary = (tmp_path / "diffs" / "A__vs__B" / "summary.md").read_text()
+    assert "Seed-null control" in summary
+
+
+def test_outputs_and_report_section(tmp_path):
+    from clipgen.diff.report import report_section
+
+    assert report_section(tmp_path, tmp_path / "report") == ""
+    ts = syn.make_test_set(DOMAINS, CLASSES, 30)
+    ca = _correct(ts, 0.6, 1, 0.03)
+    cb = ca.copy()
+    cb[(ts["domains"] == "clipart") & ca] = False
+    _write(tmp_path, "A<x>", ts, ca, 1)
+    _write(tmp_path, "B", ts, cb, 2)
+    res = _diff(tmp_path, "A<x>", "B")
+    out = tmp_path / "diffs" / "A<x>__vs__B"
+    for f in ("summary.md", "hypotheses.jsonl", "metrics.json", "accuracy_vs_frequency.png", "delta_accuracy.png",
+              "diff.json"):
+        assert (out / f).is_file(), f
+    summary = (out / "summary.md").read_text()
+    for part in ("## Training mixtures", "## Accuracy per domain", "## Generators", "## Top hypotheses"):
+        assert part in summary
+    assert res["top"] and "On clipart images" in summary
+    html = report_section(tmp_path, tmp_path / "report")
+    assert html.startswith("<h2>") and "A&lt;x&gt;" in html and "A<x>" not in html
+    assert (tmp_path / "report" / "diffs").is_dir()
+    srcs = [unquote(unescape(p.split('"')[0])) for p in html.split('src="')[1:]]
+    assert len(srcs) == 2
+    for src in srcs:
+        assert not src.startswith("/") and (tmp_path / "report" / src).is_file()
+
+
+def test_bad_input_is_one_clear_line(tmp_path):
+    from clipgen.errors import ClipgenError
+
+    with pytest.raises(ClipgenError, match="run_a is not set"):
+        _diff(tmp_path, "", "B")
+    ts = syn.make_test_set(DOMAINS, CLASSES, 3)
+    _write(tmp_path, "A", ts, np.ones(len(ts["labels"]), bool), 1)
+    with pytest.raises(ClipgenError, match="run_b='nope'"):
+        _diff(tmp_path, "A", "nope")
+    with pytest.raises(ClipgenError, match="diff.generators"):
+        _diff(tmp_path, "A", "A", "diff.generators=[magic]")
+
+
+def test_wandb_table_offline(tmp_path):
+    from wandb_records import read_offline_run
+
+    from clipgen.diff.run import run_diff
+
+    ts = syn.make_test_set(DOMAINS, CLASSES, 30)
+    ca = _correct(ts, 0.6, 1, 0.03)
+    cb = ca.copy()
+    cb[(ts["domains"] == "real") & ca] = False
+    _write(tmp_path, "A", ts, ca, 1)
+    _write(tmp_path, "B", ts, cb, 2)
+    res = run_diff(make_cfg(tmp_path, "logger=wandb", "logger.mode=offline", "run_a=A", "run_b=B"))
+    rec = read_offline_run(res["diff_dir"])
+    assert len(rec["run_ids"]) >= 1
+    rows = [h for h in rec["history"] if "diff/hypotheses/nrows" in h]
+    assert rows and rows[0]["diff/hypotheses/nrows"] == len(_hyps(res)) > 0
+    assert rows[0]["diff/hypotheses/_type"] == "table-file"
+
+
+def test_llm_backend_is_optional_local_only_and_reports_agreement(tmp_path):
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from clipgen.diff.llm import LLM, parse_rating
+    from clipgen.errors import ClipgenError
+
+    with pytest.raises(ClipgenError, match="localhost"):
+        LLM("openai", endpoint="https://api.example.com/v1")
+    assert parse_rating('Sure: {"interestingness": 4, "abstraction": 2}') == {"interestingness": 4, "abstraction": 2}
+    assert parse_rating("interestingness: 9") is None
+
+    prompts = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # a stand-in OpenAI-compatible server: rates everything 3 / 4
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            prompt = body["messages"][0]["content"]
+            prompts.append(prompt)
+            reply = '{"interestingness": 3, "abstraction": 4}' if "Rate on 1-5" in prompt else "Paraphrased."
+            data = json.dumps({"choices": [{"message": {"content": reply}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        ts = syn.make_test_set(DOMAINS, CLASSES, 30)
+        ca = _correct(ts, 0.6, 1, 0.03)
+        cb = ca.copy()
+        cb[(ts["domains"] == "sketch") & ca] = False
+        _write(tmp_path, "A", ts, ca, 1)
+        _write(tmp_path, "B", ts, cb, 2)
+        res = _diff(tmp_path, "A", "B", "diff.llm_backend=openai",
+                    f"diff.llm_endpoint=http://127.0.0.1:{server.server_port}/v1", "diff.llm_max_hypotheses=3")
+    finally:
+        server.shutdown()
+    hyps = _hyps(res)
+    rated = [h for h in hyps if h.get("llm_rating")]
+    assert len(rated) == 3 and all(h["paraphrase"] == "Paraphrased." for h in rated)
+    assert len(prompts) == 6  # one paraphrase + one rating per hypothesis
+    metrics = json.loads((tmp_path / "diffs" / "A__vs__B" / "metrics.json").read_text())
+    agree = metrics["llm_agreement"]["interestingness"]
+    want = np.mean([h["interestingness"]["score"] == 3 for h in rated])
+    assert agree["n"] == 3 and agree["exact"] == pytest.approx(want)
+    assert "LLM autorater vs rule-based scores" in (tmp_path / "diffs" / "A__vs__B" / "summary.md").read_text()
+
+
+def test_seed_consistency_over_other_seed_pairs(tmp_path):
+    """Configurations A and B with two seeds each: the planted difference holds on the other seed pair too."""
+    ts = syn.make_test_set(DOMAINS, CLASSES, 30)
+    qd = np.flatnonzero(ts["domains"] == "quickdraw")
+    for seed in (0, 1):
+        ca = _correct(ts, 0.7, 10 + seed, 0.03)
+        cb = _correct(ts, 0.7, 20 + seed, 0.03)
+        cb[np.random.default_rng(seed).choice(qd, size=len(qd) // 2, replace=False)] = False
+        _write(tmp_path, f"A-s{seed}", ts, ca, seed, rid="cfg-a")
+        _write(tmp_path, f"B-s{seed}", ts, cb, seed, rid="cfg-b")
+    res = _diff(tmp_path, "A-s0", "B-s0")
+    hyps = _hyps(res)
+    qd_h = [h for h in hyps if h["slice"] == {"domain": "quickdraw"} and h["behaviour"] == "correct"]
+    assert qd_h and qd_h[0]["seed_consistency"] == 1.0
+    assert json.loads((tmp_path / "diffs" / "A-s0__vs__B-s0" / "metrics.json").read_text())["seed_pairs"] == 1
+    assert "seed consistency 1.00" in (tmp_path / "diffs" / "A-s0__vs__B-s0" / "summary.md").read_text()
+
+
+def test_without_manifests_exposure_slices_are_left_out(tmp_path):
+    ts = syn.make_test_set(DOMAINS, CLASSES, 30)
+    ca = _correct(ts, 0.6, 1, 0.03)
+    cb = ca.copy()
+    cb[(ts["domains"] == "sketch") & ca] = False
+    _write(tmp_path, "A", ts, ca, 1)
+    _write(tmp_path, "B", ts, cb, 2)
+    shutil.rmtree(tmp_path / "recipes")
+    res = _diff(tmp_path, "A", "B")
+    hyps = _hyps(res)
+    assert res["top"] and res["top"][0]["slice"] == {"domain": "sketch"}
+    assert not any({"combo", "domain_seen"} & set(h["slice"]) for h in hyps)
+    assert not any(h["behaviour"] == "shortcut_error" for h in hyps)
+
+
+# --- two real trained runs ------------------------------------------------------------------------------------
+REAL_A = "lso-rs-nosketchclasses--clipgen-tiny-rn--seed0"
+REAL_B = "lso-rs-nosketchclasses-pseudo--clipgen-tiny-rn--seed0"
+
+
+@pytest.fixture(scope="module")
+def real_runs(tmp_path_factory, one_torch_thread):
+    """CG-low and its pseudo upper bound (the only designed difference: the held-out classes in sketch), trained
+    on the diff_small world (4 classes) long enough to learn: ~9k samples per run, two one-thread processes
+    (~1-2 minutes, depending on the machine's load). latest.pt is saved at epoch ends only."""
+    from clipgen.launch.study import run_study
+
+    root = tmp_path_factory.mktemp("diff_real")
+    run_study(make_cfg(root, "debug=smoke", "world=diff_small", "study.name=diffreal",
+                       "study.recipes=[cg_low,cg_low_pseudo]", "study.seeds=[0]", "study.parallel=2",
+                       "trainer.epochs=16", "trainer.batch_size=32", "trainer.save_every_steps=1000",
+                       "optim.lr=2e-3", "optim.warmup_steps=20"))
+    return root
+
+
+def test_real_runs_top_hypothesis_names_heldout_classes_in_test_domain(real_runs):
+    res = _diff(real_runs, REAL_A, REAL_B)
+    meta = json.loads((real_runs / "runs" / REAL_A / "meta.json").read_text())
+    heldout, d = meta["heldout_classes"], meta["test_domain"]
+    top = res["top"][0]
+    assert top["accepted"] and top["direction"] == "B"
+    assert sorted(map(tuple, top["cells"])) == sorted((d, c) for c in heldout), top["text"]
+    assert d in top["text"] and all(c in top["text"] for c in heldout)
