@@ -35,8 +35,11 @@ def _app(run: Callable[[DictConfig], dict], name: str):
     def entry():
         # Hydra names a job after the calling module (here always "cli"); each app names its own, so sweeps land
         # in {paths.root}/logs/clipgen-<stage>/multirun/<overrides>.
-        if not any(a.startswith("hydra.job.name=") for a in sys.argv[1:]):
-            sys.argv.append(f"hydra.job.name={name}")
+        args = sys.argv[1:]
+        if not any(a.startswith("hydra.job.name=") for a in args):
+            # argparse wants the overrides in one run: put ours next to the user's (or last when there are none)
+            first = next((i for i, a in enumerate(args) if "=" in a and not a.startswith("-")), len(args))
+            sys.argv.insert(1 + first, f"hydra.job.name={name}")
         return main()
 
     return entry
