@@ -152,6 +152,38 @@ class AnalysisConfig:
     analyses: List[str] = field(default_factory=lambda: ["sae", "geometry", "cka", "circuits"])
     epoch: int = -1  # checkpoint to analyse (-1 = the run's last evaluated epoch)
     seed: int = 0  # every random choice of the analyses (SAE init and batches, UMAP, subsamples)
+    images_per_group: int = 50  # test images per domain x class (all six domains), picked by a seeded hash
+    # visual layers extracted and compared by CKA (stem, layer1.0, ..., attnpool / block0, ..., head); [] = all.
+    # Circuits always use every layer (edges join consecutive layers).
+    layers: List[str] = field(default_factory=list)
+    batch_size: int = 256  # images per forward pass
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch intra-op threads (0 = torch's default)
+    # SAE feature sharing (SPEC §7): SAE on L2-normalised final image embeddings
+    sae_expansion: int = 4  # features = expansion x embedding dim (paper: 4096 on RN50's 1024)
+    sae_l1: float = 1e-4  # L1 coefficient of the loss
+    sae_lr: float = 1e-4  # Adam learning rate
+    sae_batch_size: int = 2048  # capped by the number of training rows
+    sae_steps: int = 3000  # optimisation steps
+    sae_fit_split: str = "train"  # images the SAE is fitted on: train (all six domains) | test (the analysed ones)
+    sae_fit_per_group: int = 200  # at most this many fitting images per domain x class
+    sae_top_active: int = 20  # each image contributes its top-N active features to the histograms
+    sae_ks: List[int] = field(default_factory=lambda: [5, 10, 15, 20])  # k of the top-k overlaps, averaged
+    sae_vocab_file: Optional[str] = None  # concepts, one per line; null = the run's classes + domain words
+    sae_named_features: int = 20  # name this many most frequent features per domain
+    # Embedding geometry
+    umap: bool = True  # draw the UMAP plots (first import of umap compiles numba code for ~15 s)
+    umap_max_points: int = 5000  # seeded subsample of the test embeddings for UMAP
+    umap_neighbors: int = 15  # UMAP n_neighbors
+    # Representational similarity
+    cka_kernels: List[str] = field(default_factory=lambda: ["linear", "rbf"])  # linear | rbf (median bandwidth)
+    # Circuits
+    circuit_steps: int = 10  # integrated-gradient steps (zero baseline)
+    circuit_top_frac: float = 0.1  # share of channels kept as nodes per layer
+    circuit_top_edges: int = 3  # incoming edges (largest |weight|) per kept node
+    circuit_classes: str = "heldout"  # classes analysed: heldout (C2) | all
+    circuit_images_per_group: int = 50  # images per domain x class for circuits
+    circuit_max_batch_elems: int = 100000000  # activation elements per IG batch (memory budget; raise on a GPU)
 
 
 @dataclass

@@ -180,6 +180,12 @@ def run_report(cfg: DictConfig) -> dict:
     other = sorted(set(long["task"].astype(str)) - {f"domainnet-{d}" for d in TEST_DOMAINS})
     for task in other:
         sections.append(f"<h2>Task: {_e(task)}</h2>{_final_table(summary, task, '')}")
+    # Sections of the later stages, when their outputs exist: mechanistic analyses (clipgen-analyze) and
+    # model diffs (clipgen-diff); each writes its own figures under the report directory.
+    for module in ("clipgen.analyze.report", "clipgen.diff.report"):
+        import importlib
+
+        sections.append(importlib.import_module(module).report_section(layout.root(cfg), report_dir))
 
     made_at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     page = (

@@ -1,0 +1,107 @@
+"""Embedding geometry (SPEC §7): L2 distance between domain means (and its class-conditional version),
+per-dimension mean differences, and seeded UMAP plots of the test embeddings coloured by domain.
+
+Embeddings are the L2-normalised image embeddings. umap is imported only inside :func:`umap_plot` (its first
+import compiles numba code for ~15 s).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def domain_mean_distances(emb: np.ndarray, domains: np.ndarray, domain_list: Sequence[str]) -> np.ndarray:
+    """``[D, D]`` L2 distance between the mean embeddings of two domains (NaN if a domain has no images)."""
+    emb = np.asarray(emb, np.float64)
+    means = [emb[domains == d].mean(axis=0) if np.any(domains == d) else None for d in domain_list]
+    n = len(domain_list)
+    out = np.full((n, n), np.nan)
+    for a in range(n):
+        for b in range(n):
+            if means[a] is not None and means[b] is not None:
+                out[a, b] = float(np.linalg.norm(means[a] - means[b]))
+    return out
+
+
+def class_conditional_distances(emb: np.ndarray, domains: np.ndarray, labels: np.ndarray,
+                                domain_list: Sequence[str], class_idx: Sequence[int]) -> np.ndarray:
+    """``[D, D]``: for each class of ``class_idx`` the L2 distance between its mean embeddings in the two domains,
+    averaged over the classes with images in both."""
+    emb = np.asarray(emb, np.float64)
+    n = len(domain_list)
+    sums = np.zeros((n, n))
+    cnt = np.zeros((n, n))
+    for c in class_idx:
+        means = []
+        for d in domain_list:
+            m = (domains == d) & (labels == c)
+            means.append(emb[m].mean(axis=0) if m.any() else None)
+        for a in range(n):
+            for b in range(n):
+                if means[a] is not None and means[b] is not None:
+                    sums[a, b] += np.linalg.norm(means[a] - means[b])
+                    cnt[a, b] += 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(cnt > 0, sums / np.maximum(cnt, 1), np.nan)
+
+
+def per_dimension_differences(emb: np.ndarray, domains: np.ndarray, domain_list: Sequence[str],
+                              reference: str) -> dict[str, list[float]]:
+    """Per embedding dimension, mean(domain) - mean(reference), for every domain with images."""
+    emb = np.asarray(emb, np.float64)
+    ref = emb[domains == reference].mean(axis=0)
+    return {d: [round(float(v), 6) for v in emb[domains == d].mean(axis=0) - ref] for d in domain_list
+            if np.any(domains == d)}
+
+
+def seeded_subsample(n: int, max_points: int, seed: int) -> np.ndarray:
+    """Sorted indices of at most ``max_points`` of n rows, the same for the same seed."""
+    if n <= max_points:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=max_points, replace=False))
+
+
+def umap_embed(emb: np.ndarray, seed: int, n_neighbors: int = 15) -> np.ndarray:
+    import warnings
+
+    import umap  # lazy: slow first import (numba)
+
+    n = len(emb)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "n_jobs overridden by random_state" and numba chatter
+        reducer = umap.UMAP(n_neighbors=max(2, min(n_neighbors, n - 1)), random_state=seed, metric="cosine",
+                            init="random" if n < 8 else "spectral")
+        return reducer.fit_transform(np.asarray(emb, np.float32))
+
+
+def umap_plot(emb: np.ndarray, domains: np.ndarray, domain_list: Sequence[str], path: Path, title: str,
+              seed: int, n_neighbors: int = 15) -> list[list[float]]:
+    """Fit a seeded UMAP on ``emb`` and save a scatter coloured by domain; returns the 2-d coordinates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from clipgen.utils import atomic_write_bytes
+
+    xy = umap_embed(emb, seed, n_neighbors)
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    cmap = plt.get_cmap("tab10")
+    for i, d in enumerate(domain_list):
+        m = domains == d
+        if m.any():
+            ax.scatter(xy[m, 0], xy[m, 1], s=6, alpha=0.7, color=cmap(i), label=d)
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(markerscale=2, fontsize=7, loc="best")
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return xy.tolist()

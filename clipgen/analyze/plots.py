@@ -1,0 +1,78 @@
+"""Figures of the analyses (matplotlib Agg, written atomically as PNG)."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from clipgen.utils import atomic_write_bytes
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    plt = _plt()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _num(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def heatmap(matrix, labels: Sequence[str], path: Path, title: str, fmt: str = "{:.2f}") -> None:
+    plt = _plt()
+    m = np.array([[_num(v) for v in row] for row in matrix], dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(0.75 * len(labels) + 2.2, 0.65 * len(labels) + 1.6))
+    im = ax.imshow(np.ma.masked_invalid(m), cmap="viridis")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    lo, hi = im.get_clim()
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            if np.isfinite(m[i, j]):
+                bright = hi > lo and (m[i, j] - lo) / (hi - lo) > 0.6  # viridis turns yellow: dark text there
+                ax.text(j, i, fmt.format(m[i, j]), ha="center", va="center", fontsize=7, color="k" if bright else "w")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title(title, fontsize=9)
+    _save(fig, path)
+
+
+def lines(xlabels: Sequence[str], series: dict[str, Sequence], path: Path, title: str, ylabel: str,
+          ylim: tuple[float, float] | None = None) -> None:
+    """One line per series over the ``xlabels`` (layers); None values are gaps."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(xlabels) + 2.5), 3.6))
+    x = np.arange(len(xlabels))
+    for name, ys in series.items():
+        ax.plot(x, [_num(v) for v in ys], marker="o", ms=3, label=name)
+    ax.set_xticks(x, xlabels, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    _save(fig, path)
+
+
+def bars(labels: Sequence[str], values: Sequence, path: Path, title: str, ylabel: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(labels) + 2), 3.4))
+    ax.bar(range(len(labels)), [_num(v) for v in values], color="#4c72b0")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    _save(fig, path)

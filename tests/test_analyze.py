@@ -1,0 +1,384 @@
+"""clipgen-analyze (SPEC §7): CKA / HSIC against direct formulas, the SAE on a planted dictionary, feature sharing
+on hand-built histograms, integrated-gradient completeness, circuit structure, one-pass activation hooks, and
+every analysis end to end on trained synthetic-world runs (plus the report section)."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from clipgen.analyze import activations as A
+from clipgen.analyze import circuits as C
+from clipgen.analyze import cka as K
+from clipgen.analyze import sharing as S
+from clipgen.errors import ClipgenError
+from clipgen.facts import DOMAINS
+
+from conftest import make_cfg
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# --- CKA / HSIC ----------------------------------------------------------------------------------------------
+def _hsic_u_statistic(k: np.ndarray, l: np.ndarray) -> float:
+    """Song et al. (2012) Theorem 2 written out: the mean over ordered 4-tuples of distinct indices of
+    k_ij l_ij + k_ij l_qr - 2 k_ij l_iq."""
+    n = len(k)
+    total, count = 0.0, 0
+    for i, j, q, r in itertools.permutations(range(n), 4):
+        total += k[i, j] * l[i, j] + k[i, j] * l[q, r] - 2 * k[i, j] * l[i, q]
+        count += 1
+    return total / count
+
+
+def test_unbiased_hsic_matches_the_direct_small_n_formula():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(7, 3)), rng.normal(size=(7, 5))
+    for kernel in K.KERNELS:
+        k, l = K.gram(x, kernel), K.gram(y, kernel)
+        assert K.hsic_unbiased(k, l) == pytest.approx(_hsic_u_statistic(k, l), rel=1e-9, abs=1e-12)
+    with pytest.raises(ValueError):
+        K.hsic_unbiased(np.eye(3), np.eye(3))
+
+
+def test_cka_identity_orthogonal_and_scale_invariance():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(20, 8))
+    y = np.tanh(x @ rng.normal(size=(8, 6))) + 0.3 * rng.normal(size=(20, 6))
+    q, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    for kernel in K.KERNELS:
+        assert K.cka(x, x, kernel) == pytest.approx(1.0, abs=1e-12)
+        base = K.cka(x, y, kernel)
+        assert 0.05 < base < 0.99  # a non-trivial value, so invariance is not vacuous
+        assert K.cka(x @ q, y, kernel) == pytest.approx(base, abs=1e-10)
+        assert K.cka(3.7 * x, 0.2 * y, kernel) == pytest.approx(base, abs=1e-10)
+    # Not invariant to a non-isotropic scaling (linear kernel): the check above can fail.
+    assert K.cka(x * np.arange(1, 9), y, "linear") != pytest.approx(K.cka(x, y, "linear"), abs=1e-3)
+    assert np.isnan(K.cka(x[:3], y[:3]))  # the unbiased estimator needs 4 items
+
+
+def test_cka_matrix_uses_the_class_list_it_is_given():
+    """The original code reused a stale loop variable as the class list; each subset must use its own."""
+    rng = np.random.default_rng(2)
+    acts = rng.normal(size=(6 * 8 * 3, 10))
+    domains = np.repeat(np.array(DOMAINS), 8 * 3)
+    labels = np.tile(np.repeat(np.arange(8), 3), 6)
+    means, present = K.group_means(acts, domains, labels, DOMAINS, 8)
+    held, other = [0, 2, 4, 6], [1, 3, 5, 7]
+    res = K.cka_by_layer({"l": acts}, domains, labels, DOMAINS, {"held": held, "other": other}, 8, ["linear"])
+    for subset, idx in (("held", held), ("other", other)):
+        m = res["linear"][subset]["l"]
+        for a, b in [(0, 5), (3, 4)]:
+            assert m[a][b] == pytest.approx(K.cka(means[a, idx], means[b, idx]), abs=1e-6)
+    assert res["linear"]["held"]["l"][0][5] != pytest.approx(res["linear"]["other"]["l"][0][5], abs=1e-3)
+
+
+# --- SAE and feature sharing ---------------------------------------------------------------------------------
+def test_sae_recovers_a_planted_sparse_dictionary():
+    from clipgen.analyze.sae import train_sae
+
+    rng = np.random.default_rng(0)
+    d, m, n = 16, 24, 4000
+    atoms = rng.normal(size=(d, m))
+    atoms /= np.linalg.norm(atoms, axis=0)
+    codes = np.zeros((m, n))
+    for i in range(n):
+        codes[rng.choice(m, 2, replace=False), i] = rng.uniform(0.5, 1.5, 2)
+    x = (atoms @ codes).T
+
+    def best_match(model):
+        return (atoms.T @ model.w_dec.detach().numpy()).max(axis=1)
+
+    untrained, _ = train_sae(x, 48, 0, 512, 1e-2, 0.3, seed=0)
+    assert (best_match(untrained) > 0.9).mean() < 0.5  # random columns do not match by chance
+    sae, summary = train_sae(x, 48, 1000, 512, 1e-2, 0.3, seed=0)
+    assert best_match(sae).min() > 0.9  # every planted atom has a decoder column
+    assert np.allclose(np.linalg.norm(sae.w_dec.detach().numpy(), axis=0), 1.0, atol=1e-5)
+    assert summary["mean_l0"] < 8 and summary["explained_variance"] > 0.9
+    again, _ = train_sae(x, 48, 1000, 512, 1e-2, 0.3, seed=0)
+    assert torch.equal(again.w_dec, sae.w_dec)  # seeded
+
+
+def _hist(*domain_counts):
+    """One class, a domain per argument: ``{feature: count}``."""
+    h = np.zeros((1, len(domain_counts), 12), dtype=np.int64)
+    for di, counts in enumerate(domain_counts):
+        for f, c in counts.items():
+            h[0, di, f] = c
+    return h
+
+
+def test_feature_sharing_matches_hand_computed_values_for_every_row():
+    # Three domains, features ranked by count; ks = (1, 2, 3) keeps the arithmetic by hand.
+    h = _hist({0: 9, 1: 8, 2: 7, 3: 1},      # A: top1 {0}, top2 {0,1}, top3 {0,1,2}
+              {0: 9, 2: 8, 5: 7},            # B: {0}, {0,2}, {0,2,5}
+              {4: 9, 5: 8, 2: 7})            # C: {4}, {4,5}, {4,5,2}
+    counts = np.ones((1, 3), dtype=np.int64)
+    m = S.share_matrix(h, counts, ks=(1, 2, 3))
+    ab = np.mean([1 / 1, 1 / 2, 2 / 3])
+    ac = np.mean([0 / 1, 0 / 2, 1 / 3])
+    bc = np.mean([0 / 1, 0 / 2, 2 / 3])
+    expected = np.array([[1, ab, ac], [ab, 1, bc], [ac, bc, 1]])
+    assert np.allclose(m, expected)
+    scores = S.domain_scores(m, ["A", "B", "C"])
+    assert scores["A"] == pytest.approx((ab + ac) / 2)
+    assert scores["B"] == pytest.approx((ab + bc) / 2)
+    assert scores["C"] == pytest.approx((ac + bc) / 2)
+    assert len({round(v, 6) for v in scores.values()}) == 3  # a score computed for a stale row would repeat
+
+
+def test_histograms_count_each_images_top_active_features_and_skip_absent_classes():
+    codes = np.array([[0.0, 3.0, 1.0, 2.0], [5.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 4.0]])
+    h, counts = S.histograms(codes, np.array(["real", "real", "sketch"]), np.array([0, 0, 0]),
+                             ["real", "sketch"], [0, 1], top_k_active=2)
+    assert h[0, 0].tolist() == [1, 1, 0, 1]  # image 0: features 1, 3; image 1: only feature 0 is active
+    assert h[0, 1].tolist() == [1, 0, 0, 1]  # ties (0 and 1 at 1.0): lower index first
+    assert counts.tolist() == [[2, 1], [0, 0]]
+    m = S.share_matrix(h, counts, ks=(1,))
+    assert np.isfinite(m[0, 1])
+
+
+def test_concept_names_take_the_closest_vocabulary_entry(tmp_path):
+    dec = np.array([[1.0, 0.0], [0.0, -1.0]])  # columns are features
+    txt = np.array([[0.0, 2.0], [3.0, 0.1], [0.0, -1.0]])
+    names = S.concept_names(dec, txt, ["up", "right", "down"], [0, 1])
+    assert names[0]["concept"] == "right" and names[1]["concept"] == "down"
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("# concepts\nstripes\n\nwheels\nstripes\n")
+    assert S.read_vocab(vocab) == ["stripes", "wheels"]
+    with pytest.raises(ClipgenError, match="sae_vocab_file"):
+        S.read_vocab(tmp_path / "missing.txt")
+
+
+# --- activations, IG, circuits on a tiny model ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_rn():
+    """A tiny ModifiedResNet CLIP with random BN statistics and biases, so it is far from linear."""
+    from clipgen.train.model import create_clip
+
+    torch.manual_seed(0)
+    model, _ = create_clip("clipgen-tiny-rn", 32)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for mod in model.visual.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.weight.normal_(1, 0.3, generator=g)
+                mod.bias.normal_(0, 0.3, generator=g)
+                mod.running_mean.normal_(0, 0.3, generator=g)
+    return model.eval()
+
+
+def _images(n, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+
+
+def test_one_pass_extraction_equals_one_pass_per_layer_and_stages_compose(tiny_rn):
+    from clipgen.eval.zeroshot import normalize_images
+    from clipgen.train.model import create_clip
+
+    imgs = _images(10)
+    names = A.layer_names(tiny_rn.visual)
+    assert names == ["stem", "layer1.0", "layer2.0", "layer3.0", "layer4.0", "attnpool"]
+    one = A.extract(tiny_rn, imgs, batch_size=4)
+    per = A.extract_one_pass_per_layer(tiny_rn, imgs, batch_size=4)
+    assert list(one) == names and one["layer2.0"].shape == (10, 128)
+    for n in names:
+        assert np.allclose(one[n], per[n], atol=1e-6)
+    x = normalize_images(torch.from_numpy(imgs))
+    with torch.no_grad():
+        assert torch.allclose(C.run_from(A.stages(tiny_rn.visual), 0, x), tiny_rn.visual(x), atol=1e-5)
+        vit, _ = create_clip("clipgen-tiny-vit", 32)
+        vit.eval()
+        assert A.layer_names(vit.visual) == ["block0", "block1", "head"]
+        assert torch.allclose(C.run_from(A.stages(vit.visual), 0, x), vit.visual(x), atol=1e-5)
+    assert A.extract(vit, imgs, ["block1"])["block1"].shape == (10, 64)
+    with pytest.raises(ClipgenError, match="unknown layer"):
+        A.extract(tiny_rn, imgs, ["layer9.0"])
+
+
+def test_activation_cache_is_keyed_by_checkpoint_images_and_layers(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"stem": np.ones((2, 3), np.float32)}
+
+    got = A.cached_extract(tmp_path, "sha-a", ["x", "y"], ["stem"], compute)
+    again = A.cached_extract(tmp_path, "sha-a", ["x", "y"], ["stem"], compute)
+    assert len(calls) == 1 and np.array_equal(got["stem"], again["stem"])
+    A.cached_extract(tmp_path, "sha-b", ["x", "y"], ["stem"], compute)  # another checkpoint
+    A.cached_extract(tmp_path, "sha-a", ["x", "z"], ["stem"], compute)  # other images
+    assert len(calls) == 3
+
+
+def test_integrated_gradients_are_complete_on_a_tiny_model(tiny_rn):
+    from clipgen.eval.zeroshot import normalize_images
+
+    x = normalize_images(torch.from_numpy(_images(6, seed=3)))
+    labels = torch.arange(6) % 4
+    class_emb = torch.nn.functional.normalize(torch.randn(4, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
+    metric = C.true_class_logit(class_emb, 50.0)
+    st = A.stages(tiny_rn.visual)
+    gaps = {}
+    for steps in (2, 64):
+        attrs, full, zeros = C.node_attributions(st, x, labels, metric, steps)
+        gaps[steps] = [float((a.sum(dim=1) - (full - z)).abs().max()) for a, z in zip(attrs, zeros)]
+        spans = [float((full - z).abs().mean()) for z in zeros]
+    # With enough steps the attributions add up to M(x) - M(baseline) at every layer ...
+    assert all(g <= 0.02 * max(s, 1.0) for g, s in zip(gaps[64], spans))
+    # ... and the Riemann error shrinks with the number of steps (it is not trivially exact).
+    assert sum(gaps[2]) > 5 * sum(gaps[64])
+    # The metric at the image is the zero-shot true-class logit (scale x cosine).
+    with torch.no_grad():
+        emb = torch.nn.functional.normalize(tiny_rn.visual(x), dim=-1)
+    assert torch.allclose(full, 50.0 * (emb * class_emb[labels]).sum(-1), atol=1e-4)
+    # Edge attributions are complete too: sum over upstream channels = change of the downstream node value.
+    acts = C.forward_all(st, x)
+    targets = torch.tensor([[0, 5, 9]] * 6)
+    w = C.edge_attributions(st, acts[1], 2, targets, steps=64)
+    with torch.no_grad():
+        s_full = C._channels_sum(acts[2])[:, [0, 5, 9]]
+        s_zero = C._channels_sum(st[2][1](torch.zeros_like(acts[1])))[:, [0, 5, 9]]
+    assert torch.allclose(w.sum(dim=2), s_full - s_zero, atol=0.02 * float((s_full - s_zero).abs().max()) + 1e-3)
+
+
+def test_circuit_edges_join_consecutive_layers_only_and_rank_by_magnitude(tiny_rn):
+    st = A.stages(tiny_rn.visual)
+    class_emb = torch.nn.functional.normalize(torch.randn(2, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
+    labels = np.array([0, 1, 0, 1, 0, 1])
+    groups = np.array(["real|0", "real|1", "real|0", "sketch|1", "sketch|0", "sketch|1"])
+    res = C.analyse_circuits(st, _images(6), labels, groups, C.true_class_logit(class_emb, 50.0), steps=3,
+                             top_frac=0.1, top_edges=3)
+    names = res["layers"]
+    for rec in res["groups"].values():
+        assert list(rec["edges"]) == names[1:]  # no edge into the first layer: nothing wraps around
+        for li, name in enumerate(names[1:], start=1):
+            up, down = set(rec["nodes"][names[li - 1]]), set(rec["nodes"][name])
+            assert rec["edges"][name] and all(i in up and j in down for i, j in rec["edges"][name])
+            per_node = {}
+            for i, j in rec["edges"][name]:
+                per_node.setdefault(j, []).append(i)
+            assert all(len(v) == min(3, len(up)) for v in per_node.values())
+        assert [len(rec["nodes"][n]) for n in names] == [2, 7, 13, 26, 52, 7]  # ceil(10%) of 16..512 channels
+    with pytest.raises(ValueError):
+        C.edge_attributions(st, torch.zeros(1, 3, 32, 32), 0, torch.zeros(1, 1, dtype=torch.long))
+    # Top-k by |weight|: a large negative weight wins over small positive ones.
+    w = np.array([[0.1, -5.0, 0.2, 0.3]])
+    assert C.circuit_edges(w, [0, 1, 2, 3], [7], top_edges=2) == [(1, 7), (3, 7)]
+    assert C.jaccard({1, 2}, {2, 3}) == pytest.approx(1 / 3)
+    jac = C.domain_jaccard(res["groups"], names, DOMAINS, [0, 1], "nodes")
+    r, s = DOMAINS.index("real"), DOMAINS.index("sketch")
+    assert jac["stem"][r][r] == 1.0 and 0.0 <= jac["stem"][r][s] <= 1.0 and jac["stem"][0][0] is None
+
+
+def test_vit_circuits_use_block_channels():
+    from clipgen.eval.zeroshot import normalize_images
+    from clipgen.train.model import create_clip
+
+    torch.manual_seed(0)
+    vit, _ = create_clip("clipgen-tiny-vit", 32)
+    vit.eval()
+    st = A.stages(vit.visual)
+    class_emb = torch.nn.functional.normalize(torch.randn(2, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
+    metric = C.true_class_logit(class_emb, 20.0)
+    x = normalize_images(torch.from_numpy(_images(3)))
+    attrs, full, zeros = C.node_attributions(st, x, torch.tensor([0, 1, 0]), metric, steps=4)
+    assert [a.shape[1] for a in attrs] == [64, 64, 64] and all(torch.isfinite(a).all() for a in attrs)
+    # The last layer feeds the metric linearly, so its attributions are complete even for a ViT. (Inside the
+    # tower, pre-LN blocks make the path from a zero activation jump at 0, which a zero baseline cannot see.)
+    assert torch.allclose(attrs[-1].sum(dim=1), full - zeros[-1], atol=1e-4)
+    res = C.analyse_circuits(st, _images(3), np.array([0, 1, 0]), np.array(["real|0", "real|1", "real|0"]), metric,
+                             steps=2)
+    assert res["layers"] == ["block0", "block1", "head"] and list(res["groups"]["real|0"]["edges"]) == ["block1",
+                                                                                                        "head"]
+
+
+def test_seeded_umap_subsample_and_domain_mean_distances():
+    from clipgen.analyze import geometry as G
+
+    assert np.array_equal(G.seeded_subsample(100, 10, 3), G.seeded_subsample(100, 10, 3))
+    assert not np.array_equal(G.seeded_subsample(100, 10, 3), G.seeded_subsample(100, 10, 4))
+    emb = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 3.0], [0.0, 5.0]])
+    doms = np.array(["real", "real", "sketch", "sketch"])
+    labels = np.array([0, 1, 0, 1])
+    dist = G.domain_mean_distances(emb, doms, DOMAINS)
+    r, s = DOMAINS.index("real"), DOMAINS.index("sketch")
+    assert dist[r, s] == pytest.approx(np.hypot(1.0, 4.0)) and np.isnan(dist[0, r])
+    cond = G.class_conditional_distances(emb, doms, labels, DOMAINS, [0, 1])
+    assert cond[r, s] == pytest.approx((3.0 + np.hypot(2.0, 5.0)) / 2)
+    diffs = G.per_dimension_differences(emb, doms, DOMAINS, "real")
+    assert diffs["sketch"] == pytest.approx([-1.0, 4.0])
+
+
+# --- end to end on the synthetic world -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_root(tmp_path_factory):
+    """Two seeds of CG-high on a tiny world with four held-out classes (so CKA over C2 has >= 4 classes)."""
+    from clipgen.launch.study import run_study
+
+    root = tmp_path_factory.mktemp("analyze_root")
+    run_study(make_cfg(root, "debug=smoke", "world.num_heldout=4", "study.name=an", "study.recipes=[cg_high]",
+                       "study.seeds=[0,1]", "trainer.epochs=1"))
+    return root
+
+
+def test_all_analyses_run_on_synthetic_world_runs_and_reruns_skip(trained_root, tmp_path):
+    from clipgen.analyze.report import report_section
+    from clipgen.analyze.run import run_analyze
+
+    vocab = tmp_path / "concepts.txt"
+    words = ["stripes", "wheels", "water", "pencil lines", "bright colours", "text"]
+    vocab.write_text("\n".join(words) + "\n")
+    cfg = make_cfg(trained_root, "debug=smoke", "world.num_heldout=4", "analysis=fast", "analysis.threads=1",
+                   f"analysis.sae_vocab_file={vocab}")
+    out = run_analyze(cfg)
+    assert len(out["runs"]) == 2
+    for name, res in out["runs"].items():
+        assert all(v.startswith("computed") for v in res["analyses"].values()), res
+        adir = trained_root / "runs" / name / "analysis"
+        results = {n: json.loads((adir / f"{n}.json").read_text()) for n in ("sae", "geometry", "cka", "circuits")}
+        for r in results.values():
+            assert r["epoch"] == 1 and len(r["checkpoint_sha256"]) == 64 and r["test_domain"] == "sketch"
+            assert r["figures"] and all((adir / f).stat().st_size > 1000 for f in r["figures"])
+        sae = results["sae"]["subsets"]["heldout"]
+        assert sae["test_domain_score"] == sae["domain_scores"]["sketch"] is not None
+        assert len(sae["matrix"]) == 6 and sae["matrix"][5][5] is not None
+        concepts = results["sae"]["concepts"]
+        assert concepts and {c["concept"] for c in concepts.values()} <= set(words)
+        assert results["sae"]["vocabulary"] == {"source": str(vocab), "size": len(words)}
+        geo = results["geometry"]
+        assert geo["eval_check"]["images"] > 0 and geo["eval_check"]["max_abs_diff"] < 1e-2
+        assert {"umap_all.png", "umap_no_quickdraw.png"} <= set(geo["figures"])
+        cka = results["cka"]
+        assert cka["layers"] == ["stem", "layer1.0", "layer2.0", "layer3.0", "layer4.0", "attnpool"]
+        for kernel in ("linear", "rbf"):
+            for subset in ("all", "heldout", "other"):
+                m = cka["cka"][kernel][subset]["attnpool"]
+                assert m[5][5] == pytest.approx(1.0) and m[5][4] is not None
+        circ = results["circuits"]
+        assert set(circ["node_jaccard"]) == set(cka["layers"]) and "stem" not in circ["circuit_jaccard"]
+        assert circ["groups"] and len(circ["circuit_classes"]) == 4
+    again = run_analyze(cfg)
+    assert all(v == "up to date" for r in again["runs"].values() for v in r["analyses"].values())
+
+    html = report_section(trained_root, tmp_path / "report")
+    assert html.startswith("<h2>") and "test domain sketch" in html and "(2)</span>" in html
+    figs = sorted(p.name for p in (tmp_path / "report" / "analysis").glob("*.png"))
+    assert "cka_linear_heldout_sketch.png" in figs and 'src="analysis/cka_linear_heldout_sketch.png"' in html
+    assert report_section(tmp_path / "empty", tmp_path / "report2") == ""
+
+
+def test_bad_analysis_settings_fail_with_one_line(trained_root):
+    from clipgen.analyze.run import run_analyze
+
+    with pytest.raises(ClipgenError, match="analysis.analyses"):
+        run_analyze(make_cfg(trained_root, "analysis.analyses=[sae,circuts]"))
+    with pytest.raises(ClipgenError, match="not a run directory"):
+        run_analyze(make_cfg(trained_root, f"analysis.run_dirs=[{trained_root}]"))
+    with pytest.raises(ClipgenError, match="sae_vocab_file"):
+        run_analyze(make_cfg(trained_root, "analysis.sae_vocab_file=/nonexistent/vocab.txt"))
+    with pytest.raises(ClipgenError, match="analysis.epoch=7"):
+        run_analyze(make_cfg(trained_root, "debug=smoke", "world.num_heldout=4", "analysis.epoch=7"))
