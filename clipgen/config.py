@@ -259,6 +259,7 @@ class StudyConfig:
     # On a small CPU, 2 one-thread processes beat one 2-thread process for tiny models.
     parallel: int = 1
     dry_run: bool = False  # list the study's runs and what each still needs, launch nothing
+    analyze: bool = False  # after evaluation, run clipgen-analyze on every run (settings: analysis.*)
     # local (processes here) | submitit_local (submitit jobs here) | slurm (one submitit job per run and stage)
     launcher: str = "local"
     slurm: SlurmStageConfig = field(default_factory=SlurmStageConfig)

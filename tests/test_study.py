@@ -88,13 +88,19 @@ def test_world_study_on_submitit_local_then_relaunch_does_nothing(tiny_root, tmp
 
     shutil.copytree(tiny_root / "world", tmp_path / "world")
     over = [f"paths.root={tmp_path}", "debug=smoke", "study.name=local-jobs", "study.recipes=[cg_high]",
-            "study.launcher=submitit_local", "study.slurm.train.cpus_per_task=1", "study.slurm.eval.cpus_per_task=1"]
+            "study.launcher=submitit_local", "study.slurm.train.cpus_per_task=1", "study.slurm.eval.cpus_per_task=1",
+            "study.analyze=true", "analysis=fast", "analysis.umap=false"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     out = subprocess.run(["clipgen-study", *over], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "submitted 1 train jobs" in out.stdout and "submitted 1 eval jobs" in out.stdout
     assert "lso-cipqrs-nosketchclasses--clipgen-tiny-rn--seed0  sketch       finished  done" in out.stdout
     assert list((tmp_path / "logs" / "study" / "local-jobs" / "train").glob("*/*_log.out"))  # submitit's logs
+    assert "submitted 1 analyze jobs" in out.stdout
+    run = tmp_path / "runs" / "lso-cipqrs-nosketchclasses--clipgen-tiny-rn--seed0"
+    assert all((run / "analysis" / f"{a}.json").is_file() for a in ("sae", "geometry", "cka", "circuits"))
+    assert "Mechanistic analyses" in (tmp_path / "report" / "index.html").read_text()
     again = subprocess.run(["clipgen-study", *over], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "submitted" not in again.stdout and "train (0 of 1 runs" in again.stdout and "eval (0 runs)" in again.stdout
+    assert "analyze (0 runs)" in again.stdout

@@ -174,24 +174,37 @@ class _Context:
         return self._head
 
 
-def analyze_run(cfg: DictConfig, run_dir: Path, todo: list[str], device: str) -> dict:
-    info = load_run(run_dir, int(cfg.analysis.epoch))
-    ctx = _Context(cfg, info, device)
-    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+def _keys(cfg: DictConfig, ctx: "_Context", todo: list[str]) -> dict[str, tuple[str, dict]]:
+    """Per analysis: the key of its result (checkpoint, images and the settings that change the numbers; memory
+    budgets and devices do not) and those settings."""
     ids_hash = stable_hash(list(ctx.test.sample_ids), 16)
     a = OmegaConf.to_container(cfg.analysis, resolve=True)
     common = {"version": VERSION, "checkpoint_sha256": ctx.sha, "test_images": ids_hash, "seed": a["seed"],
               "images_per_group": a["images_per_group"], "layers": a["layers"]}
-    status = {}
+    out = {}
     for name in todo:
         prefix = {"sae": "sae_", "geometry": "umap", "cka": "cka_", "circuits": "circuit_"}[name]
-        # Settings that change the numbers key the result; memory budgets and devices do not.
         params = {k: v for k, v in a.items() if k.startswith(prefix) and k != "circuit_max_batch_elems"}
-        if name == "sae":
+        if name in ("sae", "circuits"):
             params["templates"] = str(cfg.eval.templates)
-        if name == "circuits":
-            params["templates"] = str(cfg.eval.templates)
-        key = stable_hash({**common, **params, "analysis": name}, 16)
+        out[name] = (stable_hash({**common, **params, "analysis": name}, 16), params)
+    return out
+
+
+def pending_analyses(cfg: DictConfig, run_dir: Path) -> list[str]:
+    """The requested analyses of ``run_dir`` whose results are missing or stale (loads no model)."""
+    todo = _check_cfg(cfg.analysis)
+    ctx = _Context(cfg, load_run(Path(run_dir), int(cfg.analysis.epoch)), "cpu")
+    return [name for name, (key, _) in _keys(cfg, ctx, todo).items()
+            if not _current(ctx.out_dir / f"{name}.json", key)]
+
+
+def analyze_run(cfg: DictConfig, run_dir: Path, todo: list[str], device: str) -> dict:
+    info = load_run(run_dir, int(cfg.analysis.epoch))
+    ctx = _Context(cfg, info, device)
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    status = {}
+    for name, (key, params) in _keys(cfg, ctx, todo).items():
         path = ctx.out_dir / f"{name}.json"
         if _current(path, key):
             status[name] = "up to date"

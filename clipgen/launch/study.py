@@ -234,15 +234,18 @@ def slurm_executor(folder: str, stage: str, jc, cluster: str = "slurm"):
     return ex
 
 
-def run_on_slurm(stage: str, fn_name: str, cfgs: list[DictConfig], cfg: DictConfig) -> list[dict]:
-    """Submit one job per config, wait for all; returns per config {"job_id", "state", "log", "result"}."""
+def run_on_slurm(stage: str, fn_name: str, cfgs: list[DictConfig], cfg: DictConfig, label: str | None = None
+                 ) -> list[dict]:
+    """Submit one job per config with the resources of ``study.slurm.<stage>``, wait for all; returns per config
+    {"job_id", "state", "log", "result"}."""
     if not cfgs:
         return []
+    label = label or stage
     cluster = "local" if cfg.study.launcher == "submitit_local" else "slurm"
-    ex = slurm_executor(str(cfg.study.slurm.folder), stage, cfg.study.slurm[stage], cluster)
+    ex = slurm_executor(str(cfg.study.slurm.folder), label, cfg.study.slurm[stage], cluster)
     with ex.batch():
         jobs = [ex.submit(StageCall(fn_name), c) for c in cfgs]
-    print(f"  submitted {len(jobs)} {stage} jobs: {', '.join(j.job_id for j in jobs)}")
+    print(f"  submitted {len(jobs)} {label} jobs: {', '.join(j.job_id for j in jobs)}")
     out = []
     for job in jobs:
         try:
@@ -322,6 +325,27 @@ def run_study(cfg: DictConfig) -> dict:
     else:
         run_many("clipgen.eval.run.run_eval", to_eval, parallel)
     times.append((f"eval ({len(to_eval)} runs)", time.time() - t0))
+
+    if cfg.study.analyze:  # clipgen-analyze on every run (skips analyses that are current)
+        from clipgen.analyze.run import pending_analyses
+
+        to_analyze = []
+        for sub in subs:
+            if run_dir_of(sub).name in failed or not pending_analyses(sub, run_dir_of(sub)):
+                continue
+            sub = copy.deepcopy(sub)
+            with open_dict(sub):
+                sub.analysis.run_dirs = [str(run_dir_of(sub))]
+            to_analyze.append(sub)
+        t0 = time.time()
+        if launcher != "local":
+            for sub, res in zip(to_analyze, run_on_slurm("eval", "clipgen.analyze.run.run_analyze", to_analyze, cfg,
+                                                         label="analyze")):
+                if res["state"] != "done":
+                    failed[run_dir_of(sub).name] = {"stage": "analyze", **res}
+        else:
+            run_many("clipgen.analyze.run.run_analyze", to_analyze, parallel)
+        times.append((f"analyze ({len(to_analyze)} runs)", time.time() - t0))
     report = _timed(times, "report", run_report, cfg)
 
     rows = []
