@@ -18,7 +18,6 @@ from omegaconf import OmegaConf
 
 from clipgen.errors import ClipgenError
 from clipgen.facts import DOMAINS
-from clipgen.utils import read_json
 
 log = logging.getLogger("clipgen.analyze")
 _EPOCH = re.compile(r"^epoch_(\d+)\.(pt|npz)$")
@@ -65,12 +64,9 @@ def load_run(run_dir: Path, epoch: int = -1) -> RunInfo:
     if not meta_path.is_file():
         raise ClipgenError(f"{meta_path} is missing: expected a run directory written by clipgen-train "
                            "(analysis.run_dirs or paths.root/runs)")
-    meta = read_json(meta_path, "run meta")
-    for key in ("classes", "heldout_classes", "test_domain"):
-        if key not in meta:
-            raise ClipgenError(f"{meta_path} has no {key!r}: expected a meta.json written by clipgen-train")
-    if not (run_dir / "config.yaml").is_file():
-        raise ClipgenError(f"{run_dir / 'config.yaml'} is missing: expected the run's resolved config")
+    from clipgen.eval.run import read_run_meta
+
+    meta, _ = read_run_meta(run_dir)
     ckpts = _epochs(run_dir / "checkpoints", "pt")
     if not ckpts:
         raise ClipgenError(f"no checkpoints/epoch_*.pt in {run_dir}: expected a trained run")

@@ -110,15 +110,21 @@ def _size(value) -> str:
     return str(len(value)) if isinstance(value, (list, tuple)) else repr(value)
 
 
-def _load_run(cfg: DictConfig):
-    run_dir = resolve_run_dir(cfg)
-    meta_path = run_dir / "meta.json"
+def read_run_meta(run_dir: Path) -> tuple[dict, Path]:
+    """A trained run's meta.json (checked for what evaluation and analyses need) and its path."""
+    meta_path = Path(run_dir) / "meta.json"
     meta = read_json(meta_path, "run meta")
     for key in ("classes", "heldout_classes", "test_domain"):
         if key not in meta:
             raise ClipgenError(f"{meta_path} has no {key!r}: expected a meta.json written by clipgen-train")
-    if not (run_dir / "config.yaml").is_file():
-        raise ClipgenError(f"{run_dir / 'config.yaml'} is missing: expected the run's resolved config")
+    if not (Path(run_dir) / "config.yaml").is_file():
+        raise ClipgenError(f"{Path(run_dir) / 'config.yaml'} is missing: expected the run's resolved config")
+    return meta, meta_path
+
+
+def _load_run(cfg: DictConfig):
+    run_dir = resolve_run_dir(cfg)
+    meta, meta_path = read_run_meta(run_dir)
     bad = [c for c in meta["heldout_classes"] if c not in meta["classes"]]
     if bad:
         raise ClipgenError(f"{meta_path} heldout_classes {bad} are not in its classes: expected the held-out "

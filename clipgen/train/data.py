@@ -180,17 +180,22 @@ def canonical_order(recipe_dir: Path, sources, results, owner) -> tuple[list[np.
     return dests, counts, bad
 
 
-def load_train_data(recipe_dir: str | Path, tokenizer, image_px: int, manifest: dict | None = None, *,
-                    workers: int = 0, on_bad_sample: str = "error", max_memory_gb: float = 16.0) -> TrainData:
-    """Decode every sample of the recipe and of its base corpus into memory (recipe first, then base), with
-    ``workers`` processes (0 or 1: in this process). ``on_bad_sample``: "error" | "skip" (see decode.py)."""
+def open_recipe(recipe_dir: str | Path, manifest: dict | None, on_bad_sample: str):
+    """What both loaders start from: the recipe directory, its manifest (read unless given) and its sources."""
     recipe_dir = Path(recipe_dir)
     if on_bad_sample not in BAD_SAMPLE_POLICIES:
         raise ClipgenError(f"unknown data.on_bad_sample {on_bad_sample!r}: expected one of "
                            f"{', '.join(BAD_SAMPLE_POLICIES)}")
     if manifest is None:
         manifest = read_json(recipe_dir / "manifest.json", "recipe manifest")
-    sources = data_sources(recipe_dir, manifest)
+    return recipe_dir, manifest, data_sources(recipe_dir, manifest)
+
+
+def load_train_data(recipe_dir: str | Path, tokenizer, image_px: int, manifest: dict | None = None, *,
+                    workers: int = 0, on_bad_sample: str = "error", max_memory_gb: float = 16.0) -> TrainData:
+    """Decode every sample of the recipe and of its base corpus into memory (recipe first, then base), with
+    ``workers`` processes (0 or 1: in this process). ``on_bad_sample``: "error" | "skip" (see decode.py)."""
+    recipe_dir, manifest, sources = open_recipe(recipe_dir, manifest, on_bad_sample)
     _check_memory(recipe_dir, sum(n for _, _, n in sources), int(image_px), float(max_memory_gb))
     tasks, owner = shard_tasks(sources)
     results = decode_shards(tasks, tokenizer, int(image_px), leak_guard(manifest), on_bad_sample, int(workers))

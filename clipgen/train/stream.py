@@ -33,9 +33,8 @@ import torch
 
 from clipgen.errors import ClipgenError
 from clipgen.train.data import (LOADERS, Batch, EpochLoader, canonical_order, data_sources, derive_seed,
-                                leak_guard, shard_tasks)
-from clipgen.train.decode import BAD_SAMPLE_POLICIES, META_FIELDS, index_shards
-from clipgen.utils import read_json
+                                leak_guard, open_recipe, shard_tasks)
+from clipgen.train.decode import META_FIELDS, index_shards
 
 
 @dataclass
@@ -63,13 +62,7 @@ class StreamData:
 def load_stream_data(recipe_dir: str | Path, image_px: int, manifest: dict | None = None, *, workers: int = 0,
                      on_bad_sample: str = "error") -> StreamData:
     """Check every shard of the recipe and its base corpus once and index where each good sample's image is."""
-    recipe_dir = Path(recipe_dir)
-    if on_bad_sample not in BAD_SAMPLE_POLICIES:
-        raise ClipgenError(f"unknown data.on_bad_sample {on_bad_sample!r}: expected one of "
-                           f"{', '.join(BAD_SAMPLE_POLICIES)}")
-    if manifest is None:
-        manifest = read_json(recipe_dir / "manifest.json", "recipe manifest")
-    sources = data_sources(recipe_dir, manifest)
+    recipe_dir, manifest, sources = open_recipe(recipe_dir, manifest, on_bad_sample)
     tasks, owner = shard_tasks(sources)
     results = index_shards(tasks, int(image_px), leak_guard(manifest), on_bad_sample, int(workers))
     dests, counts, bad = canonical_order(recipe_dir, sources, results, owner)
