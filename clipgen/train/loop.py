@@ -259,7 +259,7 @@ def _train(cfg, denv, device, mcfg, recipe_dir, manifest, manifest_sha, name, ru
     if loader_kind == "stream":
         data = load_stream_data(recipe_dir, px, manifest, workers=workers, on_bad_sample=policy)
         loader = StreamLoader(data, int(tc.batch_size), int(tc.seed), px, tokenizer, device, rank=denv.rank,
-                              world_size=denv.world_size, workers=workers)
+                              world_size=denv.world_size, workers=workers, epochs=int(tc.epochs))
     else:
         data = load_train_data(recipe_dir, tokenizer, px, manifest, workers=workers, on_bad_sample=policy,
                                max_memory_gb=float(cfg.data.max_memory_gb))

@@ -135,21 +135,23 @@ class _Reader:
         self._fds = {}
 
 
-class _EpochBatches(torch.utils.data.Dataset):
-    """Item ``b`` = batch ``b`` of one epoch for one rank, decoded, augmented and normalised (run in workers)."""
+class _Batches(torch.utils.data.Dataset):
+    """Item ``(epoch, b)`` = batch ``b`` of ``epoch`` for one rank, decoded, augmented and normalised (run in
+    the DataLoader's workers, which keep each epoch's permutation)."""
 
-    def __init__(self, loader: "StreamLoader", epoch: int):
-        self.loader, self.epoch, self._perm = loader, int(epoch), None
+    def __init__(self, loader: "StreamLoader"):
+        self.loader, self._perms = loader, {}
 
     def __len__(self) -> int:
         return self.loader.steps_per_epoch
 
-    def __getitem__(self, index: int):
-        if self._perm is None:  # once per worker and epoch
-            self._perm = self.loader.permutation(self.epoch)
-        idx = self.loader.batch_indices(self.epoch, int(index), self._perm)
-        images, tokens = self.loader.assemble(self.epoch, int(index), idx, torch.device("cpu"))
-        return int(index), images, tokens, idx
+    def __getitem__(self, key):
+        epoch, index = int(key[0]), int(key[1])
+        if epoch not in self._perms:  # once per worker and epoch
+            self._perms = {epoch: self.loader.permutation(epoch)}
+        idx = self.loader.batch_indices(epoch, index, self._perms[epoch])
+        images, tokens = self.loader.assemble(epoch, index, idx, torch.device("cpu"))
+        return epoch, index, images, tokens, idx
 
 
 def _worker_init(_):
@@ -162,14 +164,16 @@ class StreamLoader(EpochLoader):
 
     def __init__(self, data: StreamData, batch_size: int, seed: int, image_px: int, tokenizer,
                  device: torch.device | str = "cpu", augment: bool = True, rank: int = 0, world_size: int = 1,
-                 workers: int = 2, prefetch: int = 2):
+                 workers: int = 2, prefetch: int = 2, epochs: int | None = None):
         super().__init__(data, batch_size, seed, image_px, device, augment, rank, world_size)
         self.tokenizer, self.workers, self.prefetch = tokenizer, int(workers), int(prefetch)
+        self.epochs = epochs  # the run's epoch count: lets one set of workers serve all remaining epochs
         self.reader = _Reader(data)
+        self._live, self._live_next, self._live_last = None, None, 0
 
-    def __getstate__(self):  # what a worker receives: no device tensors, nothing open
+    def __getstate__(self):  # what a worker receives: no device tensors, no live iterator, nothing open
         state = dict(self.__dict__)
-        state["device"] = torch.device("cpu")
+        state.update(device=torch.device("cpu"), _live=None)
         return state
 
     def assemble(self, epoch: int, index: int, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor,
@@ -186,20 +190,38 @@ class StreamLoader(EpochLoader):
         return Batch(epoch=epoch, index=index, images=images, tokens=tokens, indices=idx, labels=self.labels_of(idx))
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """Batches ``start, start + 1, ...`` of ``epoch``. With ``epochs`` given, one set of DataLoader workers
+        serves every remaining epoch: a call that continues where the previous one ended reuses them (and the
+        batches they already prefetched); any other position starts fresh workers there."""
         if self.workers <= 0:
             yield from super().batches(epoch, start)
             return
+        if self._live is None or self._live_next != (epoch, start) or epoch >= self._live_last:
+            self._live = self._start(epoch, start)
+        spe = self.steps_per_epoch
+        for index in range(start, spe):
+            e, i, images, tokens, idx = next(self._live)
+            assert (e, i) == (epoch, index), "internal: stream loader out of step"  # the sampler's own order
+            self._live_next = (epoch, index + 1) if index + 1 < spe else (epoch + 1, 0)
+            if self._live_next == (self._live_last, 0):  # its last batch: let the workers exit now
+                next(self._live, None)
+                self._live = None
+            yield Batch(epoch=epoch, index=index, images=images.to(self.device, non_blocking=True),
+                        tokens=tokens.to(self.device, non_blocking=True), indices=idx, labels=self.labels_of(idx))
+
+    def _start(self, epoch: int, start: int):
         import multiprocessing as mp
 
+        last = max(self.epochs or 0, epoch + 1)
+        keys = [(e, i) for e in range(epoch, last) for i in range(start if e == epoch else 0, self.steps_per_epoch)]
         # Like clipgen.utils.process_pool: fork only while no other thread runs (W&B's would make it unsafe).
         method = "fork" if threading.active_count() == 1 else "forkserver"
         dl = torch.utils.data.DataLoader(
-            _EpochBatches(self, epoch), batch_size=None, sampler=range(start, self.steps_per_epoch),
-            num_workers=self.workers, prefetch_factor=self.prefetch, worker_init_fn=_worker_init,
-            multiprocessing_context=mp.get_context(method), pin_memory=self.device.type == "cuda")
-        for index, images, tokens, idx in dl:
-            yield Batch(epoch=epoch, index=index, images=images.to(self.device, non_blocking=True),
-                        tokens=tokens.to(self.device, non_blocking=True), indices=idx, labels=self.labels_of(idx))
+            _Batches(self), batch_size=None, sampler=keys, num_workers=self.workers, prefetch_factor=self.prefetch,
+            worker_init_fn=_worker_init, multiprocessing_context=mp.get_context(method),
+            pin_memory=self.device.type == "cuda")
+        self._live_next, self._live_last = (epoch, start), last
+        return iter(dl)
 
 
 def decoded_gb(num_samples: int, image_px: int) -> float:
