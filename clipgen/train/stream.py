@@ -201,7 +201,9 @@ class StreamLoader(EpochLoader):
         spe = self.steps_per_epoch
         for index in range(start, spe):
             e, i, images, tokens, idx = next(self._live)
-            assert (e, i) == (epoch, index), "internal: stream loader out of step"  # the sampler's own order
+            if (e, i) != (epoch, index):  # the sampler's own order: cannot happen unless this class is broken
+                raise RuntimeError(f"stream loader out of step: got batch {i} of epoch {e}, expected batch {index} "
+                                   f"of epoch {epoch}")
             self._live_next = (epoch, index + 1) if index + 1 < spe else (epoch + 1, 0)
             if self._live_next == (self._live_last, 0):  # its last batch: let the workers exit now
                 next(self._live, None)
