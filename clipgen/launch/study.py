@@ -257,6 +257,22 @@ def run_on_slurm(stage: str, fn_name: str, cfgs: list[DictConfig], cfg: DictConf
     return out
 
 
+def run_stage(stage: str, resources: str, fn_name: str, cfgs: list[DictConfig], cfg: DictConfig,
+              failed: dict[str, dict]) -> list[dict]:
+    """Run one study stage for every config: here (``study.parallel`` processes; returns the results; an error
+    stops the study) or as submitit jobs with the resources of ``study.slurm.<resources>`` (failed runs are
+    recorded in ``failed`` under their run name; returns the results of the others)."""
+    if cfg.study.launcher == "local":
+        return run_many(fn_name, cfgs, int(cfg.study.parallel))
+    done = []
+    for sub, res in zip(cfgs, run_on_slurm(resources, fn_name, cfgs, cfg, label=stage)):
+        if res["state"] == "done":
+            done.append(res["result"])
+        else:
+            failed[run_dir_of(sub).name] = {"stage": stage, **res}
+    return done
+
+
 def run_study(cfg: DictConfig) -> dict:
     from clipgen.recipes.build import build_recipe
     from clipgen.report.build import run_report
@@ -298,14 +314,9 @@ def run_study(cfg: DictConfig) -> dict:
     failed: dict[str, dict] = {}
     to_train = [sub for sub in subs if run_state(sub)[0] != "finished"]
     t0 = time.time()
-    if launcher != "local":
-        for sub, res in zip(to_train, run_on_slurm("train", "clipgen.train.loop.run_train", to_train, cfg)):
-            if res["state"] != "done":
-                failed[run_dir_of(sub).name] = {"stage": "train", **res}
-    else:
-        for run in run_many("clipgen.train.loop.run_train", to_train, parallel):
-            print(f"  {run['run_dir']}: {run.get('status', '?')}, {run.get('seconds', 0):.0f} s, "
-                  f"{run.get('samples_per_s') or 0:.0f} samples/s")
+    for run in run_stage("train", "train", "clipgen.train.loop.run_train", to_train, cfg, failed):
+        print(f"  {run['run_dir']}: {run.get('status', '?')}, {run.get('seconds', 0):.0f} s, "
+              f"{run.get('samples_per_s') or 0:.0f} samples/s")
     where = f"{launcher} jobs" if launcher != "local" else f"{parallel} at a time"
     times.append((f"train ({len(to_train)} of {len(subs)} runs, {where})", time.time() - t0))
 
@@ -318,12 +329,7 @@ def run_study(cfg: DictConfig) -> dict:
             sub.eval.run_dir = str(run_dir_of(sub))
         to_eval.append(sub)
     t0 = time.time()
-    if launcher != "local":
-        for sub, res in zip(to_eval, run_on_slurm("eval", "clipgen.eval.run.run_eval", to_eval, cfg)):
-            if res["state"] != "done":
-                failed[run_dir_of(sub).name] = {"stage": "eval", **res}
-    else:
-        run_many("clipgen.eval.run.run_eval", to_eval, parallel)
+    run_stage("eval", "eval", "clipgen.eval.run.run_eval", to_eval, cfg, failed)
     times.append((f"eval ({len(to_eval)} runs)", time.time() - t0))
 
     if cfg.study.analyze:  # clipgen-analyze on every run (skips analyses that are current)
@@ -338,13 +344,7 @@ def run_study(cfg: DictConfig) -> dict:
                 sub.analysis.run_dirs = [str(run_dir_of(sub))]
             to_analyze.append(sub)
         t0 = time.time()
-        if launcher != "local":
-            for sub, res in zip(to_analyze, run_on_slurm("eval", "clipgen.analyze.run.run_analyze", to_analyze, cfg,
-                                                         label="analyze")):
-                if res["state"] != "done":
-                    failed[run_dir_of(sub).name] = {"stage": "analyze", **res}
-        else:
-            run_many("clipgen.analyze.run.run_analyze", to_analyze, parallel)
+        run_stage("analyze", "eval", "clipgen.analyze.run.run_analyze", to_analyze, cfg, failed)
         times.append((f"analyze ({len(to_analyze)} runs)", time.time() - t0))
     report = _timed(times, "report", run_report, cfg)
 
