@@ -26,16 +26,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-
-    from clipgen.config import register_configs
-
-    register_configs()
-    with initialize_config_module(config_module="clipgen.conf", version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
+from clipgen.config import compose_config  # noqa: E402  (after the environment is set)
 
 
 def make_run(root: str) -> Path:
@@ -47,8 +38,8 @@ def make_run(root: str) -> Path:
         print(f"run: {found[0]} (reused)")
         return found[0]
     t0 = time.time()
-    run_study(compose([f"paths.root={root}", "debug=smoke", "study.name=bench-analysis", "study.recipes=[cg_high]",
-                       "study.seeds=[0]"]))
+    run_study(compose_config([f"paths.root={root}", "debug=smoke", "study.name=bench-analysis",
+                              "study.recipes=[cg_high]", "study.seeds=[0]"]))
     found = sorted(p for p in runs.glob("*") if (p / "eval" / "results.jsonl").is_file())
     print(f"run: {found[0]} (trained and evaluated in {time.time() - t0:.0f} s)")
     return found[0]
@@ -58,8 +49,8 @@ def full_analysis(root: str, run_dir: Path, preset: str, threads: int) -> tuple[
     from clipgen.analyze.run import run_analyze
 
     shutil.rmtree(run_dir / "analysis", ignore_errors=True)
-    cfg = compose([f"paths.root={root}", "debug=smoke", f"analysis={preset}", f"analysis.threads={threads}",
-                   f"analysis.run_dirs=[{run_dir}]"])
+    cfg = compose_config([f"paths.root={root}", "debug=smoke", f"analysis={preset}", f"analysis.threads={threads}",
+                          f"analysis.run_dirs=[{run_dir}]"])
     t0 = time.time()
     out = run_analyze(cfg)
     first = time.time() - t0

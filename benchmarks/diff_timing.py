@@ -25,18 +25,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 import numpy as np  # noqa: E402
 
+from clipgen.config import compose_config  # noqa: E402  (after the environment is set)
+
 LIMIT_S = 60.0
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-
-    from clipgen.config import register_configs
-
-    register_configs()
-    with initialize_config_module(config_module="clipgen.conf", version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
 
 
 def synthesise(root: Path, n_images: int, n_classes: int, emb_dim: int, null: bool) -> None:
@@ -85,8 +76,8 @@ def main() -> int:
         print(f"synthesis: {time.time() - t0:.1f} s (not timed)")
         from clipgen.diff.run import run_diff
 
-        cfg = compose([f"paths.root={root}", "logger=none", "run_a=A", "run_b=B"]
-                      + (["null_run=N"] if args.null else []))
+        cfg = compose_config([f"paths.root={root}", "logger=none", "run_a=A", "run_b=B"]
+                             + (["null_run=N"] if args.null else []))
         t0 = time.time()
         res = run_diff(cfg)
         wall = time.time() - t0

@@ -31,25 +31,16 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-
-    from clipgen.config import register_configs
-
-    register_configs()
-    with initialize_config_module(config_module="clipgen.conf", version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
+from clipgen.config import compose_config  # noqa: E402  (after the environment is set)
 
 
 def make_run(root: str, world: str) -> Path:
     """A finished run with 6 checkpoints (epoch 0..5) of the tiny CLIP on ``world``."""
     from clipgen.train.loop import run_train
 
-    cfg = compose([f"paths.root={root}", f"world={world}", "model=tiny_rn", "recipe=cg_high", "trainer.epochs=5",
-                   "trainer.batch_size=128", "trainer.threads=1", "optim.warmup_steps=20", "logger=none",
-                   "run_name=bench-eval-throughput"])
+    cfg = compose_config([f"paths.root={root}", f"world={world}", "model=tiny_rn", "recipe=cg_high",
+                          "trainer.epochs=5", "trainer.batch_size=128", "trainer.threads=1", "optim.warmup_steps=20",
+                          "logger=none", "run_name=bench-eval-throughput"])
     t0 = time.time()
     out = run_train(cfg)
     print(f"run: {out['run_dir']} ({'reused' if out.get('skipped') else f'trained in {time.time() - t0:.0f} s'})")
@@ -63,8 +54,9 @@ def ours(run_dir: Path, batch_size: int) -> tuple[float, dict]:
     from clipgen.eval.run import run_eval
 
     shutil.rmtree(run_dir / "eval", ignore_errors=True)
-    cfg = compose([f"paths.root={run_dir.parent.parent}", f"eval.run_dir={run_dir}", f"eval.batch_size={batch_size}",
-                   "eval.templates=paper86", "eval.save_outputs=true", "trainer.threads=1", "logger=none"])
+    cfg = compose_config([f"paths.root={run_dir.parent.parent}", f"eval.run_dir={run_dir}",
+                          f"eval.batch_size={batch_size}", "eval.templates=paper86", "eval.save_outputs=true",
+                          "trainer.threads=1", "logger=none"])
     t0 = time.time()
     run_eval(cfg)
     seconds = time.time() - t0

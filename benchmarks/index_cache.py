@@ -48,21 +48,17 @@ def main() -> int:
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of DomainNet's size (default 1.0)")
     ap.add_argument("--repeats", type=int, default=3, help="timed reads of each kind; the best counts")
     args = ap.parse_args()
-    from hydra import compose, initialize_config_module
-
-    from clipgen.config import register_configs
+    from clipgen.config import compose_config
     from clipgen.data.sources import domainnet_index
 
-    register_configs()
     tmp = Path(tempfile.mkdtemp(prefix="clipgen-index-bench-"))
     try:
         t0 = time.time()
         n = write_layout(tmp / "dn", args.scale)
         print(f"DomainNet layout with {n} images written in {time.time() - t0:.1f} s")
-        with initialize_config_module(config_module="clipgen.conf", version_base="1.3"):
-            over = ["data=domainnet", f"data.domainnet_root={tmp / 'dn'}", "data.base=none", f"paths.root={tmp / 'out'}"]
-            cold_cfg = compose(config_name="config", overrides=[*over, "data.index_cache=false"])
-            warm_cfg = compose(config_name="config", overrides=over)
+        over = ["data=domainnet", f"data.domainnet_root={tmp / 'dn'}", "data.base=none", f"paths.root={tmp / 'out'}"]
+        cold_cfg = compose_config([*over, "data.index_cache=false"])
+        warm_cfg = compose_config(over)
         domainnet_index(warm_cfg)  # fills the cache
         cold, warm = [], []
         for _ in range(max(1, args.repeats)):

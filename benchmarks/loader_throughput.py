@@ -36,19 +36,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+
+from clipgen.config import compose_config  # noqa: E402  (after the environment is set)
 FLOOR = 2.0
-
-
-def compose(root: str, overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-
-    from clipgen.config import register_configs
-
-    register_configs()
-    with initialize_config_module(config_module="clipgen.conf", version_base="1.3"):
-        return hydra_compose(config_name="config",
-                             overrides=["world=default", "recipe=cg_high", f"paths.root={root}", *overrides])
 
 
 def paper_csv(cfg, out_dir: Path) -> tuple[Path, int]:
@@ -153,7 +143,7 @@ def bench(args, root: str) -> int:
     from clipgen.train.model import register_clipgen_models
     from clipgen.world.generate import generate_world
 
-    cfg = compose(root, args.overrides)
+    cfg = compose_config(["world=default", "recipe=cg_high", f"paths.root={root}", *args.overrides])
     t0 = time.time()
     generate_world(cfg)
     recipe_dir = Path(ensure_recipe(cfg))

@@ -23,16 +23,11 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. trainer.epochs=8")
     args = ap.parse_args()
 
-    from hydra import compose, initialize_config_module
-
-    from clipgen.config import register_configs
+    from clipgen.config import compose_config
     from clipgen.launch.study import format_time_table, run_study
 
-    register_configs()
     root = args.root or tempfile.mkdtemp(prefix="clipgen-quickstart-")
-    with initialize_config_module(config_module="clipgen.conf", version_base="1.3"):
-        cfg = compose(config_name="config",
-                      overrides=["experiment=quickstart", f"paths.root={root}", *args.overrides])
+    cfg = compose_config(["experiment=quickstart", f"paths.root={root}", *args.overrides])
     t0 = time.time()
     out = run_study(cfg)
     wall = time.time() - t0

@@ -83,20 +83,15 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. world=tiny")
     args = ap.parse_args()
 
-    from hydra import compose, initialize_config_module
-
-    from clipgen.config import register_configs
+    from clipgen.config import compose_config
     from clipgen.recipes.build import build_recipe
     from clipgen.world.generate import generate_world
 
-    register_configs()
     root = Path(args.root or tempfile.mkdtemp(prefix="clipgen-recipe-build-"))
 
     def cfg_for(kind: str):
-        with initialize_config_module(config_module="clipgen.conf", version_base="1.3"):
-            return compose(config_name="config", overrides=[
-                f"paths.root={root}", "world=default", "logger=none", f"recipe={kind}",
-                f"recipe.test_domain={args.test_domain}", *args.overrides])
+        return compose_config([f"paths.root={root}", "world=default", "logger=none", f"recipe={kind}",
+                               f"recipe.test_domain={args.test_domain}", *args.overrides])
 
     try:
         t0 = time.perf_counter()

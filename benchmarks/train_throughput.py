@@ -14,9 +14,9 @@ open_clip's side is its own trainer (``open_clip_train.main``) in a process that
 configs (``open_clip.add_model_config``), so it builds the identical model. The two sides alternate
 ``--repeats`` times and each side's best run counts; every run is printed. With one torch thread on a 2-core
 machine both sides train on one core (open_clip's loader workers use the other) and measure the same; with every
-core (the default, what torch does by itself) clipgen's pre-decoded data leave the cores to training. Acceptance: samples/s ratio >= 1.0
-and peak memory no higher, within 1% (importing torch and open_clip alone takes ~760 MB here, and the sides'
-peaks differ by a few MB from run to run); the exit status is 1 otherwise.
+core (the default, what torch does by itself) clipgen's pre-decoded data leave the cores to training.
+Acceptance: samples/s ratio >= 1.0 and peak memory no higher, within 1% (importing torch and open_clip alone
+takes ~760 MB here, and the sides' peaks differ by a few MB from run to run); the exit status is 1 otherwise.
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from clipgen.config import compose_config  # noqa: E402  (after the environment is set)
 FLOOR = 1.0
 MEMORY_TOLERANCE = 1.01
 
@@ -52,18 +54,6 @@ def measure(cmd: list[str], env: dict) -> dict:
     if res["rc"] != 0:
         raise SystemExit(f"benchmark side exited with {res['rc']}: {' '.join(cmd[:6])} ...")
     return res
-
-
-def compose(root: str, overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-
-    from clipgen.config import register_configs
-
-    register_configs()
-    with initialize_config_module(config_module="clipgen.conf", version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=["world=default", "recipe=cg_high",
-                                                              f"paths.root={root}", *overrides])
 
 
 def main() -> int:
@@ -94,7 +84,7 @@ def bench(args, root: Path) -> int:
     from clipgen.recipes.build import ensure_recipe
     from clipgen.world.generate import generate_world
 
-    cfg = compose(str(root), args.overrides)
+    cfg = compose_config(["world=default", "recipe=cg_high", f"paths.root={root}", *args.overrides])
     t0 = time.time()
     generate_world(cfg)
     recipe = Path(ensure_recipe(cfg))

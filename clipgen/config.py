@@ -289,3 +289,13 @@ class Config:
 def register_configs() -> None:
     ConfigStore.instance().store(name="clipgen_schema", node=Config)
 
+
+def compose_config(overrides: list[str]):
+    """The config a console script gets for ``clipgen-x <overrides>``, composed in Python (scripts, benchmarks,
+    tests, notebooks)."""
+    from hydra import compose, initialize_config_module
+
+    register_configs()
+    with initialize_config_module(config_module="clipgen.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+

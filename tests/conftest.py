@@ -4,23 +4,20 @@ from __future__ import annotations
 import os
 
 import pytest
-from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-from clipgen.config import register_configs  # noqa: E402
+from clipgen.config import compose_config, register_configs  # noqa: E402
 
 register_configs()
 
 
 def make_cfg(root, *overrides: str) -> DictConfig:
     """The config a console script would see for ``clipgen-x paths.root=<root> <overrides>``."""
-    with initialize_config_module(config_module="clipgen.conf", version_base="1.3"):
-        return compose(config_name="config", overrides=[f"paths.root={root}", *overrides],
-                       return_hydra_config=False)
+    return compose_config([f"paths.root={root}", *overrides])
 
 
 @pytest.fixture(scope="session")
