@@ -83,6 +83,17 @@ def _write(root, name, ts, correct, seed, rid="cfg"):
                          syn.counts_matrix(DOMAINS, CLASSES, absent=ABSENT), seed=seed, recipe_id=rid)
 
 
+def _b_fails_on(root, domain: str, run_a: str = "A") -> None:
+    """Runs ``run_a`` and B on 30 images per cell: A right on 60%, B the same except wrong on every image of
+    ``domain`` that A gets right."""
+    ts = syn.make_test_set(DOMAINS, CLASSES, 30)
+    ca = _correct(ts, 0.6, 1, 0.03)
+    cb = ca.copy()
+    cb[(ts["domains"] == domain) & ca] = False
+    _write(root, run_a, ts, ca, 1)
+    _write(root, "B", ts, cb, 2)
+
+
 def _diff(root, a, b, *extra):
     from clipgen.diff.run import run_diff
 
@@ -181,12 +192,7 @@ def test_outputs_and_report_section(tmp_path):
     from clipgen.diff.report import report_section
 
     assert report_section(tmp_path, tmp_path / "report") == ""
-    ts = syn.make_test_set(DOMAINS, CLASSES, 30)
-    ca = _correct(ts, 0.6, 1, 0.03)
-    cb = ca.copy()
-    cb[(ts["domains"] == "clipart") & ca] = False
-    _write(tmp_path, "A<x>", ts, ca, 1)
-    _write(tmp_path, "B", ts, cb, 2)
+    _b_fails_on(tmp_path, "clipart", run_a="A<x>")
     res = _diff(tmp_path, "A<x>", "B")
     out = tmp_path / "diffs" / "A<x>__vs__B"
     for f in ("summary.md", "hypotheses.jsonl", "metrics.json", "accuracy_vs_frequency.png", "delta_accuracy.png",
@@ -223,12 +229,7 @@ def test_wandb_table_offline(tmp_path):
 
     from clipgen.diff.run import run_diff
 
-    ts = syn.make_test_set(DOMAINS, CLASSES, 30)
-    ca = _correct(ts, 0.6, 1, 0.03)
-    cb = ca.copy()
-    cb[(ts["domains"] == "real") & ca] = False
-    _write(tmp_path, "A", ts, ca, 1)
-    _write(tmp_path, "B", ts, cb, 2)
+    _b_fails_on(tmp_path, "real")
     res = run_diff(make_cfg(tmp_path, "logger=wandb", "logger.mode=offline", "run_a=A", "run_b=B"))
     rec = read_offline_run(res["diff_dir"])
     assert len(rec["run_ids"]) >= 1
@@ -270,12 +271,7 @@ def test_llm_backend_is_optional_local_only_and_reports_agreement(tmp_path):
     server = HTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        ts = syn.make_test_set(DOMAINS, CLASSES, 30)
-        ca = _correct(ts, 0.6, 1, 0.03)
-        cb = ca.copy()
-        cb[(ts["domains"] == "sketch") & ca] = False
-        _write(tmp_path, "A", ts, ca, 1)
-        _write(tmp_path, "B", ts, cb, 2)
+        _b_fails_on(tmp_path, "sketch")
         res = _diff(tmp_path, "A", "B", "diff.llm_backend=openai",
                     f"diff.llm_endpoint=http://127.0.0.1:{server.server_port}/v1", "diff.llm_max_hypotheses=3")
     finally:
@@ -310,12 +306,7 @@ def test_seed_consistency_over_other_seed_pairs(tmp_path):
 
 
 def test_without_manifests_exposure_slices_are_left_out(tmp_path):
-    ts = syn.make_test_set(DOMAINS, CLASSES, 30)
-    ca = _correct(ts, 0.6, 1, 0.03)
-    cb = ca.copy()
-    cb[(ts["domains"] == "sketch") & ca] = False
-    _write(tmp_path, "A", ts, ca, 1)
-    _write(tmp_path, "B", ts, cb, 2)
+    _b_fails_on(tmp_path, "sketch")
     shutil.rmtree(tmp_path / "recipes")
     res = _diff(tmp_path, "A", "B")
     hyps = _hyps(res)
