@@ -102,7 +102,6 @@ def clip_backward(model, loss_fn, images, tokens, accum: int, amp_ctx, scale_los
         cached = [model(i, t) for i, t in chunks]
     img = [c["image_features"] for c in cached]
     txt = [c["text_features"] for c in cached]
-    total = 0.0
     for j, (i, t) in enumerate(chunks):
         with _no_sync(model, j == len(chunks) - 1):
             with amp_ctx():
@@ -111,8 +110,8 @@ def clip_backward(model, loss_fn, images, tokens, accum: int, amp_ctx, scale_los
                 loss = loss_fn(torch.cat(img[:j] + [out["image_features"]] + img[j + 1:]),
                                torch.cat(txt[:j] + [out["text_features"]] + txt[j + 1:]), scale)
             scale_loss(loss).backward()
-        total = loss.item()  # every micro-batch computes the same full-batch loss value
-    return total, float(out["logit_scale"].detach())
+    # every micro-batch computes the same full-batch loss value: read it once
+    return loss.item(), float(out["logit_scale"].detach())
 
 
 def supervised_backward(model, images, labels, accum: int, amp_ctx, scale_loss) -> tuple[float, float]:
