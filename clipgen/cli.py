@@ -1,7 +1,9 @@
 """Console scripts: one thin ``@hydra.main`` per stage over a pure ``run_<stage>(cfg) -> dict``.
 
 All apps share the config tree in clipgen/conf (found through the package, so they work from any directory).
-A ClipgenError (bad input) is printed as one line and exits with status 2.
+A ClipgenError (bad input) is printed as one line and exits with status 2. In a ``-m`` sweep every job runs
+whatever the others do, and the sweep ends with a table of jobs and a non-zero exit if any failed
+(clipgen.sweep).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Callable
 import hydra
 from omegaconf import DictConfig
 
+from clipgen import sweep
 from clipgen.config import register_configs
 from clipgen.errors import ClipgenError
 
@@ -26,6 +29,8 @@ def _app(run: Callable[[DictConfig], dict], name: str):
     @hydra.main(version_base="1.3", config_path="conf", config_name="config")
     @wraps(run)
     def main(cfg: DictConfig) -> dict:
+        if sweep.in_multirun():  # one failing job never stops the others (clipgen.sweep)
+            return sweep.run_job(run, cfg)
         try:
             return run(cfg)
         except ClipgenError as e:

@@ -3,10 +3,11 @@
     {root}/world/{name}-{hash}/       the synthetic world (DomainNet layout under domainnet/, base under natural/)
     {root}/recipes/base-{hash}/       the base corpus, sharded once and referenced by every recipe
     {root}/recipes/{recipe_id}-{hash}/ one recipe's shards, sizes.json, manifest.json
-    {root}/runs/{run_name}/           config.yaml, meta.json, checkpoints/, latest.pt, eval/
+    {root}/runs/{run_name}/           (named by its settings, clipgen.rundir) config.yaml, meta.json, checkpoints/, latest.pt, eval/
     {root}/runs/{run_name}/analysis/  clipgen-analyze's JSON results, figures and activation caches
     {root}/diffs/{run_a}__vs__{run_b}/ clipgen-diff's summary.md, hypotheses.jsonl, plots
-    {root}/report/                    index.html, summary.csv, figures
+    {root}/report/                    clipgen-report over every run: index.html, summary.csv, figures
+    {root}/reports/{study}/           one study's report (its runs only)
     {root}/cache/                     source indexes (clipgen.data.cache), rebuilt when an input changes
 """
 from __future__ import annotations
@@ -56,13 +57,17 @@ def analysis_dir(run_dir: Path) -> Path:
 
 
 def report_dir(cfg: DictConfig) -> Path:
+    """clipgen-report's page over every run under paths.root."""
     return root(cfg) / "report"
 
 
+def study_report_dir(cfg: DictConfig) -> Path:
+    """A study's own report (its runs only)."""
+    return root(cfg) / "reports" / str(cfg.study.name)
+
+
 def run_name(cfg: DictConfig, recipe_id: str) -> str:
-    if cfg.get("run_name"):
-        return str(cfg.run_name)
-    model = cfg.model.name
-    if OmegaConf.select(cfg, "trainer.objective", default="clip") == "supervised":
-        model += "-supervised"  # the baseline never shares a directory with the CLIP run of the same recipe
-    return f"{recipe_id}--{model}--seed{cfg.trainer.seed}"
+    """The run directory name (clipgen.rundir: runs are named by their settings)."""
+    from clipgen import rundir
+
+    return rundir.run_name(cfg, recipe_id)

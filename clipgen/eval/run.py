@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from clipgen import layout
 from clipgen.errors import ClipgenError
 from clipgen.eval.models import load_checkpoint, model_kind
 from clipgen.eval.results import append_result, done_key, exclusive, read_results, rewrite_results
@@ -54,10 +53,10 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
         run_dir = Path(os.path.expanduser(str(cfg.eval.run_dir))).resolve()
         todo = "point eval.run_dir at a run directory written by clipgen-train"
     else:
+        from clipgen import rundir
         from clipgen.recipes.naming import recipe_spec
 
-        rid = recipe_spec(cfg.recipe).recipe_id
-        run_dir = layout.runs_root(cfg) / layout.run_name(cfg, rid)
+        run_dir = rundir.run_dir(cfg, recipe_spec(cfg.recipe).recipe_id)
         todo = (f"train it first (clipgen-train recipe={cfg.recipe.kind} recipe.test_domain={cfg.recipe.test_domain} "
                 f"model.name={cfg.model.name} trainer.seed={cfg.trainer.seed} with the same overrides) or set "
                 "eval.run_dir")

@@ -14,12 +14,9 @@ evaluation during training (clipgen.eval.during_training) logs at the training s
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-
-from clipgen.errors import ClipgenError
+from omegaconf import DictConfig
 
 log = logging.getLogger("clipgen.eval")
 
@@ -47,28 +44,22 @@ class EvalTracker:
     W&B alone); use as a context manager, which finishes the run."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, meta: dict):
-        from clipgen.train.logger import check_logger_config, stable_run_id
+        from clipgen.wandb_run import check_logger_config, stable_run_id, train_identity
 
         check_logger_config(cfg)
         self.enabled = cfg.logger.backend == "wandb"
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.run_id = meta.get("wandb_id") or stable_run_id(run_dir)
-        self.run_name = meta.get("run_name") or self.run_dir.name
+        # The training run's own name, group, job_type and tags (meta.json), so evaluating never renames it;
+        # a run trained without W&B gets what its training would have had.
+        self.ident = meta.get("wandb") or train_identity(cfg, meta.get("run_name") or self.run_dir.name)
         self.base_step = int(meta.get("total_steps") or meta.get("step") or 0) + 1
         self.run = None
 
     def _start(self):
-        os.environ.setdefault("WANDB_SILENT", "true")
-        import wandb
+        from clipgen.wandb_run import open_run
 
-        group = self.cfg.logger.group or OmegaConf.select(self.cfg, "study.name", default=None)  # as in training
-        try:
-            self.run = wandb.init(project=self.cfg.logger.project, group=group, name=self.run_name, id=self.run_id,
-                                  resume="allow", dir=str(self.run_dir), mode=self.cfg.logger.mode)
-        except Exception as e:  # W&B raises its own error types (auth, network); report them as one line
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ClipgenError(f"wandb.init failed with logger.mode={self.cfg.logger.mode!r} ({msg}): use "
-                               "logger.mode=offline (no key or network needed) or logger=none") from None
+        self.run = open_run(self.cfg.logger.mode, self.run_dir, self.run_id, self.ident)
         define_eval_axis(self.run)
 
     def log(self, epoch: int, by_task: dict[str, dict]) -> None:

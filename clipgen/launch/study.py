@@ -84,8 +84,6 @@ def job_config(cfg: DictConfig, job: Job) -> DictConfig:
 def study_jobs(cfg: DictConfig) -> list[Job]:
     """The study's runs, one per distinct run directory: natural-only is the same run for every test domain, so
     it appears once (with the first test domain)."""
-    from clipgen import layout
-
     from clipgen.recipes.naming import PAPER_INTERPOLATIONS
 
     grid = []
@@ -104,32 +102,48 @@ def study_jobs(cfg: DictConfig) -> list[Job]:
     jobs, seen = [], set()
     for j in grid:
         sub = job_config(cfg, j)
-        name = layout.run_name(sub, recipe_spec(sub.recipe).recipe_id)
+        name = run_dir_of(sub).name
         if name not in seen:
             seen.add(name)
             jobs.append(j)
     return jobs
 
 
-def run_dir_of(sub: DictConfig):
-    from clipgen import layout
+def run_dir_of(sub: DictConfig) -> Path:
+    """The run directory of a study job: named by its settings (clipgen.rundir)."""
+    from clipgen import rundir
 
-    return layout.runs_root(sub) / layout.run_name(sub, recipe_spec(sub.recipe).recipe_id)
+    return rundir.run_dir(sub, recipe_spec(sub.recipe).recipe_id)
+
+
+def settings_conflict(sub: DictConfig, meta: dict) -> str | None:
+    """Why an existing run directory cannot be the run this job would launch (None when it is): other training
+    or data settings than the name promises (a ``run_name=`` override, or data the name does not spell)."""
+    from clipgen import rundir
+
+    diff = rundir.spec_differences(meta["train_spec"], rundir.train_spec(sub)) if "train_spec" in meta else []
+    old_data = (meta.get("identity") or {}).get("data")
+    if old_data is not None and old_data != rundir.data_spec(sub):
+        diff.append("data settings (" + ", ".join(k for k in sorted(set(old_data) | set(rundir.data_spec(sub)))
+                                                  if old_data.get(k) != rundir.data_spec(sub).get(k)) + ")")
+    return ", ".join(diff) or None
 
 
 def run_state(sub: DictConfig) -> tuple[str, str]:
     """(training, evaluation) state of one run from its directory: training "finished" | "step N/M" | "not
-    started"; evaluation "done" (every checkpoint of every task has a result line) | "N/M" | "-"."""
-    import json
-
+    started" | "other settings: ..." (the directory holds a run this job must not reuse); evaluation "done"
+    (every checkpoint of every task has a result line) | "N/M" | "-"."""
     from clipgen.eval.results import read_results
     from clipgen.eval.testsets import task_domains, task_name
+    from clipgen.rundir import read_meta
 
     run_dir = run_dir_of(sub)
-    try:
-        meta = json.loads((run_dir / "meta.json").read_text())
-    except (OSError, ValueError):
+    meta = read_meta(run_dir)
+    if meta is None:
         return "not started", "-"
+    conflict = settings_conflict(sub, meta)
+    if conflict:
+        return f"other settings: {conflict}", "-"
     train = "finished" if meta.get("status") == "finished" else f"step {meta.get('step', 0)}/{meta.get('total_steps')}"
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("epoch_*.pt"))
     tasks = [task_name(d) for d in task_domains(meta)]
@@ -144,8 +158,22 @@ def run_state(sub: DictConfig) -> tuple[str, str]:
     return train, evaluation
 
 
+def other_settings(sub: DictConfig) -> str:
+    """For a run not started yet: the existing runs of the same recipe, model and seed with other settings (so a
+    dry run shows that a changed setting makes a new run, never reuses an old one)."""
+    from clipgen import rundir
+
+    run_dir = run_dir_of(sub)
+    if run_dir.exists():
+        return ""
+    prefix = f"{recipe_spec(sub.recipe).recipe_id}--{rundir.model_part(sub)}--"
+    seed = f"{rundir.SEED_SEP}{sub.trainer.seed}"
+    others = sorted(p.name for p in run_dir.parent.glob(f"{prefix}*") if p.name.endswith(seed) and p != run_dir)
+    return f"new; other settings exist: {', '.join(others)}" if others else "new"
+
+
 def format_runs(rows: list[tuple]) -> str:
-    head = ("#", "run", "test domain", "training", "evaluation")
+    head = ("#", "run", "test domain", "training", "evaluation", "note")[:len(rows[0]) if rows else 5]
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*map(str, r)) for r in rows]
@@ -274,6 +302,7 @@ def run_stage(stage: str, resources: str, fn_name: str, cfgs: list[DictConfig], 
 
 
 def run_study(cfg: DictConfig) -> dict:
+    from clipgen import layout
     from clipgen.recipes.build import build_recipe
     from clipgen.report.build import run_report
     from clipgen.world.generate import run_world
@@ -290,15 +319,20 @@ def run_study(cfg: DictConfig) -> dict:
     print(f"study {cfg.study.name}: {len(jobs)} runs "
           f"({len(cfg.study.test_domains)} test domains x {len(cfg.study.recipes)} recipes x "
           f"{len(cfg.study.seeds)} seeds, each run once), launcher {launcher}")
+    states = [run_state(sub) for sub in subs]
     if cfg.study.dry_run:
-        states = [run_state(sub) for sub in subs]
-        print(format_runs([(i + 1, run_dir_of(sub).name, j.test_domain, *st)
+        print(format_runs([(i + 1, run_dir_of(sub).name, j.test_domain, *st, other_settings(sub))
                            for i, (sub, j, st) in enumerate(zip(subs, jobs, states))]))
         n_train = sum(st[0] != "finished" for st in states)
         n_eval = sum(st[1] != "done" for st in states)
         print(f"dry run: {n_train} runs to train, {n_eval} to evaluate; nothing was launched")
         return {"runs": [str(run_dir_of(sub)) for sub in subs], "dry_run": True, "to_train": n_train,
                 "to_eval": n_eval}
+    conflicts = [f"{run_dir_of(sub)} ({st[0]})" for sub, st in zip(subs, states) if st[0].startswith("other settings")]
+    if conflicts:
+        raise ClipgenError(f"{len(conflicts)} run directories hold runs with other settings than this study would "
+                           f"train, so they cannot be reused or resumed: {'; '.join(conflicts)}; expected a "
+                           "paths.root for this data (or remove the run_name= override)")
 
     if cfg.data.source == "world" or cfg.data.base == "world":
         _timed(times, "world", run_world, cfg)
@@ -346,7 +380,12 @@ def run_study(cfg: DictConfig) -> dict:
         t0 = time.time()
         run_stage("analyze", "eval", "clipgen.analyze.run.run_analyze", to_analyze, cfg, failed)
         times.append((f"analyze ({len(to_analyze)} runs)", time.time() - t0))
-    report = _timed(times, "report", run_report, cfg)
+    # The study's own report (its runs only) in reports/{study}; clipgen-report still aggregates every run.
+    rcfg = copy.deepcopy(cfg)
+    with open_dict(rcfg):
+        rcfg.logger.group = cfg.logger.group or cfg.study.name
+    report = _timed(times, "report", run_report, rcfg, [run_dir_of(sub) for sub in subs if run_dir_of(sub).name
+                                                        not in failed], layout.study_report_dir(cfg), cfg.study.name)
 
     rows = []
     for i, (sub, job) in enumerate(zip(subs, jobs)):

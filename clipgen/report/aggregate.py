@@ -3,7 +3,8 @@
 Long table: one row per (run, task, epoch, metric) with the run's recipe, test domain, seed and model. When a
 checkpoint was evaluated twice (it was retrained, so its hash changed), the last line in the file wins.
 Aggregates: mean, sample std (ddof=1), n and a 95% Student-t interval per (task, test domain, recipe, model,
-epoch, metric); with a single seed the std and the interval are NaN, not zero.
+settings, epoch, metric), so the seed is the only axis averaged over (``settings`` is the run name's settings part,
+clipgen.rundir); with a single seed the std and the interval are NaN, not zero.
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from omegaconf import OmegaConf
 from clipgen.errors import ClipgenError
 from clipgen.eval.run import read_results
 
-GROUP = ["task", "test_domain", "recipe_kind", "recipe_id", "model_name"]
+# A configuration: everything but the seed (clipgen.rundir: runs of one configuration differ only in their seed).
+CONFIG = ["recipe_kind", "recipe_id", "model_name", "settings"]
+GROUP = ["task", "test_domain", *CONFIG]
 # t_{0.975, df} for df = 1..30; larger df use a Cornish-Fisher expansion around the normal quantile (error < 1e-4),
 # so the report needs no scipy.
 _T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788,
@@ -90,10 +93,15 @@ def _joined(values) -> str:
     return " ".join(sorted({str(v) for v in values if v is not None}))
 
 
-def collect(runs_root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(long table, runs table) of every ``{runs_root}/*/eval/results.jsonl``; both empty when there is none."""
+def collect(runs_root: Path, run_dirs: list[Path] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(long table, runs table) of every ``{runs_root}/*/eval/results.jsonl`` (or of the given run directories);
+    both empty when there is none."""
+    from clipgen.rundir import settings_of
+
     rows, runs = [], []
-    for results in sorted(Path(runs_root).glob("*/eval/results.jsonl")):
+    found = (sorted(Path(runs_root).glob("*/eval/results.jsonl")) if run_dirs is None else
+             [Path(d) / "eval" / "results.jsonl" for d in run_dirs if (Path(d) / "eval" / "results.jsonl").is_file()])
+    for results in found:
         run_dir = results.parent.parent
         meta_path = run_dir / "meta.json"
         try:
@@ -112,7 +120,7 @@ def collect(runs_root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         extras = recipe_extras(meta, run_dir)
         base = {"run": meta.get("run_name", run_dir.name), "recipe_id": meta.get("recipe_id") or "",
                 "recipe_kind": meta.get("recipe_kind") or "", "seed": meta.get("seed"),
-                "model_name": meta.get("model_name") or ""}
+                "model_name": meta.get("model_name") or "", "settings": settings_of(meta)}
         for (task, epoch), r in sorted(latest.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
             head = {**base, "task": task, "test_domain": r.get("test_domain") or meta.get("test_domain"),
                     "epoch": epoch, "step": r.get("step"), "samples_seen": r.get("samples_seen")}
@@ -126,7 +134,7 @@ def collect(runs_root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                      "manifest_sha256": meta.get("manifest_sha256"),
                      "templates": _joined((r.get("eval_config") or {}).get("templates") for r in recs),
                      "num_classes": len(meta.get("classes") or []), **extras})
-    long = pd.DataFrame(rows, columns=["run", "recipe_id", "recipe_kind", "seed", "model_name", "task",
+    long = pd.DataFrame(rows, columns=["run", "recipe_id", "recipe_kind", "seed", "model_name", "settings", "task",
                                        "test_domain", "epoch", "step", "samples_seen", "metric", "value"])
     return long, pd.DataFrame(runs)
 

@@ -1,4 +1,6 @@
-"""``run_report(cfg)``: the study's static HTML report from every evaluated run under ``paths.root``.
+"""``run_report(cfg)``: a static HTML report from every evaluated run under ``paths.root`` (``clipgen-report``,
+written to ``{root}/report/``), or from one study's runs (``clipgen-study``, written to
+``{root}/reports/{study.name}/``).
 
     {root}/report/index.html           one self-contained page (inline CSS; figures as relative PNG files)
     {root}/report/summary.csv          every metric at each recipe's final epoch, aggregated over seeds
@@ -6,12 +8,16 @@
     {root}/report/figures/*.png        Fig. 2 bars and learning curves per test domain; Fig. 3 / 13 when the
                                        interpolation / allow runs exist
 
+    {root}/report/report_inputs.json   what the page was built from: a rerun with the same inputs does nothing
+
 Every string that reaches the page goes through html.escape. With ``logger.backend=wandb`` the figures and
-the summary are also logged to one W&B run (job_type "report"; offline unless logger.mode says otherwise).
+the summary are also logged to one W&B run per report directory (job_type "report", a stable id, so rebuilding
+updates it; offline unless logger.mode says otherwise).
 """
 from __future__ import annotations
 
 import html
+import json
 import math
 import sys
 from datetime import datetime, timezone
@@ -24,8 +30,8 @@ from clipgen import layout
 from clipgen.errors import ClipgenError
 from clipgen.facts import NATURAL_DOMAIN, TEST_DOMAINS
 from clipgen.report import figures as F
-from clipgen.report.aggregate import aggregate, collect, final_epochs
-from clipgen.utils import atomic_write_text, git_sha
+from clipgen.report.aggregate import CONFIG, aggregate, collect, final_epochs
+from clipgen.utils import atomic_write_json, atomic_write_text, git_sha, stable_hash
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1200px;
@@ -73,13 +79,12 @@ def _final_table(summary: pd.DataFrame, task: str, d: str) -> str:
     rows = summary[summary["task"] == task]
     if rows.empty:
         return ""
-    cols = sorted({(k, r, m) for k, r, m in zip(rows["recipe_kind"], rows["recipe_id"], rows["model_name"])},
-                  key=lambda c: (_recipe_key(c[0], c[1]), c[2]))
-    cells = {(r.metric, r.recipe_kind, r.recipe_id, r.model_name): (r.mean, r.std, r.n, r.epoch)
-             for r in rows.itertuples()}
-    head = "".join(f"<th>{_e(F.KIND_LABELS.get(k, k))}<br><span class=muted>{_e(r)}<br>{_e(m)}</span></th>"
-                   for k, r, m in cols)
-    last = rows.groupby(["recipe_kind", "recipe_id", "model_name"])["epoch"].max().to_dict()
+    cols = sorted({tuple(c) for c in rows[CONFIG].itertuples(index=False)},
+                  key=lambda c: (_recipe_key(c[0], c[1]), *c[2:]))
+    cells = {(r.metric, *(getattr(r, k) for k in CONFIG)): (r.mean, r.std, r.n, r.epoch) for r in rows.itertuples()}
+    head = "".join(f"<th>{_e(F.KIND_LABELS.get(k, k))}<br><span class=muted>{_e(r)}<br>{_e(m)}"
+                   f"{'<br>' + _e(s) if s else ''}</span></th>" for k, r, m, s in cols)
+    last = rows.groupby(CONFIG)["epoch"].max().to_dict()
     epochs = "".join(f"<td>{_e(last.get(c, ''))}</td>" for c in cols)
     body = [f"<tr><td class=l><i>final epoch</i></td>{epochs}</tr>"]
     for metric in sorted(rows["metric"].unique(), key=lambda m: _metric_order(m, d)):
@@ -95,7 +100,7 @@ def _final_table(summary: pd.DataFrame, task: str, d: str) -> str:
 
 def _runs_table(runs: pd.DataFrame) -> str:
     cols = [("run", "run"), ("recipe", "recipe_id"), ("kind", "recipe_kind"), ("test domain", "test_domain"),
-            ("seed", "seed"), ("model", "model_name"), ("epochs evaluated", "epochs_evaluated"),
+            ("seed", "seed"), ("model", "model_name"), ("settings", "settings"), ("epochs evaluated", "epochs_evaluated"),
             ("last epoch", "last_epoch"), ("tasks", "tasks"), ("templates", "templates"),
             ("train git sha", "git_sha"), ("manifest sha256", "manifest_sha256")]
     head = "".join(f"<th class=l>{_e(h)}</th>" for h, _ in cols)
@@ -133,14 +138,39 @@ def _test_domains(long: pd.DataFrame) -> list[str]:
     return [d for d in TEST_DOMAINS if d in (designed or present)]
 
 
-def run_report(cfg: DictConfig) -> dict:
-    """Aggregate every run's results under ``paths.root`` into CSVs, figures and ``report/index.html``."""
+def _inputs(root: Path, run_dirs: list[Path], title: str) -> dict:
+    """Size and mtime of every file the report reads, and the code version: equal inputs, equal report."""
+    files = []
+    for d in run_dirs:
+        files += [d / "meta.json", d / "eval" / "results.jsonl", *sorted((d / "analysis").glob("*.json"))]
+    files += sorted((Path(root) / "diffs").glob("*/*.json"))
+    stats = {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()}
+    return {"title": title, "git_sha": git_sha(), "files": stable_hash(stats, 16), "n_files": len(stats)}
+
+
+def run_report(cfg: DictConfig, run_dirs: list[str | Path] | None = None, report_dir: Path | None = None,
+               title: str | None = None) -> dict:
+    """Aggregate every run's results under ``paths.root`` (or those of ``run_dirs``) into CSVs, figures and
+    ``index.html`` in ``report_dir`` (default ``{root}/report``). Does nothing when the inputs are unchanged
+    since the last build (``report_inputs.json``)."""
     runs_root = layout.runs_root(cfg)
-    long, runs = collect(runs_root)
+    dirs = sorted(p.parent.parent for p in runs_root.glob("*/eval/results.jsonl")) if run_dirs is None else \
+        [Path(d) for d in run_dirs]
+    report_dir = Path(report_dir) if report_dir is not None else layout.report_dir(cfg)
+    title = title or str(cfg.study.name)
+    inputs = _inputs(layout.root(cfg), dirs, title)
+    index = report_dir / "index.html"
+    try:
+        previous = json.loads((report_dir / "report_inputs.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        previous = None
+    if previous == inputs and index.is_file():
+        print(f"report: {index} (up to date)")
+        return {"report": str(index), "summary": str(report_dir / "summary.csv"), "up_to_date": True}
+    long, runs = collect(runs_root, dirs)
     if long.empty:
         raise ClipgenError(f"no evaluation results under {runs_root} (looked for */eval/results.jsonl): run "
                            "clipgen-eval on the trained runs first")
-    report_dir = layout.report_dir(cfg)
     fig_dir = report_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     for old in fig_dir.glob("*.png"):  # figures of data that is gone must not linger next to the new page
@@ -153,7 +183,7 @@ def run_report(cfg: DictConfig) -> dict:
     atomic_write_text(report_dir / "learning_curves.csv", curves.to_csv(index=False))
     final_runs = final.merge(runs[["run", "n_extra_domains", "allow_p", "allow_base"]], on="run", how="left")
 
-    study = cfg.study.name
+    study = title
     sections, figures = [], []
     for d in _test_domains(long):
         task, chance = f"domainnet-{d}", _chance(runs, d)
@@ -203,21 +233,26 @@ def run_report(cfg: DictConfig) -> dict:
         "left out.</p>"
         f"<details><summary>config</summary><pre>{_e(OmegaConf.to_yaml(cfg))}</pre></details>"
         "</body></html>")
-    index = report_dir / "index.html"
     atomic_write_text(index, page)
     if cfg.logger.get("backend") == "wandb":
-        _log_wandb(cfg, report_dir, figures, summary)
+        _log_wandb(cfg, report_dir, figures, summary, title)
+    atomic_write_json(report_dir / "report_inputs.json", inputs)
     print(f"report: {index}")
     return {"report": str(index), "summary": str(report_dir / "summary.csv"),
             "figures": [str(p) for p in figures], "runs": int(len(runs))}
 
 
-def _log_wandb(cfg: DictConfig, report_dir: Path, figures: list[Path], summary: pd.DataFrame) -> None:
+def _log_wandb(cfg: DictConfig, report_dir: Path, figures: list[Path], summary: pd.DataFrame, title: str) -> None:
+    """One W&B run per report directory (stable id): a rebuilt report updates it instead of adding another."""
     import wandb
 
-    run = wandb.init(project=cfg.logger.project, group=cfg.logger.group or cfg.study.name, job_type="report",
-                     name=f"report-{cfg.study.name}", mode=cfg.logger.get("mode") or "offline",
-                     dir=str(report_dir), config=OmegaConf.to_container(cfg, resolve=True))
+    from clipgen.wandb_run import check_logger_config, group_of, open_run, stable_run_id
+
+    check_logger_config(cfg)
+    ident = {"project": str(cfg.logger.project), "group": group_of(cfg), "name": f"report-{title}",
+             "job_type": "report", "tags": [str(t) for t in (cfg.logger.get("tags") or [])]}
+    run = open_run(cfg.logger.mode, report_dir, stable_run_id(report_dir), ident,
+                   config=OmegaConf.to_container(cfg, resolve=True))
     try:
         run.log({f"report/{p.stem}": wandb.Image(str(p)) for p in figures})
         run.log({"report/summary": wandb.Table(dataframe=summary)})

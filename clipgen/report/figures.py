@@ -14,6 +14,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from clipgen.report.aggregate import CONFIG
+
 # Fig. 2's bar order (SPEC §6) and a fixed colour per recipe kind, shared by every figure.
 FIG2_KINDS = ("natural_only", "cg_low", "cg_high", "lod", "cg_low_pseudo", "cg_high_pseudo")
 KIND_LABELS = {"natural_only": "natural only", "cg_low": "CG low", "cg_high": "CG high", "lod": "LOD (DG)",
@@ -30,17 +32,23 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _labels(groups: list[tuple[str, str, str]]) -> list[str]:
+def _labels(groups: list[tuple[str, str, str, str]]) -> list[str]:
     """The recipe kind's name, plus the recipe id where a kind has several, plus the model where there are
-    several (recipe ids are long; the report's tables name them all)."""
-    kinds = [k for k, _, _ in groups]
-    many_models = len({m for _, _, m in groups}) > 1
+    several, plus the settings where runs of one recipe and model differ in them (recipe ids are long; the
+    report's tables name them all)."""
+    kinds = [k for k, _, _, _ in groups]
+    many_models = len({m for _, _, m, _ in groups}) > 1
+    recipes = [(r, m) for _, r, m, _ in groups]
     out = []
-    for kind, rid, model in groups:
+    for kind, rid, model, settings in groups:
         text = KIND_LABELS.get(kind, kind)
-        if kinds.count(kind) > 1:
+        if len({r for k, r, _, _ in groups if k == kind}) > 1:
             text += f"\n{rid}"
-        out.append(f"{text}\n{model}" if many_models else text)
+        if many_models:
+            text += f"\n{model}"
+        if recipes.count((rid, model)) > 1:
+            text += f"\n{settings or 'defaults'}"
+        out.append(text)
     return out
 
 
@@ -53,12 +61,11 @@ def fig2_bars(final: pd.DataFrame, task: str, metric: str, chance: float, path: 
     if rows.empty:
         return None
     order = {k: i for i, k in enumerate(FIG2_KINDS)}
-    groups = sorted(rows.groupby(["recipe_kind", "recipe_id", "model_name"]),
-                    key=lambda kv: (order[kv[0][0]], kv[0][1], kv[0][2]))
+    groups = sorted(rows.groupby(CONFIG), key=lambda kv: (order[kv[0][0]], *kv[0][1:]))
     fig = Figure(figsize=(max(4.0, 1.3 * len(groups) + 1.5), 4.2))
     ax = fig.add_subplot(1, 1, 1)
     rng = np.random.default_rng(0)  # fixed jitter: the same data draws the same figure
-    for x, ((kind, rid, model), g) in enumerate(groups):
+    for x, ((kind, *_), g) in enumerate(groups):
         vals = g["value"].to_numpy(dtype=float)
         std = vals.std(ddof=1) if vals.size > 1 else 0.0
         ax.bar(x, vals.mean(), yerr=std, color=KIND_COLORS.get(kind, "#333333"), alpha=0.85, capsize=4,
@@ -84,9 +91,8 @@ def learning_curves(agg: pd.DataFrame, task: str, metrics: list[str], chance: fl
     for i, metric in enumerate(metrics):
         ax = fig.add_subplot(1, len(metrics), i + 1)
         sub = rows[rows["metric"] == metric]
-        groups = sorted(sub.groupby(["recipe_kind", "recipe_id", "model_name"]),
-                        key=lambda kv: (order.get(kv[0][0], 99), kv[0][1], kv[0][2]))
-        for label, ((kind, rid, model), g) in zip(_labels([key for key, _ in groups]), groups):
+        groups = sorted(sub.groupby(CONFIG), key=lambda kv: (order.get(kv[0][0], 99), *kv[0][1:]))
+        for label, ((kind, *_), g) in zip(_labels([key for key, _ in groups]), groups):
             g = g.sort_values("epoch")
             x, m, s = g["epoch"].to_numpy(), g["mean"].to_numpy(float), g["std"].to_numpy(float)
             color = KIND_COLORS.get(kind)

@@ -6,23 +6,19 @@ written under ``{run_dir}/wandb/``; upload them later with ``wandb sync {run_dir
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from clipgen.errors import ClipgenError
-
-BACKENDS = ("wandb", "none")
-MODES = ("offline", "online", "disabled")
+# Re-exported: older callers import these from here.
+from clipgen.wandb_run import BACKENDS, MODES, check_logger_config, open_run, stable_run_id, train_identity  # noqa: F401
 
 
 class NullLogger:
     """``logger.backend=none``: accepts everything, writes nothing."""
 
     id: str | None = None
+    ident: dict | None = None
 
     def log(self, metrics: dict, step: int) -> None:
         pass
@@ -32,9 +28,10 @@ class NullLogger:
 
 
 class WandbLogger:
-    def __init__(self, run):
+    def __init__(self, run, ident: dict):
         self.run = run
         self.id = run.id
+        self.ident = ident
 
     def log(self, metrics: dict, step: int) -> None:
         self.run.log(metrics, step=step)
@@ -43,38 +40,22 @@ class WandbLogger:
         self.run.finish()
 
 
-def stable_run_id(run_dir: str | Path) -> str:
-    """16 hex characters from the run directory's absolute path: the same run always gets the same id."""
-    return hashlib.sha256(str(Path(run_dir).resolve()).encode("utf-8")).hexdigest()[:16]
-
-
-def check_logger_config(cfg: DictConfig) -> None:
-    if cfg.logger.backend not in BACKENDS:
-        raise ClipgenError(f"unknown logger.backend {cfg.logger.backend!r}: expected one of {', '.join(BACKENDS)}")
-    if cfg.logger.backend == "wandb" and cfg.logger.mode not in MODES:
-        raise ClipgenError(f"unknown logger.mode {cfg.logger.mode!r}: expected one of {', '.join(MODES)}")
-
-
 def make_logger(cfg: DictConfig, run_dir: str | Path, run_name: str, run_id: str | None = None,
                 extra_config: dict | None = None) -> NullLogger | WandbLogger:
-    """A started logger for this run. ``run_id`` (from a resumed ``latest.pt``) wins over the derived one, so a
-    run directory that was moved still continues its W&B run. Call ``finish()`` in a ``finally``."""
+    """A started logger for this run (clipgen.wandb_run names it). ``run_id`` (from a resumed ``latest.pt``) wins
+    over the derived one, so a run directory that was moved still continues its W&B run. The W&B config is the
+    run's ``config.yaml`` (written when it started), so a resume with other non-identity settings (threads,
+    workers) leaves it unchanged. Call ``finish()`` in a ``finally``."""
     check_logger_config(cfg)
     if cfg.logger.backend == "none":
         return NullLogger()
-    os.environ.setdefault("WANDB_SILENT", "true")  # keep W&B's banner out of the training log
-    import wandb
+    from clipgen.rundir import read_meta, seedless
 
-    config = OmegaConf.to_container(cfg, resolve=True)
+    saved = Path(run_dir) / "config.yaml"
+    config = OmegaConf.to_container(OmegaConf.load(saved) if saved.is_file() else cfg, resolve=True)
     config.update(extra_config or {})
-    group = cfg.logger.group or OmegaConf.select(cfg, "study.name", default=None)
-    try:
-        # name: the run without its seed, so the seeds of one configuration line up in W&B's grouping
-        run = wandb.init(project=cfg.logger.project, group=group, name=re.sub(r"--seed\d+$", "", run_name),
-                         id=run_id or stable_run_id(run_dir), resume="allow", dir=str(run_dir), mode=cfg.logger.mode,
-                         job_type="train", config=config, tags=list(cfg.logger.get("tags") or []) or None)
-    except Exception as e:  # W&B raises its own error types (auth, network); report them as one line
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ClipgenError(f"wandb.init failed with logger.mode={cfg.logger.mode!r} ({msg}): use "
-                           "logger.mode=offline (no key or network needed) or logger=none") from None
-    return WandbLogger(run)
+    config.update({"run_name": run_name, "config_name": seedless(run_name)})
+    # A resumed run keeps the W&B identity it started with (meta.json), whoever resumes it.
+    ident = (read_meta(run_dir) or {}).get("wandb") or train_identity(cfg, run_name)
+    run = open_run(cfg.logger.mode, run_dir, run_id or stable_run_id(run_dir), ident, config)
+    return WandbLogger(run, ident)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from clipgen import layout
+from clipgen import rundir
 from clipgen.errors import ClipgenError
 from clipgen.train import checkpoint as ckpt
 from clipgen.train import dist
@@ -76,36 +76,12 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def train_spec(cfg: DictConfig) -> dict:
-    """The settings that determine a run's result: a run directory is only resumed with the same ones."""
-    return {"model.name": cfg.model.name, "model.image_px": int(cfg.model.image_px),
-            "trainer.seed": int(cfg.trainer.seed), "trainer.epochs": int(cfg.trainer.epochs),
-            "trainer.batch_size": int(cfg.trainer.batch_size), "trainer.objective": str(cfg.trainer.objective),
-            "trainer.accum_steps": int(cfg.trainer.accum_steps),
-            **{f"optim.{k}": v for k, v in OmegaConf.to_container(cfg.optim, resolve=True).items()}}
-
-
-def _spec_defaults() -> dict:
-    """What a setting was before it became part of train_spec: its schema default."""
-    from dataclasses import fields
-
-    from clipgen.config import OptimConfig, TrainerConfig
-
-    out = {}
-    for prefix, cls in (("trainer", TrainerConfig), ("optim", OptimConfig)):
-        inst = cls()
-        out.update({f"{prefix}.{f.name}": getattr(inst, f.name) for f in fields(cls)})
-    return out
-
-
 def _check_same_run(run_dir: Path, old: dict, spec: dict, manifest_sha: str) -> None:
     hint = "pick another run_name=... or paths.root=... (finished work is never overwritten)"
     if old.get("manifest_sha256") != manifest_sha:
         raise ClipgenError(f"run dir {str(run_dir)!r} was trained on a different recipe (manifest sha256 "
                            f"{str(old.get('manifest_sha256'))[:12]}, now {manifest_sha[:12]}): {hint}")
-    defaults = _spec_defaults()  # runs started before a setting existed ran with its default
-    diff = [f"{k}={old['train_spec'].get(k, defaults.get(k))!r} (now {v!r})" for k, v in spec.items()
-            if "train_spec" in old and old["train_spec"].get(k, defaults.get(k)) != v]
+    diff = rundir.spec_differences(old["train_spec"], spec) if "train_spec" in old else []
     if diff:
         raise ClipgenError(f"run dir {str(run_dir)!r} was started with {', '.join(diff)}: {hint}")
 
@@ -214,9 +190,9 @@ def _run(cfg: DictConfig, denv: dist.DistEnv, device: torch.device, mcfg: dict, 
         dist.barrier(denv)
     manifest = read_json(recipe_dir / "manifest.json", "recipe manifest")
     manifest_sha = sha256_file(recipe_dir / "manifest.json")
-    name = layout.run_name(cfg, manifest["recipe_id"])
-    run_dir = layout.runs_root(cfg) / name
-    spec = train_spec(cfg)
+    run_dir = rundir.run_dir(cfg, manifest["recipe_id"])
+    name = run_dir.name
+    spec = rundir.train_spec(cfg)
     if (run_dir / "meta.json").exists():
         old = read_json(run_dir / "meta.json", "run meta")
         _check_same_run(run_dir, old, spec, manifest_sha)
@@ -325,6 +301,7 @@ def _train(cfg, denv, device, mcfg, recipe_dir, manifest, manifest_sha, name, ru
     logger = (make_logger(cfg, run_dir, name, run_id=wandb_id, extra_config={
         "manifest_sha256": manifest_sha, "git_sha": sha, "recipe_dir": str(recipe_dir),
         "world_size": denv.world_size}) if main else NullLogger())
+    ident = rundir.identity(cfg)
     t_seg = time.time()  # train_seconds accumulates over resumed segments
 
     def write_meta(status: str) -> None:
@@ -340,7 +317,8 @@ def _train(cfg, denv, device, mcfg, recipe_dir, manifest, manifest_sha, name, ru
             "samples_seen": samples_seen, "git_sha": sha, "wandb_id": logger.id,
             "train_seconds": prior_seconds + time.time() - t_seg, "final_loss": last_loss, "train_spec": spec,
             "num_samples": {"recipe": data.num_recipe, "base": data.num_base},
-            "bad_samples": bad_samples_report(data), "world_size": denv.world_size, "model_kind": tc.objective})
+            "bad_samples": bad_samples_report(data), "world_size": denv.world_size, "model_kind": tc.objective,
+            "identity": ident, "wandb": logger.ident})
 
     def save_latest(position: dict) -> None:
         if not main:

@@ -1,0 +1,70 @@
+"""One W&B opener for every stage, and one naming scheme (README "W&B").
+
+Every W&B run clipgen writes is named the same way before and after a resume, a requeue or an evaluation:
+
+- training run (evaluation appends to it): ``name`` = the run name without ``--seed{n}`` (the seeds of one
+  configuration share it), ``group`` = ``logger.group``, else the study's name for runs a study launched, else
+  ``adhoc``; ``job_type`` = ``train``; ``tags`` = ``logger.tags``; ``config`` = the run's composed config as
+  written to its ``config.yaml`` at the start, plus ``identity`` (clipgen.rundir), ``run_name`` and
+  ``config_name`` (the seedless name: group by it to average seeds). The id is stable (the run directory's),
+  recorded in ``meta.json``; evaluation reopens the run with the settings recorded there.
+- report run: one per report directory (a study's report: ``reports/{study}``), stable id, ``job_type`` =
+  ``report``, ``name`` = ``report-{study}``.
+- diff run: one per diff directory, ``job_type`` = ``diff``.
+
+Offline by default (no key, no network): files land under the run's directory in ``wandb/``; ``wandb sync``
+uploads them later.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from clipgen.errors import ClipgenError
+
+BACKENDS = ("wandb", "none")
+MODES = ("offline", "online", "disabled")
+ADHOC_GROUP = "adhoc"
+
+
+def check_logger_config(cfg: DictConfig) -> None:
+    if cfg.logger.backend not in BACKENDS:
+        raise ClipgenError(f"unknown logger.backend {cfg.logger.backend!r}: expected one of {', '.join(BACKENDS)}")
+    if cfg.logger.backend == "wandb" and cfg.logger.mode not in MODES:
+        raise ClipgenError(f"unknown logger.mode {cfg.logger.mode!r}: expected one of {', '.join(MODES)}")
+
+
+def stable_run_id(path: str | Path) -> str:
+    """16 hex characters from a directory's absolute path: the same run (report, diff) always gets the same id."""
+    return hashlib.sha256(str(Path(path).resolve()).encode("utf-8")).hexdigest()[:16]
+
+
+def group_of(cfg: DictConfig) -> str:
+    """``logger.group``, else ``adhoc`` (a study sets ``logger.group`` to its name for the runs it launches)."""
+    return str(cfg.logger.group) if cfg.logger.get("group") else ADHOC_GROUP
+
+
+def train_identity(cfg: DictConfig, run_name: str) -> dict:
+    """The W&B settings of a training run (also used by its evaluation, from meta.json)."""
+    from clipgen.rundir import seedless
+
+    return {"project": str(cfg.logger.project), "group": group_of(cfg), "name": seedless(run_name),
+            "job_type": "train", "tags": [str(t) for t in (cfg.logger.get("tags") or [])]}
+
+
+def open_run(mode: str, run_dir: str | Path, run_id: str, ident: dict, config: dict | None = None):
+    """``wandb.init`` with ``resume="allow"`` and the given identity; W&B's own errors become one line."""
+    os.environ.setdefault("WANDB_SILENT", "true")  # keep W&B's banner out of the logs
+    import wandb
+
+    try:
+        return wandb.init(project=ident["project"], group=ident.get("group"), name=ident["name"], id=run_id,
+                          resume="allow", dir=str(run_dir), mode=mode, job_type=ident.get("job_type"),
+                          tags=list(ident.get("tags") or []) or None, config=config)
+    except Exception as e:  # W&B raises its own error types (auth, network); report them as one line
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ClipgenError(f"wandb.init failed with logger.mode={mode!r} ({msg}): use logger.mode=offline (no key "
+                           "or network needed) or logger=none") from None
