@@ -40,3 +40,10 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def run_name_of(root, recipe_id: str, *overrides: str) -> str:
+    """The run directory name clipgen gives ``recipe_id`` under these overrides (names carry the settings)."""
+    from clipgen.rundir import run_name
+
+    return run_name(make_cfg(root, *overrides), recipe_id)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_cfg
+from conftest import make_cfg, run_name_of
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
@@ -91,13 +91,14 @@ def test_hydra_submitit_sweep_of_two_runs(slurm_cluster, tiny_root, tmp_path):
                          capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     for seed in (0, 1):
-        meta = json.loads((root / "runs" / f"lso-cipqrs-nosketchclasses--clipgen-tiny-rn--seed{seed}" /
-                           "meta.json").read_text())
+        name = run_name_of(root, "lso-cipqrs-nosketchclasses", "debug=smoke", f"trainer.seed={seed}")
+        meta = json.loads((root / "runs" / name / "meta.json").read_text())
         assert meta["status"] == "finished" and meta["seed"] == seed
     subdirs = sorted(p.name for p in (root / "logs" / "clipgen-train" / "multirun").iterdir() if p.is_dir()
                      and not p.name.startswith("."))
     assert subdirs == ["debug=smoke,trainer.seed=0", "debug=smoke,trainer.seed=1"]  # named from the overrides
     assert list((root / "logs" / "clipgen-train" / "multirun" / ".submitit").glob("*/*_log.out"))
+    assert "sweep: 2 jobs" in out.stdout and out.stdout.count("  done") == 2  # the job table, from SLURM jobs too
 
 
 def test_templates_and_preemption_requeue_resume(slurm_cluster, tiny_root, tmp_path):
@@ -156,7 +157,7 @@ def test_world_study_on_slurm_and_relaunch_submits_nothing(slurm_cluster, tiny_r
     out = subprocess.run(["clipgen-study", *over], capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "submitted 2 train jobs" in out.stdout and "submitted 2 eval jobs" in out.stdout
-    assert out.stdout.count("finished  done") == 2 and (root / "report" / "index.html").is_file()
+    assert out.stdout.count("finished  done") == 2 and (root / "reports" / "cluster" / "index.html").is_file()
     again = subprocess.run(["clipgen-study", *over], capture_output=True, text=True, env=ENV, cwd=tmp_path,
                            timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -10,7 +10,7 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 
-from conftest import make_cfg
+from conftest import make_cfg, run_name_of
 from clipgen.diff import metrics as M
 from clipgen.diff import synthetic as syn
 from clipgen.diff.split import split_mask
@@ -316,8 +316,10 @@ def test_without_manifests_exposure_slices_are_left_out(tmp_path):
 
 
 # --- two real trained runs ------------------------------------------------------------------------------------
-REAL_A = "lso-rs-nosketchclasses--clipgen-tiny-rn--seed0"
-REAL_B = "lso-rs-nosketchclasses-pseudo--clipgen-tiny-rn--seed0"
+REAL_OVER = ("debug=smoke", "world=diff_small", "trainer.epochs=16", "trainer.batch_size=32",
+             "trainer.save_every_steps=1000", "optim.lr=2e-3", "optim.warmup_steps=20")
+REAL_A = run_name_of("unused", "lso-rs-nosketchclasses", *REAL_OVER)  # run names carry the settings
+REAL_B = run_name_of("unused", "lso-rs-nosketchclasses-pseudo", *REAL_OVER)
 
 
 @pytest.fixture(scope="module")
@@ -328,10 +330,8 @@ def real_runs(tmp_path_factory, one_torch_thread):
     from clipgen.launch.study import run_study
 
     root = tmp_path_factory.mktemp("diff_real")
-    run_study(make_cfg(root, "debug=smoke", "world=diff_small", "study.name=diffreal",
-                       "study.recipes=[cg_low,cg_low_pseudo]", "study.seeds=[0]", "study.parallel=2",
-                       "trainer.epochs=16", "trainer.batch_size=32", "trainer.save_every_steps=1000",
-                       "optim.lr=2e-3", "optim.warmup_steps=20"))
+    run_study(make_cfg(root, *REAL_OVER, "study.name=diffreal", "study.recipes=[cg_low,cg_low_pseudo]",
+                       "study.seeds=[0]", "study.parallel=2"))
     return root
 
 

@@ -76,6 +76,9 @@ def _results(root, run_name):
     return [json.loads(x) for x in (root / "runs" / run_name / "eval" / "results.jsonl").read_text().splitlines()]
 
 
+SMOKE_CG_LOW = "lso-rs-nosketchclasses--clipgen-tiny-rn--ep2-bs32-wu5--seed{}"  # names carry non-default settings
+
+
 def _summary(report):
     with open(report["summary"], newline="") as f:
         return list(csv.DictReader(f))
@@ -93,12 +96,12 @@ def test_report_renders_and_every_figure_exists(study_root, report):
     # natural-only runs are evaluated on every test domain, but only designed test domains get a section
     assert "fig2_clipart.png" not in names and "Test domain: quickdraw" not in page
     assert "&lt;b&gt;fake &amp; study&lt;/b&gt;" in page and "<b>fake" not in page
-    assert "lso-rs-nosketchclasses--clipgen-tiny-rn--seed1" in page and "deadbeef" in page
+    assert SMOKE_CG_LOW.format(1) in page and "deadbeef" in page
 
 
 def test_summary_aggregates_two_seeds_by_hand(study_root, report):
     rows = _summary(report)
-    vals = [_results(study_root, f"lso-rs-nosketchclasses--clipgen-tiny-rn--seed{s}")[-1]["metrics"]
+    vals = [_results(study_root, SMOKE_CG_LOW.format(s))[-1]["metrics"]
             for s in (0, 1)]
     a, b = vals[0]["sketch-lso-ood"], vals[1]["sketch-lso-ood"]
     mean, std = (a + b) / 2, abs(a - b) / math.sqrt(2)

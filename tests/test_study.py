@@ -8,7 +8,7 @@ import subprocess
 from collections import Counter
 
 import pytest
-from conftest import make_cfg
+from conftest import make_cfg, run_name_of
 
 from clipgen.errors import ClipgenError
 from clipgen.launch.study import job_config, parse_recipe_entry, run_dir_of, run_study, study_jobs
@@ -33,7 +33,7 @@ def test_paper_grid_is_the_papers_78_runs(tmp_path):
     assert ids["lso-cr-noclipartclasses"] == 3 and ids["lso-ipqrs-noclipartclasses"] == 3
     assert len(ids) == 26 and all(n == 3 for n in ids.values())  # 25 recipes of 5 domains + natural-only
     names = {run_dir_of(job_config(cfg, j)).name for j in jobs}
-    assert len(names) == 78 and "lso-real-only--RN50--seed2" in names
+    assert len(names) == 78 and "lso-real-only--RN50--bs1024-acc2--seed2" in names
     sub = job_config(cfg, jobs[-1])
     assert (sub.model.name, sub.trainer.batch_size, sub.trainer.accum_steps, sub.trainer.epochs) == ("RN50", 1024, 2,
                                                                                                       32)
@@ -70,7 +70,7 @@ def test_dry_run_lists_runs_and_launches_nothing(tmp_path, capsys):
     out = run_study(make_cfg(tmp_path, "experiment=paper_grid", *DATA, "study.dry_run=true"))
     text = capsys.readouterr().out
     assert out["to_train"] == out["to_eval"] == 78 and "nothing was launched" in text
-    assert "lso-ciprs-noquickdrawclasses--RN50--seed1" in text and "not started" in text
+    assert "lso-ciprs-noquickdrawclasses--RN50--bs1024-acc2--seed1" in text and "not started" in text
     assert not any(tmp_path.iterdir())  # not even a world or a log folder
 
 
@@ -94,12 +94,12 @@ def test_world_study_on_submitit_local_then_relaunch_does_nothing(tiny_root, tmp
     out = subprocess.run(["clipgen-study", *over], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "submitted 1 train jobs" in out.stdout and "submitted 1 eval jobs" in out.stdout
-    assert "lso-cipqrs-nosketchclasses--clipgen-tiny-rn--seed0  sketch       finished  done" in out.stdout
+    run = tmp_path / "runs" / run_name_of(tmp_path, "lso-cipqrs-nosketchclasses", "debug=smoke")
+    assert f"{run.name}  sketch       finished  done" in out.stdout
     assert list((tmp_path / "logs" / "study" / "local-jobs" / "train").glob("*/*_log.out"))  # submitit's logs
     assert "submitted 1 analyze jobs" in out.stdout
-    run = tmp_path / "runs" / "lso-cipqrs-nosketchclasses--clipgen-tiny-rn--seed0"
     assert all((run / "analysis" / f"{a}.json").is_file() for a in ("sae", "geometry", "cka", "circuits"))
-    assert "Mechanistic analyses" in (tmp_path / "report" / "index.html").read_text()
+    assert "Mechanistic analyses" in (tmp_path / "reports" / "local-jobs" / "index.html").read_text()
     again = subprocess.run(["clipgen-study", *over], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "submitted" not in again.stdout and "train (0 of 1 runs" in again.stdout and "eval (0 runs)" in again.stdout

@@ -43,10 +43,11 @@ def _payloads(data: bytes):
 def read_offline_run(run_dir: str | Path) -> dict:
     """``{"run_ids", "history", "metrics"}`` over every ``wandb/offline-run-*/run-*.wandb`` under ``run_dir``:
     the run ids of the run records, one dict per history row (key -> decoded value) and the define_metric
-    records as ``(name or glob, step_metric)``."""
+    records as ``(name or glob, step_metric)``; ``"runs"``: each run record's id, display name, group, job_type,
+    tags and config (each segment of a resumed run writes one)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    out = {"run_ids": [], "history": [], "metrics": []}
+    out = {"run_ids": [], "history": [], "metrics": [], "runs": []}
     for path in sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")):
         for raw in _payloads(path.read_bytes()):
             rec = pb.Record()
@@ -54,6 +55,10 @@ def read_offline_run(run_dir: str | Path) -> dict:
             kind = rec.WhichOneof("record_type")
             if kind == "run":
                 out["run_ids"].append(rec.run.run_id)
+                config = {i.key: json.loads(i.value_json) for i in rec.run.config.update}
+                out["runs"].append({"id": rec.run.run_id, "name": rec.run.display_name, "group": rec.run.run_group,
+                                    "job_type": rec.run.job_type, "tags": list(rec.run.tags), "config": config,
+                                    "file": str(path)})
             elif kind == "history":
                 out["history"].append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
                                        for i in rec.history.item})
