@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -153,24 +152,18 @@ def _domain_acc(recs) -> dict:
 
 
 def _log_wandb(cfg: DictConfig, out_dir: Path, name: str, hyps: list[dict], per_gen: dict) -> None:
-    from clipgen.train.logger import check_logger_config, stable_run_id
+    from clipgen.wandb_run import check_logger_config, group_of, open_run, stable_run_id
 
     check_logger_config(cfg)
     if cfg.logger.backend != "wandb":
         return
-    os.environ.setdefault("WANDB_SILENT", "true")
     import wandb
 
-    try:
-        group = cfg.logger.group or OmegaConf.select(cfg, "study.name", default=None)  # as in training
-        run = wandb.init(project=cfg.logger.project, group=group, name=f"diff-{name}",
-                         id=stable_run_id(out_dir), resume="allow", dir=str(out_dir), mode=cfg.logger.mode,
-                         job_type="diff", config={"diff": OmegaConf.to_container(cfg.diff, resolve=True),
-                                                  "run_a": cfg.run_a, "run_b": cfg.run_b, "null_run": cfg.null_run})
-    except Exception as e:  # W&B raises its own error types (auth, network); report them as one line
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ClipgenError(f"wandb.init failed with logger.mode={cfg.logger.mode!r} ({msg}): use "
-                           "logger.mode=offline (no key or network needed) or logger=none") from None
+    ident = {"project": str(cfg.logger.project), "group": group_of(cfg), "name": f"diff-{name}", "job_type": "diff",
+             "tags": [str(t) for t in (cfg.logger.get("tags") or [])]}
+    run = open_run(cfg.logger.mode, out_dir, stable_run_id(out_dir), ident,
+                   config={"diff": OmegaConf.to_container(cfg.diff, resolve=True), "run_a": cfg.run_a,
+                           "run_b": cfg.run_b, "null_run": cfg.null_run})
     try:
         cols = ["generator", "text", "accepted", "direction", "behaviour", "slice", "disc_accuracy", "disc_margin",
                 "ver_accuracy", "ver_frequency", "interestingness", "abstraction", "evidence"]

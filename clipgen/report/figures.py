@@ -36,7 +36,6 @@ def _labels(groups: list[tuple[str, str, str, str]]) -> list[str]:
     """The recipe kind's name, plus the recipe id where a kind has several, plus the model where there are
     several, plus the settings where runs of one recipe and model differ in them (recipe ids are long; the
     report's tables name them all)."""
-    kinds = [k for k, _, _, _ in groups]
     many_models = len({m for _, _, m, _ in groups}) > 1
     recipes = [(r, m) for _, r, m, _ in groups]
     out = []
