@@ -188,6 +188,12 @@ def seedless(name: str) -> str:
     return head if sep and tail.isdigit() else str(name)
 
 
+def settings_part(name: str) -> str:
+    """The settings part of a run name (``""`` for the defaults or a name not made by :func:`run_name`)."""
+    parts = seedless(name).split("--")
+    return parts[2] if len(parts) == 3 else ""
+
+
 def settings_of(meta: dict) -> str:
     """The settings label of a run from its meta.json (runs of the earlier layout: from their train_spec)."""
     ident = meta.get("identity") or {}

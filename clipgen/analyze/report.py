@@ -18,6 +18,7 @@ import numpy as np
 
 from clipgen.analyze import plots
 from clipgen.facts import DOMAINS, NATURAL_DOMAIN
+from clipgen.rundir import settings_part
 
 _NAMES = ("sae", "geometry", "cka", "circuits")
 
@@ -130,7 +131,7 @@ def _kind_order(key: tuple) -> tuple:
     from clipgen.report.figures import KIND_LABELS
 
     order = {k: i for i, k in enumerate(KIND_LABELS)}
-    return (order.get(key[0], len(order)), key[1], key[2])
+    return (order.get(key[0], len(order)), *key[1:])
 
 
 def _kind_label(kind: str) -> str:
@@ -160,12 +161,13 @@ def report_section(root: Path, report_dir: Path) -> str:
         recs = [r for r in records if r["test_domain"] == d]
         groups: dict[tuple, list[dict]] = {}
         for r in recs:
-            groups.setdefault((r.get("recipe_kind") or "", r.get("recipe_id") or "", r.get("model_name") or ""),
-                              []).append(r)
+            # one column per configuration: runs that differ only in their seed (clipgen.rundir)
+            groups.setdefault((r.get("recipe_kind") or "", r.get("recipe_id") or "", r.get("model_name") or "",
+                               settings_part(str(r.get("run") or ""))), []).append(r)
         keys = sorted(groups, key=_kind_order)
         metric_names = list(dict.fromkeys(k for r in recs for k in _metrics(r)))
-        head = "".join(f"<th>{_e(_kind_label(k))}<br><span class=muted>{_e(rid)}<br>{_e(m)}</span></th>"
-                       for k, rid, m in keys)
+        head = "".join(f"<th>{_e(_kind_label(k))}<br><span class=muted>{_e(rid)}<br>{_e(m)}"
+                       f"{'<br>' + _e(st) if st else ''}</span></th>" for k, rid, m, st in keys)
         epochs = "".join(f"<td>{_e(', '.join(sorted({str(r.get('epoch')) for r in groups[k]})))}</td>" for k in keys)
         body = [f"<tr><td class=l><i>epoch</i></td>{epochs}</tr>"]
         for name in metric_names:
