@@ -118,7 +118,7 @@ def test_identical_copy_yields_nothing_and_rerun_skips(tmp_path, capsys):
     assert not any(h["accepted"] for h in _hyps(res))
     assert res["top"] == []
     summary = (tmp_path / "diffs" / "A__vs__A_copy" / "summary.md").read_text()
-    assert "No hypothesis was accepted." in summary
+    assert "No hypothesis was accepted on the verification split." in summary
     mtime = (tmp_path / "diffs" / "A__vs__A_copy" / "summary.md").stat().st_mtime_ns
     again = _diff(tmp_path, "A", "A_copy")
     assert again["skipped"] and (tmp_path / "diffs" / "A__vs__A_copy" / "summary.md").stat().st_mtime_ns == mtime
