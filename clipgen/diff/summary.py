@@ -59,7 +59,7 @@ def plot_accuracy_vs_frequency(hyps: list[dict], path: Path) -> Path:
     ax.set_ylim(-0.02, 1.02)
     ax.set_xscale("log")
     ax.set_xlim(8e-5, 1.2)
-    if gens:
+    if ax.get_legend_handles_labels()[0]:  # a legend only when some hypothesis has a verification accuracy
         ax.legend(fontsize=7, loc="lower right")
     ax.set_title("hypotheses: accuracy vs frequency", fontsize=10)
     return _save(fig, path)
