@@ -86,7 +86,8 @@ def sentence(null: dict | None) -> str:
     if "null_pair_accepted" not in null:  # metrics.json of an older clipgen-diff
         return f"Seed-null control ({null.get('run')}): written by an older clipgen-diff; rerun it for this check."
     own = (f"the seed pair's own diff accepts {null['null_pair_accepted']} of its "
-           f"{null['null_pair_hypotheses']} hypotheses")
+           f"{null['null_pair_hypotheses']} hypotheses" if null["null_pair_hypotheses"]
+           else "the seed pair's own diff proposes no hypothesis")
     if not null.get("checked"):
         return (f"Seed-null control ({null['run']}, another seed of A's configuration): no A-vs-B hypothesis was "
                 f"accepted on the verification split, so none was re-checked; {own}.")
