@@ -147,7 +147,7 @@ def hypothesis_line(h: dict, fmt) -> str:
     n = h.get("null")
     if n is not None:
         parts.append(f"A vs null on the same images: margin {fmt(n['verification']['margin'])}"
-                     + (" (exceeded)" if n.get("exceeds") else " (not exceeded)" if "exceeds" in n else ""))
+                     + (" (A vs B exceeds it)" if n.get("exceeds") else " (A vs B does not exceed it)" if "exceeds" in n else ""))
     if h.get("seed_consistency") is not None:
         parts.append(f"seed consistency {h['seed_consistency']:.2f}")
     parts.append(f"interestingness {h['interestingness']['score']}, abstraction {h['abstraction']['score']}")
