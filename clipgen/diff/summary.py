@@ -146,8 +146,8 @@ def hypothesis_line(h: dict, fmt) -> str:
         parts.append(f"merges {len(h['merged'])} near-duplicate{'s' if len(h['merged']) > 1 else ''}")
     n = h.get("null")
     if n is not None:
-        parts.append(f"A vs null on the same images: margin {fmt(n['verification']['margin'])}"
-                     + (" (A vs B exceeds it)" if n.get("exceeds") else " (A vs B does not exceed it)" if "exceeds" in n else ""))
+        verdict = {True: " (A vs B exceeds it)", False: " (A vs B does not exceed it)"}.get(n.get("exceeds"), "")
+        parts.append(f"A vs null on the same images: margin {fmt(n['verification']['margin'])}{verdict}")
     if h.get("seed_consistency") is not None:
         parts.append(f"seed consistency {h['seed_consistency']:.2f}")
     parts.append(f"interestingness {h['interestingness']['score']}, abstraction {h['abstraction']['score']}")
