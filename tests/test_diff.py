@@ -118,7 +118,7 @@ def test_identical_copy_yields_nothing_and_rerun_skips(tmp_path, capsys):
     assert not any(h["accepted"] for h in _hyps(res))
     assert res["top"] == []
     summary = (tmp_path / "diffs" / "A__vs__A_copy" / "summary.md").read_text()
-    assert "No hypothesis was accepted." in summary
+    assert "No hypothesis was accepted on the verification split." in summary
     mtime = (tmp_path / "diffs" / "A__vs__A_copy" / "summary.md").stat().st_mtime_ns
     again = _diff(tmp_path, "A", "A_copy")
     assert again["skipped"] and (tmp_path / "diffs" / "A__vs__A_copy" / "summary.md").stat().st_mtime_ns == mtime
@@ -313,6 +313,135 @@ def test_without_manifests_exposure_slices_are_left_out(tmp_path):
     assert res["top"] and res["top"][0]["slice"] == {"domain": "sketch"}
     assert not any({"combo", "domain_seen"} & set(h["slice"]) for h in hyps)
     assert not any(h["behaviour"] == "shortcut_error" for h in hyps)
+
+
+# --- the seed-null control, the verification headline, near-duplicates -----------------------------------------
+HELDOUT_SKETCH = [CLASSES.index(c) for c in HELDOUT]
+
+
+def _b_learns_heldout(root, null_too: bool | None = None) -> None:
+    """A (recipe without the held-out classes in sketch) and B (recipe with them) are alike except on those
+    cells, where A is right on 10% and B on 95%. ``null_too``: write a null run N with A's recipe and seed-like
+    noise that is (True) as good as B on those same cells or (False) as poor as A there."""
+    ts = syn.make_test_set(DOMAINS, CLASSES, 30)
+    cell = (ts["domains"] == "sketch") & np.isin(ts["labels"], HELDOUT_SKETCH)
+    hard = _difficulty(ts)
+    runs = {"A": (1, 0.1, ABSENT, "cfg-a"), "B": (2, 0.95, set(), "cfg-b")}
+    if null_too is not None:
+        runs["N"] = (3, 0.95 if null_too else 0.1, ABSENT, "cfg-a")
+    for name, (seed, acc, absent, rid) in runs.items():
+        c = _correct(ts, 0.6, seed, 0.03)
+        c[cell] = hard[cell] < acc
+        syn.write_run(root, name, syn.outputs(ts, c, len(CLASSES), seed), CLASSES, HELDOUT, "sketch",
+                      syn.counts_matrix(DOMAINS, CLASSES, absent=absent), seed=seed, recipe_id=rid)
+
+
+B_ONLY = {"combo": "b_only"}  # the held-out classes in sketch: the only combinations B saw and A did not
+
+
+@pytest.mark.parametrize("null_too", [True, False])
+def test_null_judges_each_hypothesis_on_its_own_images(tmp_path, null_too):
+    """The "only B saw it" slice is empty between A and N (same recipe): the null must still be judged on the
+    slice's images from A vs B, so a null that differs there as much as B does is caught."""
+    _b_learns_heldout(tmp_path, null_too=null_too)
+    res = _diff(tmp_path, "A", "B", "null_run=N")
+    top = res["top"][0]
+    assert top["slice"] == B_ONLY and top["direction"] == "B" and top["behaviour"] == "correct", top["text"]
+    n = top["null"]
+    assert n["run"] == "N"
+    # the same verification images: 10 per held-out cell x 3 cells
+    assert n["verification"]["n_slice"] == 30 and n["verification"]["n"] == res["n_images"] // 3
+    metrics = json.loads((tmp_path / "diffs" / "A__vs__B" / "metrics.json").read_text())
+    summary = (tmp_path / "diffs" / "A__vs__B" / "summary.md").read_text()
+    null = metrics["null"]
+    assert null["split"] == "verification" and null["checked"] >= 1
+    if null_too:
+        assert n["accepted"] and n["verification"]["margin"] > 0.5 and not n["exceeds"]
+        assert top["verification_margin"] - n["verification"]["margin"] < 0.2
+        assert null["same_difference"] >= 1 and null["exceeds_null"] < null["checked"]
+    else:
+        assert not n["accepted"] and abs(n["verification"]["margin"]) < 0.1 and n["exceeds"]
+        assert null["same_difference"] == 0 and null["exceeds_null"] == null["checked"]
+    sentence = (f"{null['same_difference']} of {null['checked']} accepted hypotheses also hold between A and the "
+                f"null run, {null['exceeds_null']} of {null['checked']} differ between A and B by significantly "
+                "more than between the two seeds")
+    assert sentence in summary
+
+
+def test_acceptance_is_decided_on_the_verification_split(tmp_path):
+    """B fails on quickdraw only on discovery images: generated and 'accepted' there, rejected on verification."""
+    from clipgen.diff.records import build_records, load_run
+
+    ts = syn.make_test_set(DOMAINS, CLASSES, 30)
+    ca = _correct(ts, 0.7, 1, 0.03)
+    a = _write(tmp_path, "A", ts, ca, 1)
+    recs, _ = build_records(load_run(a), load_run(a), 2)
+    verify = split_mask(recs.sample_ids, recs.domain.astype(np.int64) * len(CLASSES) + recs.label, 0)
+    in_verify = np.isin(ts["sample_ids"], recs.sample_ids[verify])
+    cb = ca.copy()
+    cb[(ts["domains"] == "quickdraw") & ~in_verify & ca] = False
+    # B's outputs drawn with A's seed: identical logits wherever the correctness is the same
+    syn.write_run(tmp_path, "B", syn.outputs(ts, cb, len(CLASSES), 1), CLASSES, HELDOUT, "sketch",
+                  syn.counts_matrix(DOMAINS, CLASSES, absent=ABSENT), seed=2, recipe_id="cfg")
+    res = _diff(tmp_path, "A", "B")
+    assert res["top"] == []  # the only difference is confined to discovery images
+    qd = [h for h in _hyps(res) if h["slice"] == {"domain": "quickdraw"} and h["behaviour"] == "correct"]
+    assert qd and qd[0]["direction"] == "A"
+    assert qd[0]["discovery"]["accepted"] and qd[0]["discovery"]["margin"] > 0.5
+    assert not qd[0]["accepted"] and qd[0]["verification"]["margin"] == 0.0
+    g = res["generators"]["slice_diff"]
+    assert g["discovery_acceptance_rate"] == 1.0 and g["accepted"] == 0 and g["acceptance_rate"] == 0.0
+    summary = (tmp_path / "diffs" / "A__vs__B" / "summary.md").read_text()
+    assert "acceptance rate (verification)" in summary and "acceptance rate (discovery, where generated)" in summary
+
+
+def test_near_duplicate_hypotheses_are_merged(tmp_path):
+    """B's gain on the held-out classes in sketch is one finding: its per-cell restatements and the cluster
+    generator's copies are merged into the "only B saw it" hypothesis."""
+    _b_learns_heldout(tmp_path)
+    res = _diff(tmp_path, "A", "B")
+    hyps = {h["id"]: h for h in _hyps(res)}
+    distinct = [h for h in hyps.values() if h["duplicate_of"] is None and h["same_as"] is None]
+    gain = [h for h in distinct if h["behaviour"] == "correct" and h["direction"] == "B"]
+    assert len(gain) == 1 and gain[0]["slice"] == B_ONLY and gain[0]["accepted"], [h["text"] for h in gain]
+    cells = [h for h in hyps.values() if h["behaviour"] == "correct" and h["direction"] == "B"
+             and set(h["slice"]) == {"domain", "class"}]
+    assert cells and all(h["duplicate_of"] == gain[0]["id"] or h["same_as"] == gain[0]["id"] for h in cells)
+    assert set(gain[0]["merged"]) == {h["id"] for h in cells if h["generator"] == "slice_diff"}
+    copies = [h for h in hyps.values() if h["generator"] == "cluster" and h["same_as"] is not None]
+    assert copies and all(hyps[h["same_as"]]["generator"] == "slice_diff" for h in copies)
+    assert "cluster" in gain[0]["also_found_by"]
+    # top rows never restate each other: no two with the same behaviour and direction on nested image sets
+    assert len({(h["behaviour"], h["target"], h["direction"], str(h["slice"])) for h in res["top"]}) == len(res["top"])
+    m = res["generators"]["slice_diff"]
+    assert m["merged"] == sum(h["duplicate_of"] is not None for h in hyps.values() if h["generator"] == "slice_diff")
+    assert "near-duplicates merged" in (tmp_path / "diffs" / "A__vs__B" / "summary.md").read_text()
+
+
+def test_nested_relation_rules():
+    """Hand-made verdicts (+1 B, -1 A, 0 alike) on 200 discovery images: when does a smaller slice restate a
+    larger one?"""
+    from clipgen.diff.dedup import relation
+
+    big = np.zeros(200, bool)
+    big[:100] = True
+    small = np.zeros(200, bool)
+    small[:40] = True
+    disc = np.ones(200, bool)
+    v = np.zeros(200, np.int8)
+    v[:36] = 1  # B better on 36 of the small slice's 40 images, nothing elsewhere
+    assert relation(small, big, v, disc, "B", 0.05) == "small_explains"
+    assert relation(small, small.copy(), v, disc, "B", 0.05) == "same"
+    assert relation(big, small, v, disc, "B", 0.05) is None  # not nested that way round
+    v[40:94] = 1  # the same rate over the whole large slice: the small one only inherits it
+    v[94:100] = 0
+    v[36:40] = 1
+    v[:4] = 0
+    assert relation(small, big, v, disc, "B", 0.05) == "small_inherits"
+    v[:40] = 1  # all of the small slice, about half the rest: two findings
+    v[40:100] = 0
+    v[40:70] = 1
+    assert relation(small, big, v, disc, "B", 0.05) is None
 
 
 # --- two real trained runs ------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@
     split.py       stable, stratified discovery / verification split
     predicates.py  the hypothesis language (slice x behaviour x direction) and its English rendering
     verify.py      the deterministic verifier (N/A | A | B per image) and the paper's metrics per hypothesis
+    dedup.py       near-duplicate hypotheses merged (same image set, or nested sets that restate each other)
+    null.py        the seed-null control: each hypothesis re-judged on its own images with A and a null seed
     generators/    slice_diff (exact McNemar + Benjamini-Hochberg), cluster (HDBSCAN over discordant images)
     scores.py      interestingness and abstraction (1-5) by explicit rules
     llm.py         optional paraphraser / autorater (off by default; localhost endpoint or a local GGUF file)

@@ -6,7 +6,8 @@ on a split with N images of which ``n_slice`` fall in its slice:
 - frequency  f = (n_A + n_B) / N                       how much of the evaluation set the difference touches
 - accuracy     = n_P / (n_A + n_B)                      (NaN when no image is labelled A or B)
 - margin       = (n_P - n_O) / n_slice                  the predicted side's share of the slice minus the other's
-- accepted    <=> margin > alpha on the discovery split (alpha = 0.01 by default)
+- accepted    <=> margin > alpha (alpha = 0.01 by default); the headline decision is on the held-out
+                 verification split, since every generated hypothesis was selected for its discovery margin
 - acceptance rate = accepted / all hypotheses of a generator.
 
 Shares are taken over the slice's images (the images the hypothesis speaks about), so a difference confined

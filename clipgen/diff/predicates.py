@@ -55,6 +55,17 @@ class Codes:
         return m
 
 
+def comparable(recs: Records, behaviour: str) -> np.ndarray:
+    """Images on which ``behaviour`` can differ between the runs at all: every image, except for shortcut_error
+    (domains both recipes include: a run that never saw the domain cannot take this shortcut, so comparing there
+    restates the recipes)."""
+    if behaviour == "shortcut_error":
+        if not recs.has_exposure:
+            return np.zeros(recs.n, dtype=bool)
+        return recs.domain_seen_code() == 0
+    return np.ones(recs.n, dtype=bool)
+
+
 def behaviour_side(recs: Records, behaviour: str, target: str | None = None,
                    params: BehaviourParams = BehaviourParams()) -> np.ndarray:
     """+1 / -1 / 0 per image: B shows the behaviour (and A not), A shows it (and B not), alike."""
@@ -71,8 +82,7 @@ def behaviour_side(recs: Records, behaviour: str, target: str | None = None,
             return np.zeros(recs.n, dtype=np.int8)
         sa = ~recs.correct_a & (recs.counts_a[recs.domain, recs.pred_a] > 0)
         sb = ~recs.correct_b & (recs.counts_b[recs.domain, recs.pred_b] > 0)
-        # a run that never saw the domain cannot take this shortcut: comparing there restates the recipes
-        both = recs.domain_seen_code() == 0
+        both = comparable(recs, behaviour)
         sa, sb = sa & both, sb & both
     elif behaviour == "confusion":
         k = recs.classes.index(target)

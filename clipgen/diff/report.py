@@ -12,7 +12,9 @@ import math
 from pathlib import Path
 from urllib.parse import quote
 
+from clipgen.diff.null import sentence as null_sentence
 from clipgen.diff.run import FILES, top_hypotheses
+from clipgen.diff.summary import GENERATOR_COLUMNS, generator_rows, hypothesis_line
 from clipgen.utils import atomic_write_bytes
 
 _PLOTS = ("accuracy_vs_frequency.png", "delta_accuracy.png")
@@ -26,6 +28,13 @@ def _num(x, nd: int = 3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
     return _e(f"{x:.{nd}f}" if isinstance(x, float) else x)
+
+
+def _plain(x, nd: int = 3) -> str:
+    """A number as text (escaped later, with the line it is part of)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
 
 
 def _read(path: Path):
@@ -53,28 +62,20 @@ def _one(diff_dir: Path, report_dir: Path, k: int) -> str:
     parts = [f"<h3>{_e(diff_dir.name.replace('__vs__', ' vs '))}</h3>",
              f"<p class=muted>A = {_e(Path(rec['run_a']).name)}, B = {_e(Path(rec['run_b']).name)}; epoch "
              f"{_e(rec['epoch'])}; {_e(rec['n_images'])} images; α = {_e(metrics.get('alpha'))}</p>"]
-    rows = [("", metrics["generators"])]
-    if metrics.get("null"):
-        rows.append((f" (null: {metrics['null']['run']})", metrics["null"]["generators"]))
-    head = ("<tr><th class=l>generator</th><th>hypotheses</th><th>accepted</th><th>acceptance rate</th>"
-            "<th>verification accuracy</th><th>verification frequency</th><th>interestingness</th>"
-            "<th>abstraction</th></tr>")
-    body = []
-    for suffix, gens in rows:
-        for g, m in gens.items():
-            body.append(f"<tr><td class=l>{_e(g + suffix)}</td><td>{_num(m['hypotheses'])}</td>"
-                        f"<td>{_num(m['accepted'])}</td><td>{_num(m['acceptance_rate'])}</td>"
-                        f"<td>{_num(m['verification_accuracy'])}</td><td>{_num(m['verification_frequency'], 4)}</td>"
-                        f"<td>{_num(m['interestingness'], 2)}</td><td>{_num(m['abstraction'], 2)}</td></tr>")
-    parts.append(f"<div class=scroll><table>{head}{''.join(body)}</table></div>")
+    head = "<tr><th class=l>generator</th>" + "".join(f"<th>{_e(h)}</th>" for _, h, _ in GENERATOR_COLUMNS) + "</tr>"
+    rows = generator_rows(metrics["generators"], _num)
+    if metrics.get("null"):  # the seed pair's own diff, for comparison
+        rows += [[f"{r[0]} (A vs null {metrics['null']['run']})", *r[1:]]
+                 for r in generator_rows(metrics["null"]["generators"], _num)]
+    body = "".join("<tr><td class=l>" + _e(r[0]) + "</td>" + "".join(f"<td>{c}</td>" for c in r[1:]) + "</tr>"
+                   for r in rows)
+    parts.append(f"<div class=scroll><table>{head}{body}</table></div>")
+    parts.append(f"<p>{_e(null_sentence(metrics.get('null')))}</p>")
     top = _top(diff_dir, k)
     if top:
         items = []
         for h in top:
-            v = h["verification"]
-            items.append(f"<li>{_e(h['text'])} <span class=muted>({_e(h['generator'])}; verification accuracy "
-                         f"{_num(v.get('accuracy'))}, frequency {_num(v.get('frequency'), 4)}; interestingness "
-                         f"{_e(h['interestingness']['score'])}, abstraction {_e(h['abstraction']['score'])}; "
+            items.append(f"<li>{_e(h['text'])} <span class=muted>({_e(hypothesis_line(h, _plain))}; "
                          f"evidence: {_e(', '.join(h.get('evidence', [])))})</span></li>")
         parts.append(f"<ol>{''.join(items)}</ol>")
     else:
@@ -102,5 +103,5 @@ def report_section(root: Path, report_dir: Path, top_k: int = 5) -> str:
         return ""
     intro = ("<p class=muted>clipgen-diff: hypotheses (slice × behaviour × direction) about how run B behaves "
              "differently from run A, generated on 2/3 of the images and checked by a deterministic verifier on "
-             "the other 1/3.</p>")
+             "the other 1/3, which decides acceptance.</p>")
     return "<h2>Model diffs</h2>\n" + intro + "\n" + "\n".join(blocks)

@@ -20,7 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 from clipgen import layout
 from clipgen.diff import summary as S
 from clipgen.diff.generators import cluster, slice_diff
+from clipgen.diff.dedup import merge
 from clipgen.diff.metrics import acceptance_rate
+from clipgen.diff.null import NullControl
+from clipgen.diff.null import summarise as summarise_null
 from clipgen.diff.predicates import BehaviourParams, Codes, hypothesis_text, slice_cells
 from clipgen.diff.records import RunInfo, build_records, evaluated_epochs, load_run, pick_epoch, resolve_run
 from clipgen.diff.scores import score
@@ -84,26 +87,44 @@ def diff_pair(recs, d: dict) -> dict:
         out = []
         for h in raw:
             e = verifier.evaluate(h, n_evidence=int(d["evidence"]))
+            e["id"] = len(hyps) + len(out)
             e["text"] = hypothesis_text(codes, h["slice"], h["behaviour"], h["direction"], h.get("target"), params)
             cells = slice_cells(codes, h["slice"])  # the slice as domain x class cells (when that is short)
             e["cells"] = [list(c) for c in cells] if len(cells) <= 100 else None
             e["interestingness"], e["abstraction"] = score(codes, e)
             out.append(e)
-        acc = [h for h in out if h["accepted"]]
-        va = [h["verification"]["accuracy"] for h in acc if not math.isnan(h["verification"]["accuracy"])]
-        def mean(xs: list) -> float:  # over the accepted hypotheses; NaN when none was accepted
-            return float(np.mean(xs)) if xs else float("nan")
-
-        per_gen[gen] = {
-            "hypotheses": len(out), "accepted": len(acc),
-            "acceptance_rate": acceptance_rate(h["accepted"] for h in out),
-            "verification_accuracy": mean(va),
-            "verification_frequency": mean([h["verification"]["frequency"] for h in acc]),
-            "interestingness": mean([h["interestingness"]["score"] for h in acc]),
-            "abstraction": mean([h["abstraction"]["score"] for h in acc]),
-            "seconds": round(time.time() - t0, 3)}
+        merge(out, verifier, float(d["fdr_q"]))  # a generator's rows must not restate each other
+        per_gen[gen] = generator_metrics(out, time.time() - t0)
         hyps += out
-    return {"hypotheses": hyps, "generators": per_gen, "verifier": verifier, "codes": codes}
+    # a cluster hypothesis that restates a slice_diff one is shown once, as found by both
+    distinct = merge([h for h in hyps if h["duplicate_of"] is None], verifier, float(d["fdr_q"]), key="same_as",
+                     members="also", across_generators=True)
+    for h in hyps:
+        h.setdefault("same_as", None)
+        h["also_found_by"] = sorted({hyps[i]["generator"] for i in h.pop("also", [])} - {h["generator"]})
+    return {"hypotheses": hyps, "distinct": distinct, "generators": per_gen, "verifier": verifier, "codes": codes}
+
+
+def generator_metrics(out: list[dict], seconds: float) -> dict:
+    """One generator's row: counts over its distinct hypotheses (its near-duplicates merged); acceptance,
+    accuracy and frequency on the held-out verification split (the headline; accuracy and frequency averaged
+    over every distinct hypothesis, since averaging over the verification-accepted ones would select on the
+    split that measures them); the discovery acceptance rate beside it, labelled; scores over the accepted."""
+    distinct = [h for h in out if h["duplicate_of"] is None]
+    acc = [h for h in distinct if h["accepted"]]
+
+    def mean(xs: list) -> float:  # NaN when empty
+        xs = [x for x in xs if not math.isnan(x)]
+        return float(np.mean(xs)) if xs else float("nan")
+
+    return {"hypotheses": len(distinct), "merged": len(out) - len(distinct), "accepted": len(acc),
+            "acceptance_rate": acceptance_rate(h["accepted"] for h in distinct),
+            "verification_accuracy": mean([h["verification"]["accuracy"] for h in distinct]),
+            "verification_frequency": mean([h["verification"]["frequency"] for h in distinct]),
+            "discovery_acceptance_rate": acceptance_rate(h["discovery"]["accepted"] for h in distinct),
+            "interestingness": mean([float(h["interestingness"]["score"]) for h in acc]),
+            "abstraction": mean([float(h["abstraction"]["score"]) for h in acc]),
+            "seconds": round(seconds, 3)}
 
 
 def _hyp_key(h: dict) -> tuple:
@@ -117,10 +138,11 @@ def rank_key(h: dict) -> tuple:
 
 
 def top_hypotheses(hyps: list[dict], k: int) -> list[dict]:
-    """Accepted hypotheses of every generator, duplicates (same predicate) merged, ranked by ``rank_key``."""
+    """Accepted (verification) distinct hypotheses of every generator, near-duplicates left out (``dedup``) and
+    any remaining same predicate merged, ranked by ``rank_key``."""
     best: dict = {}
     for h in hyps:
-        if h["accepted"]:
+        if h["accepted"] and h.get("duplicate_of") is None and h.get("same_as") is None:
             key = _hyp_key(h)
             if key not in best or rank_key(h) < rank_key(best[key]):
                 best[key] = h
@@ -165,12 +187,14 @@ def _log_wandb(cfg: DictConfig, out_dir: Path, name: str, hyps: list[dict], per_
                    config={"diff": OmegaConf.to_container(cfg.diff, resolve=True), "run_a": cfg.run_a,
                            "run_b": cfg.run_b, "null_run": cfg.null_run})
     try:
-        cols = ["generator", "text", "accepted", "direction", "behaviour", "slice", "disc_accuracy", "disc_margin",
-                "ver_accuracy", "ver_frequency", "interestingness", "abstraction", "evidence"]
-        rows = [[h["generator"], h["text"], h["accepted"], h["direction"], h["behaviour"], str(h["slice"]),
-                 h["discovery"]["accuracy"], h["discovery"]["margin"], h["verification"]["accuracy"],
-                 h["verification"]["frequency"], h["interestingness"]["score"], h["abstraction"]["score"],
-                 ", ".join(h["evidence"])] for h in hyps]
+        cols = ["id", "generator", "text", "accepted", "direction", "behaviour", "slice", "ver_accuracy",
+                "ver_frequency", "ver_margin", "disc_accepted", "disc_accuracy", "disc_margin", "duplicate_of",
+                "same_as", "null_ver_margin", "interestingness", "abstraction", "evidence"]
+        rows = [[h["id"], h["generator"], h["text"], h["accepted"], h["direction"], h["behaviour"], str(h["slice"]),
+                 h["verification"]["accuracy"], h["verification"]["frequency"], h["verification"]["margin"],
+                 h["discovery"]["accepted"], h["discovery"]["accuracy"], h["discovery"]["margin"],
+                 h["duplicate_of"], h["same_as"], h["null"]["verification"]["margin"] if h.get("null") else None,
+                 h["interestingness"]["score"], h["abstraction"]["score"], ", ".join(h["evidence"])] for h in hyps]
         run.log({"diff/hypotheses": wandb.Table(columns=cols, data=rows)})
         for g, m in per_gen.items():
             for k, v in m.items():
@@ -207,7 +231,7 @@ def run_diff(cfg: DictConfig) -> dict:
     name = f"{run_a.name}__vs__{run_b.name}"
     out_dir = layout.diffs_root(cfg) / name
     key = stable_hash({"inputs": shas, "epoch": epoch, "diff": d, "seed_pairs": [str(p) for p in pairs],
-                       "noise_runs": [str(p) for p in noise_runs], "version": 2})
+                       "noise_runs": [str(p) for p in noise_runs], "version": 3})
     done = out_dir / "diff.json"
     if done.is_file() and all((out_dir / f).is_file() for f in FILES):
         prev = read_json(done, "diff record")
@@ -221,11 +245,13 @@ def run_diff(cfg: DictConfig) -> dict:
 
     null = None
     if null_recs is not None:
-        nres = diff_pair(null_recs, d)
-        null = {"run": run_n.name, "generators": nres["generators"]}
-        for h in hyps:
-            accepted, m = nres["verifier"].margin_all(h)
-            h["null"] = {"accepted": accepted, "margin": m}
+        nres = diff_pair(null_recs, d)  # the seed pair's own diff: the false-discovery baseline
+        control = NullControl(res["verifier"], null_recs, run_n.name)
+        for h in hyps:  # the same hypotheses on the same images, judged with A's and the null run's predictions
+            h["null"] = control.check(h)
+        checked = [h for h in res["distinct"] if h["accepted"]]
+        null = {"run": run_n.name, "generators": nres["generators"],
+                **summarise_null(checked, nres["generators"], float(d["fdr_q"]))}
 
     # seed consistency: the same hypothesis on other seed pairs of the two configurations
     if pairs:
@@ -258,9 +284,7 @@ def run_diff(cfg: DictConfig) -> dict:
         llm_agreement = annotate(chosen, llm)
     plots = {"accuracy vs frequency": S.plot_accuracy_vs_frequency(hyps, out_dir / "accuracy_vs_frequency.png"),
              "Δ accuracy per domain x class": S.plot_delta_heatmap(recs, out_dir / "delta_accuracy.png")}
-    hyps_out = [_clean({k: v for k, v in h.items()}) for h in hyps]
-    for i, h in enumerate(hyps_out):
-        h["id"] = i
+    hyps_out = [_clean(dict(h)) for h in hyps]
     S.write_jsonl(out_dir / "hypotheses.jsonl", hyps_out)
     metrics = _clean({"generators": res["generators"], "null": null, "epoch": epoch, "alpha": d["alpha"],
                       "domain_accuracy": domain_acc, "seed_pairs": len(pairs), "n_images": recs.n,
@@ -278,15 +302,18 @@ def run_diff(cfg: DictConfig) -> dict:
                      "top": [{"text": h["text"], "generator": h["generator"], "slice": h["slice"],
                               "behaviour": h["behaviour"], "direction": h["direction"], "target": h.get("target"),
                               "cells": h["cells"], "accepted": h["accepted"],
-                              "verification_accuracy": h["verification"]["accuracy"], "z": h["z"]} for h in top],
+                              "verification_accuracy": h["verification"]["accuracy"],
+                              "verification_margin": h["verification"]["margin"], "z": h["z"],
+                              "merged": len(h["merged"]), "also_found_by": h["also_found_by"],
+                              "null": h.get("null")} for h in top],
                      "seconds": round(seconds, 2), "inputs": shas})
     atomic_write_json(done, result)
     print(f"diff {name} (epoch {epoch}, {recs.n} images, {seconds:.1f} s):")
     for g, m in res["generators"].items():
-        print(f"  {g}: {m['accepted']}/{m['hypotheses']} hypotheses accepted")
+        print(f"  {g}: {m['accepted']}/{m['hypotheses']} distinct hypotheses accepted on the verification split")
     if null:
-        print("  seed-null control: " + ", ".join(f"{g} {m['accepted']}/{m['hypotheses']}"
-                                                  for g, m in null["generators"].items()))
+        print(f"  seed-null control ({null['run']}): {null['same_difference']}/{null['checked']} accepted also hold "
+              f"between the seeds, {null['exceeds_null']}/{null['checked']} exceed them")
     for i, h in enumerate(top[:3], 1):
         print(f"  {i}. {h['text']}")
     print(f"  -> {out_dir}/summary.md")

@@ -11,10 +11,17 @@ from pathlib import Path
 
 import numpy as np
 
+from clipgen.diff.null import sentence as null_sentence
 from clipgen.utils import atomic_write_bytes, atomic_write_text
 
-GENERATOR_COLUMNS = ("hypotheses", "accepted", "acceptance_rate", "verification_accuracy", "verification_frequency",
-                     "interestingness", "abstraction")
+# Generator table: (metrics key, column header, decimals); verification first (the headline), discovery labelled.
+GENERATOR_COLUMNS = (("hypotheses", "distinct hypotheses", 0), ("merged", "near-duplicates merged", 0),
+                     ("accepted", "accepted (verification)", 0),
+                     ("acceptance_rate", "acceptance rate (verification)", 3),
+                     ("verification_accuracy", "accuracy (verification)", 3),
+                     ("verification_frequency", "frequency (verification)", 4),
+                     ("discovery_acceptance_rate", "acceptance rate (discovery, where generated)", 3),
+                     ("interestingness", "interestingness", 2), ("abstraction", "abstraction", 2))
 
 
 def _save(fig, path: Path) -> Path:
@@ -52,7 +59,7 @@ def plot_accuracy_vs_frequency(hyps: list[dict], path: Path) -> Path:
     ax.set_ylim(-0.02, 1.02)
     ax.set_xscale("log")
     ax.set_xlim(8e-5, 1.2)
-    if gens:
+    if ax.get_legend_handles_labels()[0]:  # a legend only when some hypothesis has a verification accuracy
         ax.legend(fontsize=7, loc="lower right")
     ax.set_title("hypotheses: accuracy vs frequency", fontsize=10)
     return _save(fig, path)
@@ -121,55 +128,65 @@ def mixture_table(run_a, run_b, domains: list[str]) -> list[str]:
     return lines
 
 
+def generator_rows(generators: dict, fmt) -> list[list[str]]:
+    """Rows of the generator table (``GENERATOR_COLUMNS``), numbers through ``fmt(x, decimals)``."""
+    return [[g] + [fmt(m.get(k), nd) if nd else fmt(m.get(k)) for k, _, nd in GENERATOR_COLUMNS]
+            for g, m in generators.items()]
+
+
+def hypothesis_line(h: dict, fmt) -> str:
+    """Verification numbers first, then discovery (labelled), merges, the seed-null check and scores."""
+    d, v = h["discovery"], h["verification"]
+    parts = [f"{h['generator']}"
+             + (f" (also found by {', '.join(h['also_found_by'])})" if h.get("also_found_by") else ""),
+             f"verification: A {v['n_a']} / B {v['n_b']} of {v['n_slice']} images, margin {fmt(v['margin'])}, "
+             f"accuracy {fmt(v['accuracy'])}, frequency {fmt(v['frequency'], 4)}",
+             f"discovery (where generated): margin {fmt(d['margin'])}, accuracy {fmt(d['accuracy'])}"]
+    if h.get("merged"):
+        parts.append(f"merges {len(h['merged'])} near-duplicate{'s' if len(h['merged']) > 1 else ''}")
+    n = h.get("null")
+    if n is not None:
+        verdict = {True: " (A vs B exceeds it)", False: " (A vs B does not exceed it)"}.get(n.get("exceeds"), "")
+        parts.append(f"A vs null on the same images: margin {fmt(n['verification']['margin'])}{verdict}")
+    if h.get("seed_consistency") is not None:
+        parts.append(f"seed consistency {h['seed_consistency']:.2f}")
+    parts.append(f"interestingness {h['interestingness']['score']}, abstraction {h['abstraction']['score']}")
+    return "; ".join(parts)
+
+
 def write_summary(path: Path, *, run_a, run_b, epoch: int, alpha: float, domain_acc: list[dict],
                   generators: dict, null: dict | None, hypotheses: list[dict], top: list[dict], domains: list[str],
                   plots: dict, llm_agreement: dict | None = None) -> None:
     L = [f"# Model diff: {run_a.name} (A) vs {run_b.name} (B)", "",
-         f"Epoch {epoch}; acceptance margin α = {alpha:g}; hypotheses are generated on the discovery split "
-         "(2/3 of the images, stratified by domain x class) and scored on both splits.", "",
+         f"Epoch {epoch}; acceptance margin α = {alpha:g}. Hypotheses are generated on the discovery split "
+         "(2/3 of the images, stratified by domain x class), where every generated hypothesis passes; they are "
+         "accepted or rejected on the held-out verification split (1/3), whose numbers are the headline.", "",
          "## Training mixtures", "", *mixture_table(run_a, run_b, domains), "",
          "## Accuracy per domain", "",
          _md_row(["domain", "images", "A", "B", "B - A", "seed noise (std)"]), _md_row(["---"] * 6)]
     for r in domain_acc:
         L.append(_md_row([r["domain"], r["n"], _f(r["acc_a"]), _f(r["acc_b"]), _f(r["acc_b"] - r["acc_a"]),
                           _f(r.get("seed_std"))]))
-    L += ["", "## Generators", "",
-          _md_row(["generator", "hypotheses", "accepted", "acceptance rate", "verification accuracy",
-                   "verification frequency", "interestingness", "abstraction"]), _md_row(["---"] * 8)]
-    for g, m in generators.items():
-        L.append(_md_row([g, m["hypotheses"], m["accepted"], _f(m["acceptance_rate"]), _f(m["verification_accuracy"]),
-                          _f(m["verification_frequency"], 4), _f(m["interestingness"], 2), _f(m["abstraction"], 2)]))
-    if null is not None:
-        L += ["", f"**Seed-null control** ({null['run']}: another seed of A's configuration): "
-              + ", ".join(f"{g}: {m['accepted']} accepted of {m['hypotheses']}" for g, m in null["generators"].items())
-              + ". Accepted hypotheses of A vs B that are no more than this count are indistinguishable from seed "
-              "noise."]
-    else:
-        L += ["", "No seed-null control (pass null_run=<another seed of A's configuration>)."]
+    L += ["", "## Generators", "", _md_row(["generator", *(h for _, h, _ in GENERATOR_COLUMNS)]),
+          _md_row(["---"] * (len(GENERATOR_COLUMNS) + 1))]
+    L += [_md_row(r) for r in generator_rows(generators, _f)]
+    L += ["", "Accuracy and frequency are means over each generator's distinct hypotheses; interestingness and "
+          "abstraction over its accepted ones.", "", f"**{null_sentence(null)}**"]
     if llm_agreement:
         L += ["", "**LLM autorater vs rule-based scores**: " + "; ".join(
             f"{k}: exact {_f(a['exact'], 2)}, within one point {_f(a['within_1'], 2)}, Spearman {_f(a['spearman'], 2)} "
             f"(n = {a['n']})" for k, a in llm_agreement.items()) + "."]
     L += ["", "## Top hypotheses", ""]
     if not top:
-        L.append("No hypothesis was accepted.")
+        L.append("No hypothesis was accepted on the verification split.")
     for i, h in enumerate(top, 1):
-        d, v = h["discovery"], h["verification"]
-        extra = ""
-        if h.get("null") is not None:
-            extra += f"; also accepted A vs null: {'yes' if h['null']['accepted'] else 'no'}"
-        if h.get("seed_consistency") is not None:
-            extra += f"; seed consistency {h['seed_consistency']:.2f}"
-        L += [f"{i}. **{h['text']}**  ",
-              f"   {h['generator']}; discovery: A {d['n_a']} / B {d['n_b']} of {d['n_slice']} "
-              f"(margin {d['margin']:.3f}); "
-              f"verification accuracy {_f(v['accuracy'])}, frequency {_f(v['frequency'], 4)}; "
-              f"interestingness {h['interestingness']['score']}, abstraction {h['abstraction']['score']}{extra}  ",
+        L += [f"{i}. **{h['text']}**  ", f"   {hypothesis_line(h, _f)}  ",
               f"   evidence: {', '.join(h['evidence']) or '–'}"]
         if h.get("paraphrase"):
             L[-1] += f"  \n   LLM paraphrase: {h['paraphrase']}"
     L += ["", "## Plots", ""] + [f"![{k}]({Path(p).name})" for k, p in plots.items()]
-    L += ["", f"All {len(hypotheses)} hypotheses: hypotheses.jsonl; metrics per generator: metrics.json.", ""]
+    L += ["", f"All {len(hypotheses)} hypotheses (near-duplicates marked duplicate_of / same_as): hypotheses.jsonl; "
+          "metrics per generator and the seed-null control: metrics.json.", ""]
     atomic_write_text(path, "\n".join(L))
 
 

@@ -2,7 +2,8 @@
 
 An image is N/A when it is outside the hypothesis's slice or when both runs behave alike; otherwise the verdict
 names the run that shows the behaviour. The metrics (metrics.py) are computed on the discovery split (where
-hypotheses were generated; acceptance is decided here) and on the verification split (held out).
+hypotheses were generated, so every generated hypothesis passes there) and on the held-out verification split,
+which decides ``accepted`` (the headline; ``discovery.accepted`` is kept, labelled).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class Verifier:
             vv = v[sel]
             out[name] = split_metrics(int((vv == -1).sum()), int((vv == 1).sum()), int(m[sel].sum()), int(sel.sum()),
                                       hyp["direction"], self.alpha)
-        out["accepted"] = bool(out["discovery"]["accepted"])
+        out["accepted"] = bool(out["verification"]["accepted"])
         want = 1 if hyp["direction"] == "B" else -1
         idx = np.flatnonzero((v == want) & self.verify_mask)
         if len(idx) == 0:
