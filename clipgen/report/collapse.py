@@ -45,7 +45,7 @@ def concentration(preds, labels, num_classes: int, ood_labels=()) -> dict:
     counts = np.bincount(preds, minlength=size)
     top = int(counts.argmax())  # the lowest index on ties: deterministic
     p = counts[counts > 0] / n
-    entropy = float(-(p * np.log(p)).sum())
+    entropy = max(0.0, float(-(p * np.log(p)).sum()))  # one class: -0.0 is shown as 0
     top_share = float(counts[top] / n)
     true_top = float(np.bincount(labels, minlength=size).max() / n)
     ood = np.isin(labels, np.asarray(list(ood_labels), dtype=np.int64))
