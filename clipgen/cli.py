@@ -16,6 +16,7 @@ from typing import Callable
 import hydra
 from omegaconf import DictConfig
 
+import clipgen
 from clipgen import sweep
 from clipgen.config import register_configs
 from clipgen.errors import ClipgenError
@@ -38,12 +39,16 @@ def _app(run: Callable[[DictConfig], dict], name: str):
             sys.exit(2)
 
     def entry():
+        args = sys.argv[1:]
+        if "--version" in args:  # Hydra's own --version names Hydra only
+            print(f"{name} (clipgen {clipgen.__version__}, Hydra {hydra.__version__})")
+            return None
         # Hydra names a job after the calling module (here always "cli"); each app names its own, so sweeps land
         # in {paths.root}/logs/clipgen-<stage>/multirun/<overrides>.
-        args = sys.argv[1:]
         if not any(a.startswith("hydra.job.name=") for a in args):
-            # argparse wants the overrides in one run: put ours next to the user's (or last when there are none)
-            first = next((i for i, a in enumerate(args) if "=" in a and not a.startswith("-")), len(args))
+            # argparse wants the overrides in one run: put ours before the user's first one, or first of all when
+            # there is none (last would be taken as the value of a flag like --info or --cfg).
+            first = next((i for i, a in enumerate(args) if "=" in a and not a.startswith("-")), 0)
             sys.argv.insert(1 + first, f"hydra.job.name={name}")
         return main()
 

@@ -118,6 +118,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads (0 = torch's default)
     log_every: int = 50  # steps between log lines / W&B points
+    progress_bar: bool = True  # a tqdm bar when stderr is a terminal (a study turns it off and draws one line)
     save_every_steps: int = 200  # steps between latest.pt saves (plus every epoch end and on a stop signal)
     max_steps: int = -1  # stop after this many steps (debugging); -1 = the full schedule
     sync_bn: bool = False  # DDP on CUDA: SyncBatchNorm, so ResNets' batch statistics span the global batch

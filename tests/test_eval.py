@@ -310,8 +310,12 @@ def test_eval_run_dir_override_and_throughput(tmp_path, fake_data, capsys):
     out = run_eval(cfg)
     seconds = time.time() - t0
     assert out["evaluated"] == 5 and not any((run_dir / "eval" / "outputs").iterdir())
-    table = capsys.readouterr().out
-    assert "sketch-lso-ood" in table and table.count("\n") >= 7
+    # a short summary: what was done, then the final checkpoint's headline next to the untrained model's
+    summary = capsys.readouterr().out.strip().splitlines()
+    final = json.loads((run_dir / "eval" / "results.jsonl").read_text().splitlines()[-1])
+    assert len(summary) == 2 and "5 evaluations new, 0 already done" in summary[0]
+    assert f"epoch 4: sketch-lso-ood {final['metrics']['sketch-lso-ood']:.4f}" in summary[1]
+    assert "(epoch 0: " in summary[1]
     print(f"run_eval: 5 checkpoints x 36 images in {seconds:.1f}s")
 
 

@@ -8,10 +8,13 @@ import math
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from clipgen.errors import ClipgenError
+from clipgen.facts import DOMAINS
 
 from conftest import make_cfg
 
@@ -44,6 +47,19 @@ def _write_synthetic_run(root, name, kind, recipe_id, seed, value, manifest_doma
     (run_dir / "eval" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
 
 
+def _recipe_files(run_dir, kind, domains):
+    """manifest.json and sizes.json of a fake run's recipe: 2 images per class and domain, the held-out classes
+    removed from sketch unless the recipe is a pseudo upper bound (FORMATS.md)."""
+    counts = {d: {c: 0 if d == "sketch" and c in FAKE_HELDOUT and not kind.endswith("_pseudo") else 2
+                  for c in FAKE_CLASSES} for d in domains}
+    n = sum(sum(v.values()) for v in counts.values())
+    recipe_dir = Path(json.loads((run_dir / "meta.json").read_text())["recipe_dir"])
+    (recipe_dir / "manifest.json").write_text(json.dumps({
+        "kind": kind, "domains": domains, "heldout_classes": FAKE_HELDOUT, "counts": counts, "num_samples": n,
+        "base": {"dir": "../base-x", "num_samples": 7, "shards": {}}}))
+    (recipe_dir / "sizes.json").write_text(json.dumps({"shard-00000.tar": n - 1, "shard-00001.tar": 1}))
+
+
 @pytest.fixture(scope="module")
 def study_root(tmp_path_factory):
     """Five evaluated fake runs (CG-low and CG-high x seeds 0/1, natural-only seed 0) plus results-only
@@ -52,11 +68,13 @@ def study_root(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("study")
     data = write_fake_domainnet(root / "domainnet")
-    for kind in ("cg_low", "cg_high"):
+    for kind, doms in (("cg_low", ["real", "sketch"]), ("cg_high", DOMAINS)):
         for seed in (0, 1):
-            cfg, _ = make_fake_run(root, data, kind=kind, seed=seed, epochs=2)
+            cfg, run_dir = make_fake_run(root, data, kind=kind, seed=seed, epochs=2)
+            _recipe_files(run_dir, kind, list(doms))
             run_eval(cfg)
-    cfg, _ = make_fake_run(root, data, kind="natural_only", seed=0, epochs=2)
+    cfg, run_dir = make_fake_run(root, data, kind="natural_only", seed=0, epochs=2)
+    _recipe_files(run_dir, "natural_only", ["real"])
     run_eval(cfg)
     doms = ["clipart", "quickdraw", "real", "sketch"]
     _write_synthetic_run(root, "interp", "interpolation", "lso-cqrs-nosketchclasses", 0, 0.3, doms)
@@ -112,8 +130,9 @@ def test_summary_aggregates_two_seeds_by_hand(study_root, report):
     assert float(row["mean"]) == pytest.approx(mean)
     assert float(row["std"]) == pytest.approx(std, abs=1e-12)
     half = 12.7062 * std / math.sqrt(2)  # t_{0.975, 1}
-    assert float(row["ci95_low"]) == pytest.approx(mean - half, abs=1e-9)
-    assert float(row["ci95_high"]) == pytest.approx(mean + half, abs=1e-9)
+    # the interval is clipped to the accuracy's range [0, 1]
+    assert float(row["ci95_low"]) == pytest.approx(max(0.0, mean - half), abs=1e-9)
+    assert float(row["ci95_high"]) == pytest.approx(min(1.0, mean + half), abs=1e-9)
     # one seed: std and interval are NaN, not 0; an all-null metric is NaN with n = 0
     nat = next(r for r in rows if r["recipe_kind"] == "natural_only" and r["metric"] == "sketch-lso-ood")
     assert nat["n"] == "1" and nat["std"] == "" and nat["ci95_low"] == ""
@@ -158,3 +177,59 @@ def test_report_renders_in_headless_chromium(study_root, report, tmp_path):
          f"file://{report['report']}"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+def _csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_paired_differences_by_seed_beside_fig2(study_root, report):
+    page = (study_root / "report" / "index.html").read_text()
+    assert "Paired by seed: sketch-lso-ood" in page and "CG high − CG low" in page
+    rows = _csv(study_root / "report" / "paired_differences.csv")
+    row = next(r for r in rows if r["kind_a"] == "cg_high" and r["kind_b"] == "cg_low")
+    runs = {(r["recipe_kind"], r["seed"]): r["run"] for r in _csv(study_root / "report" / "concentration.csv")}
+    diffs = [_results(study_root, runs[("cg_high", str(s))])[-1]["metrics"]["sketch-lso-ood"]
+             - _results(study_root, runs[("cg_low", str(s))])[-1]["metrics"]["sketch-lso-ood"] for s in (0, 1)]
+    assert row["n"] == "2" and row["seeds"] == "0 1" and row["task"] == "domainnet-sketch"
+    assert float(row["mean"]) == pytest.approx(np.mean(diffs))
+    assert -1 <= float(row["ci95_low"]) <= float(row["ci95_high"]) <= 1
+    nat = next(r for r in rows if r["kind_a"] == "cg_low" and r["kind_b"] == "natural_only")
+    assert nat["n"] == "1" and nat["ci95_low"] == "" and nat["unpaired"] == "1"  # natural-only has seed 0 only
+    # no interval anywhere in the summary leaves an accuracy's range
+    for r in _summary(report):
+        if r["ci95_low"] and not r["metric"].endswith(("-n-ood", "-n-id")):
+            assert 0.0 <= float(r["ci95_low"]) <= float(r["ci95_high"]) <= 1.0
+
+
+def test_prediction_concentration_from_saved_predictions(study_root, report):
+    rows = _csv(study_root / "report" / "concentration.csv")
+    assert len([r for r in rows if r["test_domain"] == "sketch"]) == 5  # every evaluated run, natural-only too
+    r = next(r for r in rows if r["recipe_kind"] == "cg_low" and r["seed"] == "1" and r["test_domain"] == "sketch")
+    with np.load(study_root / "runs" / r["run"] / "eval" / "outputs" / "epoch_001.npz") as z:
+        preds = z["preds"][z["domains"].astype(str) == "sketch"]
+    counts = np.bincount(preds, minlength=len(FAKE_CLASSES))
+    assert r["epoch"] == "1" and r["n_images"] == str(preds.size)
+    assert float(r["top_share"]) == pytest.approx(counts.max() / preds.size)
+    assert r["top_class"] == FAKE_CLASSES[int(counts.argmax())]
+    assert r["collapse"] == str(counts.max() / preds.size >= 0.5 and counts.max() / preds.size >= 2 / 6)
+    score = _results(study_root, r["run"])[-1]["metrics"]["sketch-lso-ood"]
+    assert float(r["score"]) == pytest.approx(score)  # the same score the eval wrote
+    page = (study_root / "report" / "index.html").read_text()
+    assert "Prediction concentration" in page
+    assert (study_root / "report" / "figures" / "concentration_sketch.png").is_file()
+
+
+def test_transfer_matrix_composition_and_full_runs_table(study_root, report):
+    page = (study_root / "report" / "index.html").read_text()
+    nat = next(r for r in _summary(report) if r["recipe_kind"] == "natural_only" and r["metric"] == "sketch-lso-ood")
+    transfer = page[page.index("Natural-only transfer from real"):page.index("Test domain: sketch")]
+    assert f"{float(nat['mean']):.3f} <span class=muted>(n=1)</span>" in transfer
+    recipes = page[page.index("<h2 id=recipes>"):page.index("<h2>Runs</h2>")]
+    # CG low: real + sketch, the 2 held-out classes removed from sketch; sizes.json total = manifest's 20
+    assert "lso-rs-nosketchclasses" in recipes and "0 of 2" in recipes and "2 of 2" in recipes
+    assert ">20<" in recipes and ">7<" in recipes and "≠" not in recipes
+    runs = page[page.index("<h2>Runs</h2>"):]
+    run_dir = study_root / "runs" / "lso-rs-nosketchclasses--clipgen-tiny-rn--seed1"
+    assert str(run_dir) in runs and "ab" * 32 in runs and "W&amp;B run id" in runs

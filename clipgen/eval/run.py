@@ -247,11 +247,10 @@ def run_eval(cfg: DictConfig) -> dict:
 
     by_task = {t: sorted((r for r in records if r.get("task") == t), key=lambda r: int(r.get("epoch", -1)))
                for t in tasks}
-    for task, d in zip(tasks, task_domains(meta)):
-        _print_table(f"{run_dir.name} {task}", (f"{d}-lso-ood", f"{d}-lso-id", f"{NATURAL_DOMAIN}-lso-ood"),
-                     by_task[task])
-    if IMAGENET_TASK in tasks:
-        _print_table(f"{run_dir.name} {IMAGENET_TASK}", ("imagenet-top1", "imagenet-top5"), by_task[IMAGENET_TASK])
+    cols = {task: (f"{d}-lso-ood", f"{d}-lso-id", f"{NATURAL_DOMAIN}-lso-ood")
+            for task, d in zip(tasks, task_domains(meta))}
+    cols[IMAGENET_TASK] = ("imagenet-top1", "imagenet-top5")
+    print(eval_summary(run_dir.name, results_path, n_new, n_done, {t: by_task[t] for t in tasks}, cols))
     main = by_task[tasks[0]]
     return {"run_dir": str(run_dir), "evaluated": n_new, "skipped": n_done, "results": str(results_path),
             "final": main[-1]["metrics"] if main else {}, "tasks": tasks}
@@ -278,9 +277,23 @@ def _save_imagenet_outputs(path: Path, inset, logits: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _print_table(run: str, cols: tuple[str, ...], records: list[dict]) -> None:
-    lines = [f"{run}", f"{'epoch':>5}  " + "  ".join(f"{c:>16}" for c in cols)]
-    for r in records:
-        vals = [r["metrics"].get(c, float("nan")) for c in cols]
-        lines.append(f"{int(r['epoch']):>5}  " + "  ".join(f"{v:>16.4f}" for v in vals))
-    print("\n".join(lines))
+def _value(record: dict, metric: str) -> str:
+    v = record["metrics"].get(metric)
+    return f"{v:.4f}" if isinstance(v, (int, float)) else "–"  # None: the task has no such images
+
+
+def eval_summary(run: str, results_path: Path, n_new: int, n_done: int, by_task: dict[str, list[dict]],
+                 cols: dict[str, tuple[str, ...]]) -> str:
+    """A few lines for the terminal: what was evaluated and, per task, the final checkpoint's headline metrics
+    next to the untrained model's first one (every epoch is in results.jsonl and the report)."""
+    lines = [f"{run}: {n_new} evaluations new, {n_done} already done -> {results_path}"]
+    width = max(len(t) for t in by_task) if by_task else 0
+    for task, records in by_task.items():
+        if not records:
+            lines.append(f"  {task.ljust(width)}  no results")
+            continue
+        last, first = records[-1], records[0]
+        vals = "  ".join(f"{c} {_value(last, c)}" for c in cols[task])
+        start = f"  (epoch {int(first['epoch'])}: {_value(first, cols[task][0])})" if len(records) > 1 else ""
+        lines.append(f"  {task.ljust(width)}  epoch {int(last['epoch'])}: {vals}{start}")
+    return "\n".join(lines)

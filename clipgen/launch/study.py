@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,26 +180,59 @@ def format_runs(rows: list[tuple]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def _call(fn_name: str, cfg: DictConfig) -> dict:
-    """Run one stage function in a worker process (imported there, so nothing heavy crosses the pipe)."""
+def _call(fn_name: str, cfg: DictConfig, quiet: bool = False) -> dict:
+    """Run one stage function in a worker process (imported there, so nothing heavy crosses the pipe). ``quiet``:
+    under the study's progress line, so no progress bar, INFO lines or prints (warnings and errors still show)."""
+    import contextlib
     import importlib
     import logging
+    import os
 
     if not logging.getLogger().handlers:  # a spawned worker: show the stage's progress lines like Hydra would
         logging.basicConfig(level=logging.WARNING, format="[%(asctime)s][%(name)s] %(message)s", datefmt="%H:%M:%S")
         logging.getLogger("clipgen").setLevel(logging.INFO)
     module, _, name = fn_name.rpartition(".")
-    return getattr(importlib.import_module(module), name)(cfg)
+    fn = getattr(importlib.import_module(module), name)
+    if not quiet:
+        return fn(cfg)
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.trainer.progress_bar = False
+    log = logging.getLogger("clipgen")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+            return fn(cfg)
+    finally:
+        log.setLevel(level)
 
 
-def run_many(fn_name: str, cfgs: list[DictConfig], parallel: int) -> list[dict]:
-    """Run ``fn_name(cfg)`` for every config, ``parallel`` at a time in fresh processes (in order if 1).
-    Every run is independent and seeded by its own config, so the results do not depend on ``parallel``."""
-    if parallel <= 1 or len(cfgs) <= 1:
-        return [_call(fn_name, c) for c in cfgs]
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(parallel, len(cfgs)), mp_context=ctx) as pool:
-        return list(pool.map(_call, [fn_name] * len(cfgs), cfgs))
+def run_many(fn_name: str, cfgs: list[DictConfig], parallel: int, stage: str = "") -> list[dict]:
+    """Run ``fn_name(cfg)`` for every config, ``parallel`` at a time in fresh processes (in order if 1), under
+    one study-level progress line (clipgen.launch.progress). Every run is independent and seeded by its own
+    config, so the results do not depend on ``parallel``."""
+    from clipgen.launch.progress import StudyProgress
+
+    if not cfgs:
+        return []
+    workers = min(parallel, len(cfgs))
+    progress = StudyProgress(str(cfgs[0].study.name), stage or fn_name.rpartition(".")[2],
+                             [run_dir_of(c) for c in cfgs], running=workers)
+    with progress:
+        if workers <= 1:
+            out = []
+            for c in cfgs:
+                out.append(_call(fn_name, c, progress.live))
+                progress.finished()
+            return out
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futures = [pool.submit(_call, fn_name, c, progress.live) for c in cfgs]
+            for f in as_completed(futures):
+                f.result()  # the first error stops the study, as before
+                progress.finished()
+            return [f.result() for f in futures]
 
 
 def _timed(table: list, stage: str, fn, *args):
@@ -291,7 +324,7 @@ def run_stage(stage: str, resources: str, fn_name: str, cfgs: list[DictConfig], 
     stops the study) or as submitit jobs with the resources of ``study.slurm.<resources>`` (failed runs are
     recorded in ``failed`` under their run name; returns the results of the others)."""
     if cfg.study.launcher == "local":
-        return run_many(fn_name, cfgs, int(cfg.study.parallel))
+        return run_many(fn_name, cfgs, int(cfg.study.parallel), stage)
     done = []
     for sub, res in zip(cfgs, run_on_slurm(resources, fn_name, cfgs, cfg, label=stage)):
         if res["state"] == "done":

@@ -4,12 +4,12 @@ Long table: one row per (run, task, epoch, metric) with the run's recipe, test d
 checkpoint was evaluated twice (it was retrained, so its hash changed), the last line in the file wins.
 Aggregates: mean, sample std (ddof=1), n and a 95% Student-t interval per (task, test domain, recipe, model,
 settings, epoch, metric), so the seed is the only axis averaged over (``settings`` is the run name's settings part,
-clipgen.rundir); with a single seed the std and the interval are NaN, not zero.
+clipgen.rundir), the interval clipped to the metric's range; with a single seed the std and the interval are NaN,
+not zero.
 """
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
@@ -19,25 +19,11 @@ from omegaconf import OmegaConf
 
 from clipgen.errors import ClipgenError
 from clipgen.eval.run import read_results
+from clipgen.report.stats import metric_range, t_interval
 
 # A configuration: everything but the seed (clipgen.rundir: runs of one configuration differ only in their seed).
 CONFIG = ["recipe_kind", "recipe_id", "model_name", "settings"]
 GROUP = ["task", "test_domain", *CONFIG]
-# t_{0.975, df} for df = 1..30; larger df use a Cornish-Fisher expansion around the normal quantile (error < 1e-4),
-# so the report needs no scipy.
-_T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788,
-         2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639,
-         2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
-
-
-def t975(df: int) -> float:
-    """Two-sided 95% quantile of Student's t with ``df`` degrees of freedom (NaN for df < 1)."""
-    if df < 1:
-        return float("nan")
-    if df <= len(_T975):
-        return _T975[df - 1]
-    z = 1.959964
-    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
 
 
 def _manifest(meta: dict, run_dir: Path) -> dict:
@@ -140,20 +126,14 @@ def collect(runs_root: Path, run_dirs: list[Path] | None = None) -> tuple[pd.Dat
 
 
 def aggregate(long: pd.DataFrame) -> pd.DataFrame:
-    """Mean, std, n, 95% t-interval and the seeds over runs, per group x epoch x metric (NaN values, i.e. empty
-    groups, are left out of n)."""
+    """Mean, std, n, 95% t-interval (clipped to the metric's range) and the seeds over runs, per group x epoch x
+    metric (NaN values, i.e. empty groups, are left out of n)."""
     keys = GROUP + ["epoch", "metric"]
     out = []
     for key, g in long.groupby(keys, sort=True, dropna=False):
-        vals = g["value"].to_numpy(dtype=np.float64)
-        vals = vals[np.isfinite(vals)]
-        n = int(vals.size)
-        mean = float(vals.mean()) if n else float("nan")
-        std = float(vals.std(ddof=1)) if n > 1 else float("nan")
-        half = t975(n - 1) * std / math.sqrt(n) if n > 1 else float("nan")
+        stats = t_interval(g["value"].to_numpy(dtype=np.float64), *metric_range(key[-1]))
         seeds = " ".join(str(s) for s in sorted(g["seed"].dropna().unique()))
-        out.append({**dict(zip(keys, key)), "mean": mean, "std": std, "n": n, "ci95_low": mean - half,
-                    "ci95_high": mean + half, "seeds": seeds})
+        out.append({**dict(zip(keys, key)), **stats, "seeds": seeds})
     return pd.DataFrame(out, columns=keys + ["mean", "std", "n", "ci95_low", "ci95_high", "seeds"])
 
 

@@ -5,6 +5,8 @@ written to ``{root}/report/``), or from one study's runs (``clipgen-study``, wri
     {root}/report/index.html           one self-contained page (inline CSS; figures as relative PNG files)
     {root}/report/summary.csv          every metric at each recipe's final epoch, aggregated over seeds
     {root}/report/learning_curves.csv  the same for every evaluated epoch
+    {root}/report/paired_differences.csv  differences between recipes paired by seed (clipgen.report.stats)
+    {root}/report/concentration.csv    prediction concentration and collapse flag per run (clipgen.report.collapse)
     {root}/report/figures/*.png        Fig. 2 bars and learning curves per test domain; Fig. 3 / 13 when the
                                        interpolation / allow runs exist
 
@@ -30,7 +32,10 @@ from clipgen import layout
 from clipgen.errors import ClipgenError
 from clipgen.facts import NATURAL_DOMAIN, TEST_DOMAINS
 from clipgen.report import figures as F
+from clipgen.report import sections as S
 from clipgen.report.aggregate import CONFIG, aggregate, collect, final_epochs
+from clipgen.report.collapse import COLLAPSE_TOP_SHARE, collect_concentration
+from clipgen.report.stats import paired_differences
 from clipgen.utils import atomic_write_json, atomic_write_text, git_sha, stable_hash
 
 _CSS = """
@@ -44,7 +49,8 @@ table{border-collapse:collapse;font-size:.82em;margin:.5em 0 1.5em}
 th,td{border:1px solid #ddd;padding:.25em .5em;text-align:right;white-space:nowrap}
 th{background:#f4f4f4;position:sticky;top:0}td.l,th.l{text-align:left}
 tr:nth-child(even) td{background:#fafafa}tr.head td{font-weight:600}
-.scroll{overflow-x:auto}details pre{background:#f7f7f7;padding:1em;overflow-x:auto;font-size:.8em}
+.scroll{overflow-x:auto}.wrap td{white-space:normal;word-break:break-all;min-width:4em}
+details pre{background:#f7f7f7;padding:1em;overflow-x:auto;font-size:.8em}
 """
 _METRIC_ORDER = ("lso-ood", "lso-id", "lso-unweighted-ood", "lso-unweighted-id", "top5-ood", "top5-id", "macro-f1",
                  "acc", "n-ood", "n-id")
@@ -54,13 +60,12 @@ def _e(x) -> str:
     return html.escape("" if x is None else str(x))
 
 
-def _fmt(mean: float, std: float, n: int, metric: str) -> str:
+def _fmt(mean: float, low: float, high: float, n: int, metric: str) -> str:
     if not math.isfinite(mean):
         return "–"
     if metric.endswith(("-n-ood", "-n-id")):  # sample counts
         return f"{mean:.0f}"
-    spread = f" ± {std:.3f}" if math.isfinite(std) else ""
-    return f"{mean:.3f}{spread} <span class=muted>({n})</span>"
+    return S.interval(mean, low, high, n)
 
 
 def _metric_order(metric: str, d: str) -> tuple:
@@ -81,9 +86,10 @@ def _final_table(summary: pd.DataFrame, task: str, d: str) -> str:
         return ""
     cols = sorted({tuple(c) for c in rows[CONFIG].itertuples(index=False)},
                   key=lambda c: (_recipe_key(c[0], c[1]), *c[2:]))
-    cells = {(r.metric, *(getattr(r, k) for k in CONFIG)): (r.mean, r.std, r.n, r.epoch) for r in rows.itertuples()}
+    cells = {(r.metric, *(getattr(r, k) for k in CONFIG)): (r.mean, r.ci95_low, r.ci95_high, r.n)
+             for r in rows.itertuples()}
     head = "".join(f"<th>{_e(F.KIND_LABELS.get(k, k))}<br><span class=muted>{_e(r)}<br>{_e(m)}"
-                   f"{'<br>' + _e(s) if s else ''}</span></th>" for k, r, m, s in cols)
+                   f"{'<br>' + _e(st) if st else ''}</span></th>" for k, r, m, st in cols)
     last = rows.groupby(CONFIG)["epoch"].max().to_dict()
     epochs = "".join(f"<td>{_e(last.get(c, ''))}</td>" for c in cols)
     body = [f"<tr><td class=l><i>final epoch</i></td>{epochs}</tr>"]
@@ -91,28 +97,11 @@ def _final_table(summary: pd.DataFrame, task: str, d: str) -> str:
         tds = []
         for c in cols:
             v = cells.get((metric, *c))
-            tds.append(f"<td>{_fmt(*v[:3], metric) if v else ''}</td>")
+            tds.append(f"<td>{_fmt(*v, metric) if v else ''}</td>")
         cls = " class=head" if metric in (f"{d}-lso-ood", f"{d}-lso-id") else ""
         body.append(f"<tr{cls}><td class=l>{_e(metric)}</td>{''.join(tds)}</tr>")
-    return (f"<div class=scroll><table><tr><th class=l>metric (mean ± seed std, n seeds)</th>{head}</tr>"
+    return (f"<div class=scroll><table><tr><th class=l>metric (mean [95% CI], n seeds)</th>{head}</tr>"
             + "".join(body) + "</table></div>")
-
-
-def _runs_table(runs: pd.DataFrame) -> str:
-    cols = [("run", "run"), ("recipe", "recipe_id"), ("kind", "recipe_kind"), ("test domain", "test_domain"),
-            ("seed", "seed"), ("model", "model_name"), ("settings", "settings"), ("epochs evaluated", "epochs_evaluated"),
-            ("last epoch", "last_epoch"), ("tasks", "tasks"), ("templates", "templates"),
-            ("train git sha", "git_sha"), ("manifest sha256", "manifest_sha256")]
-    head = "".join(f"<th class=l>{_e(h)}</th>" for h, _ in cols)
-    body = []
-    for r in runs.sort_values(["test_domain", "recipe_kind", "recipe_id", "seed"]).to_dict("records"):
-        tds = []
-        for _, key in cols:
-            v = r.get(key)
-            v = str(v)[:16] if key == "manifest_sha256" and v else v
-            tds.append(f"<td class=l>{_e(v)}</td>")
-        body.append(f"<tr>{''.join(tds)}</tr>")
-    return f"<div class=scroll><table><tr>{head}</tr>{''.join(body)}</table></div>"
 
 
 def _figure(path: Path | None, report_dir: Path, caption: str) -> str:
@@ -182,6 +171,13 @@ def run_report(cfg: DictConfig, run_dirs: list[str | Path] | None = None, report
     atomic_write_text(report_dir / "summary.csv", summary.to_csv(index=False))
     atomic_write_text(report_dir / "learning_curves.csv", curves.to_csv(index=False))
     final_runs = final.merge(runs[["run", "n_extra_domains", "allow_p", "allow_base"]], on="run", how="left")
+    # Pairs by seed: same task, test domain, model and settings (clipgen.rundir: every setting but the seed).
+    facts = S.run_facts(runs)
+    paired = pd.concat([paired_differences(final, f"{d}-lso-ood", ["task", "test_domain", "model_name", "settings"])
+                        for d in TEST_DOMAINS], ignore_index=True)
+    atomic_write_text(report_dir / "paired_differences.csv", paired.to_csv(index=False))
+    conc = collect_concentration(runs, final)
+    atomic_write_text(report_dir / "concentration.csv", conc.to_csv(index=False))
 
     study = title
     sections, figures = [], []
@@ -191,21 +187,32 @@ def run_report(cfg: DictConfig, run_dirs: list[str | Path] | None = None, report
         fr = final_runs[final_runs["task"] == task]
         made = [
             (F.fig2_bars(final, task, ood, chance, fig_dir / f"fig2_{d}.png"),
-             f"Fig. 2 — {ood} at the final epoch per recipe (mean ± seed std, dots = seeds, dashed = chance)"),
+             f"Fig. 2 — {ood} at the final epoch per recipe (mean, 95% CI clipped to [0, 1], n seeds; dots = seeds, "
+             "dashed = chance)"),
             (F.learning_curves(curves, task, [ood, idm], chance, fig_dir / f"curves_{d}.png"),
              f"Learning curves of {ood} and {idm} over checkpoints (mean ± seed std)"),
             (F.fig3_extra_domains(fr, ood, chance, fig_dir / f"fig3_extra_domains_{d}.png"),
              f"Fig. 3 — {ood} vs number of extra domains"),
             (F.fig13_allow(fr, ood, chance, fig_dir / f"fig13_allow_{d}.png"), f"Fig. 13 — {ood} vs allow-p"),
         ]
-        figures += [p for p, _ in made if p is not None]
+        conc_d = conc[conc["test_domain"] == d]
+        conc_fig = F.concentration(conc_d, COLLAPSE_TOP_SHARE, fig_dir / f"concentration_{d}.png")
+        figures += [p for p, _ in made if p is not None] + ([conc_fig] if conc_fig else [])
         n_runs = int((runs["tasks"].str.contains(task, regex=False)).sum())
         sections.append(
             f"<h2 id='{_e(d)}'>Test domain: {_e(d)}</h2>"
             f"<p class=muted>Task {_e(task)}: test split of {_e(NATURAL_DOMAIN)} and {_e(d)}, classified over all "
             f"classes of the run (chance {chance:.3f}); {n_runs} runs. Headline: {_e(ood)} (held-out classes "
             f"in {_e(d)}).</p>"
-            + "".join(_figure(p, report_dir, c) for p, c in made)
+            + "".join(_figure(p, report_dir, c) for p, c in made[:1])
+            + f"<h3>Paired by seed: {_e(ood)}</h3><p class=muted>Runs of two recipes with the same model, "
+            "settings and seed start from the same weights; per seed the difference A − B, their mean and 95% "
+            "t-interval (clipped to [−1, 1]).</p>"
+            + S.paired_table(paired[paired["task"] == task])
+            + "".join(_figure(p, report_dir, c) for p, c in made[1:])
+            + "<h3>Prediction concentration</h3>"
+            + _figure(conc_fig, report_dir, f"Prediction concentration on {d} per run (red: collapse)")
+            + S.concentration_table(conc_d, ood)
             + f"<h3>Every metric at the final epoch</h3>{_final_table(summary, task, d)}")
     other = sorted(set(long["task"].astype(str)) - {f"domainnet-{d}" for d in TEST_DOMAINS})
     for task in other:
@@ -224,13 +231,14 @@ def run_report(cfg: DictConfig, run_dirs: list[str | Path] | None = None, report
         f"</title><style>{_CSS}</style></head><body>"
         f"<h1>{_e(study)}</h1><p class=muted>clipgen report · {len(runs)} runs · {_e(made_at)} · "
         f"<a href='summary.csv'>summary.csv</a> · <a href='learning_curves.csv'>learning_curves.csv</a></p>"
-        + "".join(sections)
-        + f"<h2>Runs</h2>{_runs_table(runs)}"
+        + S.transfer_table(summary) + "".join(sections) + S.composition_table(runs, facts)
+        + f"<h2>Runs</h2>{S.runs_table(runs, facts)}"
         + "<h2>How this report was made</h2>"
         f"<p>Built {_e(made_at)} by <code>{_e(' '.join(sys.argv) or 'run_report')}</code> from "
         f"<code>{_e(runs_root)}</code> with clipgen {_e(git_sha() or 'unknown')}. Aggregates are over seeds: mean, "
-        "sample std, n and a 95% Student-t interval (in the CSVs; NaN with one seed); empty groups are NaN and "
-        "left out.</p>"
+        "sample std, n and a 95% Student-t interval clipped to the metric's range (NaN with one seed); empty "
+        "groups are NaN and left out. Paired differences: clipgen.report.stats; collapse flag: "
+        "clipgen.report.collapse.</p>"
         f"<details><summary>config</summary><pre>{_e(OmegaConf.to_yaml(cfg))}</pre></details>"
         "</body></html>")
     atomic_write_text(index, page)

@@ -1,5 +1,5 @@
 """The report's figures (PNG): the paper's Fig. 2 bars, learning curves, Fig. 3 (accuracy vs number of extra
-domains) and Fig. 13 (accuracy vs allow-p).
+domains), Fig. 13 (accuracy vs allow-p) and the prediction concentration per run.
 
 Figures are drawn on ``matplotlib.figure.Figure`` objects, which render with Agg without touching pyplot's
 global state, so building a report never needs a display or changes the backend of a caller's session.
@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from clipgen.report.aggregate import CONFIG
+from clipgen.report.stats import metric_range, t_interval
 
 # Fig. 2's bar order (SPEC §6) and a fixed colour per recipe kind, shared by every figure.
 FIG2_KINDS = ("natural_only", "cg_low", "cg_high", "lod", "cg_low_pseudo", "cg_high_pseudo")
@@ -54,7 +55,8 @@ def _labels(groups: list[tuple[str, str, str, str]]) -> list[str]:
 def fig2_bars(final: pd.DataFrame, task: str, metric: str, chance: float, path: Path,
               title: str = "") -> Path | None:
     """Bars of ``metric`` at the final epoch per recipe (Fig. 2 order): height = mean over seeds, error bar =
-    seed std, one dot per seed, dashed line at chance."""
+    95% t-interval clipped to the metric's range, n seeds under each bar, one dot per seed, dashed line at
+    chance."""
     rows = final[(final["task"] == task) & (final["metric"] == metric) & final["recipe_kind"].isin(FIG2_KINDS)]
     rows = rows[np.isfinite(rows["value"])]
     if rows.empty:
@@ -64,18 +66,22 @@ def fig2_bars(final: pd.DataFrame, task: str, metric: str, chance: float, path: 
     fig = Figure(figsize=(max(4.0, 1.3 * len(groups) + 1.5), 4.2))
     ax = fig.add_subplot(1, 1, 1)
     rng = np.random.default_rng(0)  # fixed jitter: the same data draws the same figure
+    ns = []
     for x, ((kind, *_), g) in enumerate(groups):
         vals = g["value"].to_numpy(dtype=float)
-        std = vals.std(ddof=1) if vals.size > 1 else 0.0
-        ax.bar(x, vals.mean(), yerr=std, color=KIND_COLORS.get(kind, "#333333"), alpha=0.85, capsize=4,
+        ci = t_interval(vals, *metric_range(metric))
+        err = [[ci["mean"] - ci["ci95_low"]], [ci["ci95_high"] - ci["mean"]]] if ci["n"] > 1 else None
+        ax.bar(x, ci["mean"], yerr=err, color=KIND_COLORS.get(kind, "#333333"), alpha=0.85, capsize=4,
                edgecolor="black", linewidth=0.6)
         ax.scatter(x + rng.uniform(-0.15, 0.15, vals.size), vals, color="black", s=14, zorder=3)
+        ns.append(ci["n"])
     ax.axhline(chance, color="black", linestyle="--", linewidth=1, label=f"chance ({chance:.3f})")
     ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels(_labels([key for key, _ in groups]), fontsize=8)
+    ax.set_xticklabels([f"{label}\nn={n}" for label, n in zip(_labels([key for key, _ in groups]), ns)],
+                       fontsize=8)
     ax.set_ylabel(metric)
     ax.set_ylim(0, max(1.0, float(rows["value"].max()) * 1.05))
-    ax.set_title(title or f"{task}: {metric} at the final epoch (mean ± seed std)", fontsize=9)
+    ax.set_title(title or f"{task}: {metric} at the final epoch (mean, 95% CI)", fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
     return _save(fig, path)
 
@@ -97,8 +103,9 @@ def learning_curves(agg: pd.DataFrame, task: str, metrics: list[str], chance: fl
             color = KIND_COLORS.get(kind)
             ax.plot(x, m, marker="o", markersize=3, color=color, label=label.replace("\n", " "))
             if np.isfinite(s).any():
-                ax.fill_between(x, m - np.nan_to_num(s), m + np.nan_to_num(s), color=color, alpha=0.12,
-                                linewidth=0)
+                lo, hi = metric_range(metric)  # a ±std band never leaves the metric's range
+                ax.fill_between(x, np.clip(m - np.nan_to_num(s), lo, hi), np.clip(m + np.nan_to_num(s), lo, hi),
+                                color=color, alpha=0.12, linewidth=0)
         ax.axhline(chance, color="black", linestyle="--", linewidth=1)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -165,4 +172,37 @@ def fig13_allow(final_runs: pd.DataFrame, metric: str, chance: float, path: Path
     ax.set_ylabel(metric)
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def concentration(conc: pd.DataFrame, threshold: float, path: Path) -> Path | None:
+    """Per run (Fig. 2 order, then seed): the share of the most-predicted class and the normalised entropy of
+    its predictions on the test domain's images; runs flagged as collapse in red, the flag threshold dashed and
+    the share of a balanced K-class prediction dotted."""
+    if conc.empty:
+        return None
+    order = {k: i for i, k in enumerate(KIND_LABELS)}
+    rows = conc.assign(_o=conc["recipe_kind"].map(lambda k: order.get(k, 99))).sort_values(
+        ["_o", "recipe_id", "model_name", "seed"])
+    labels = [f"{KIND_LABELS.get(k, k)} s{s}".replace("\n", " ") for k, s in zip(rows["recipe_kind"], rows["seed"])]
+    y = np.arange(len(rows))
+    fig = Figure(figsize=(8.0, 0.9 + 0.28 * len(rows)))
+    colors = ["#d62728" if c else KIND_COLORS.get(k, "#333333")
+              for c, k in zip(rows["collapse"], rows["recipe_kind"])]
+    for i, (col, title) in enumerate((("top_share", "share of the most-predicted class"),
+                                      ("norm_entropy", "entropy of predictions / log K"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        vals = rows[col].to_numpy(float)
+        ax.barh(y, vals, color=colors, edgecolor="black", linewidth=0.4)
+        ax.scatter(vals, y, color=colors, edgecolor="black", s=16, zorder=3)  # a zero stays visible
+        ax.set_yticks(y)
+        ax.set_yticklabels(labels if i == 0 else [], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_title(title, fontsize=9)
+        if i == 0:
+            ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"collapse ≥ {threshold:g}")
+            k = int(rows["num_classes"].max())
+            ax.axvline(1 / k, color="black", linestyle=":", linewidth=1, label=f"balanced (1/{k})")
+            ax.legend(fontsize=6, loc="lower right")
     return _save(fig, path)

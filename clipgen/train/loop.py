@@ -340,7 +340,7 @@ def _train(cfg, denv, device, mcfg, recipe_dir, manifest, manifest_sha, name, ru
     model.train()
     # A progress bar on a terminal; plain log lines every trainer.log_every steps otherwise (batch jobs, pipes).
     bar = None
-    if main and sys.stderr.isatty() and step < total:
+    if main and tc.progress_bar and sys.stderr.isatty() and step < total:
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=step, desc=name, unit="step", dynamic_ncols=True)

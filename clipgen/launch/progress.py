@@ -1,0 +1,129 @@
+"""One study-level progress line while a stage runs over many runs on this machine.
+
+Parallel training processes that each draw their own tqdm bar on the same terminal overwrite each other. On a
+terminal the study therefore draws a single line instead, redrawn in place about once a second::
+
+    study quickstart · train: 3/15 runs done, 2 running · 4200/~22500 steps (19%) · 2:13
+
+and runs its stages quietly (no per-run bar, no per-run INFO lines or prints; warnings and errors still show, and
+every result is on disk). Training steps are read from each run's meta.json, which training rewrites at every
+``trainer.save_every_steps`` and epoch end; evaluation counts the lines of each run's results.jsonl against its
+checkpoints x tasks. Without a terminal (batch jobs, pipes, CI) nothing is redrawn: the
+stages log as usual and the study adds one plain line each time a run finishes.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TextIO
+
+
+def _train_units(run_dir: Path) -> tuple[int, int] | None:
+    """(steps done, total steps) of a run from its meta.json; None before training wrote it."""
+    try:
+        meta = json.loads((run_dir / "meta.json").read_text(encoding="utf-8"))
+        step, total = int(meta.get("step") or 0), int(meta["total_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not started yet, or meta.json is being replaced right now: the next tick reads it
+    return min(step, total), total
+
+
+def _eval_units(run_dir: Path) -> tuple[int, int] | None:
+    """(result lines written, checkpoints x tasks) of a run; None before it has checkpoints."""
+    from clipgen.eval.testsets import task_domains
+
+    try:
+        meta = json.loads((run_dir / "meta.json").read_text(encoding="utf-8"))
+        total = len(list((run_dir / "checkpoints").glob("epoch_*.pt"))) * len(task_domains(meta))
+        path = run_dir / "eval" / "results.jsonl"
+        lines = sum(1 for line in path.open("rb") if line.strip()) if path.exists() else 0
+    except (OSError, ValueError, KeyError):
+        return None
+    return (min(lines, total), total) if total else None
+
+
+# What a stage's progress is counted in, and how to read it from a run directory.
+UNITS = {"train": ("steps", _train_units), "eval": ("checkpoint evaluations", _eval_units)}
+
+
+def units(stage: str, run_dirs: list[Path]) -> str:
+    """``done/total unit (pct)`` over the runs; runs that have not started count as the started ones' mean
+    (then the total is marked ``~``). Empty for a stage without units or before any run started."""
+    if stage not in UNITS:
+        return ""
+    name, read = UNITS[stage]
+    known = [u for u in (read(Path(d)) for d in run_dirs) if u is not None]
+    if not known:
+        return ""
+    done, total = sum(u[0] for u in known), sum(u[1] for u in known)
+    if len(known) < len(run_dirs):
+        total, mark = round(total * len(run_dirs) / len(known)), "~"
+    else:
+        mark = ""
+    return f"{done}/{mark}{total} {name} ({100 * done / max(total, 1):.0f}%)"
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class StudyProgress:
+    """``with StudyProgress(study, stage, run_dirs) as p: ... p.finished()`` once per finished run.
+    ``p.live`` says whether it draws in place (the stages should then run quietly)."""
+
+    def __init__(self, study: str, stage: str, run_dirs: list[Path], running: int = 1,
+                 stream: TextIO | None = None, interval: float = 1.0):
+        self.study, self.stage, self.run_dirs = study, stage, [Path(d) for d in run_dirs]
+        self.stream = stream or sys.stderr
+        self.live = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.running, self.interval = min(running, len(self.run_dirs)), interval
+        self.done, self.t0 = 0, time.time()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def line(self) -> str:
+        n = len(self.run_dirs)
+        running = min(self.running, n - self.done)
+        parts = [f"study {self.study}", f"{self.stage}: {self.done}/{n} runs done"
+                 + (f", {running} running" if running > 0 else "")]
+        counted = units(self.stage, self.run_dirs)
+        if counted:
+            parts.append(counted)
+        parts.append(_clock(time.time() - self.t0))
+        return " · ".join(parts)
+
+    def _draw(self, end: str = "") -> None:
+        with self._lock:
+            self.stream.write("\r\033[K" + self.line() + end)  # \033[K: clear what a longer line left
+            self.stream.flush()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._draw()
+
+    def finished(self) -> None:
+        """One run of the stage is done."""
+        self.done += 1
+        if self.live:
+            self._draw()
+        else:
+            print(self.line(), file=self.stream, flush=True)
+
+    def __enter__(self) -> "StudyProgress":
+        if self.live and self.run_dirs:
+            self._draw()
+            self._thread = threading.Thread(target=self._tick, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._draw(end="\n")  # the final state stays on screen

@@ -1,0 +1,85 @@
+"""The study's single progress line: drawn in place on a terminal with the steps read from the runs' meta.json,
+plain lines elsewhere, and the stages under it run quietly (no per-run bar, no prints) with the same results."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+from clipgen.launch.progress import StudyProgress, units
+from clipgen.launch.study import run_dir_of, run_many
+
+from conftest import make_cfg
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _stage(cfg) -> dict:
+    """A stage as run_many calls it: it prints and logs like train/eval do and says how it was configured."""
+    print("per-run table that must not reach a terminal under the study line")
+    logging.getLogger("clipgen").info("per-run INFO line")
+    return {"seed": int(cfg.trainer.seed), "bar": bool(cfg.trainer.progress_bar)}
+
+
+def _cfgs(tmp_path, seeds):
+    return [make_cfg(tmp_path, "debug=smoke", "study.name=demo", f"trainer.seed={s}") for s in seeds]
+
+
+def test_line_counts_runs_and_steps_from_meta(tmp_path):
+    dirs = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
+    for d, step in zip(dirs[:2], (30, 100)):
+        d.mkdir()
+        (d / "meta.json").write_text(json.dumps({"step": step, "total_steps": 100}))
+    term = _Terminal()
+    with StudyProgress("demo", "train", dirs, running=2, stream=term, interval=60) as p:
+        assert p.live
+        p.finished()
+    text = term.getvalue()
+    assert "\r" in text and text.endswith("\n") and text.count("\n") == 1  # redrawn in place, one line left
+    last = text.rsplit("\r", 1)[-1]
+    # c has not started: it counts as the mean of a and b, and the total is marked as an estimate
+    assert last.startswith("\033[Kstudy demo · train: 1/3 runs done, 2 running · 130/~300 steps (43%) · 0:0")
+    (dirs[2] / "checkpoints").mkdir(parents=True)
+    (dirs[2] / "meta.json").write_text(json.dumps({"step": 100, "total_steps": 100, "recipe_kind": "cg_low",
+                                                   "test_domain": "sketch"}))
+    for e in range(3):
+        (dirs[2] / "checkpoints" / f"epoch_{e:03d}.pt").touch()
+    (dirs[2] / "eval").mkdir()
+    (dirs[2] / "eval" / "results.jsonl").write_text("{}\n{}\n")
+    assert units("eval", dirs[2:]) == "2/3 checkpoint evaluations (67%)"
+    assert units("train", dirs) == "230/300 steps (77%)" and units("analyze", dirs) == ""
+    plain = io.StringIO()
+    with StudyProgress("demo", "eval", dirs, stream=plain) as p:
+        assert not p.live
+        p.finished()
+        p.finished()
+    assert plain.getvalue().splitlines()[-1].startswith("study demo · eval: 2/3 runs done, 1 running · 2/~9 ")
+    assert "\r" not in plain.getvalue()
+
+
+def test_stages_under_the_line_run_quietly_with_the_same_results(tmp_path, monkeypatch, capsys):
+    cfgs = _cfgs(tmp_path, (0, 1))
+    term = _Terminal()
+    monkeypatch.setattr("sys.stderr", term)
+    level = logging.getLogger("clipgen").level
+    out = run_many(f"{__name__}._stage", cfgs, 1, "train")
+    assert out == [{"seed": 0, "bar": False}, {"seed": 1, "bar": False}]
+    assert "per-run" not in capsys.readouterr().out
+    assert term.getvalue().rsplit("\r", 1)[-1].startswith("\033[Kstudy demo · train: 2/2 runs done · ")
+    assert logging.getLogger("clipgen").level == level  # quiet only while the stage runs
+    assert cfgs[0].trainer.progress_bar  # the caller's config is untouched
+
+
+def test_parallel_workers_without_terminal_keep_their_output(tmp_path, capfd):
+    cfgs = _cfgs(tmp_path, (2, 3, 4))
+    out = run_many(f"{__name__}._stage", cfgs, 2, "eval")
+    assert out == [{"seed": s, "bar": True} for s in (2, 3, 4)]  # in config order whatever finished first
+    captured = capfd.readouterr()
+    assert captured.out.count("per-run table") == 3
+    lines = [x for x in captured.err.splitlines() if x.startswith("study demo")]
+    assert [x.split(" · ")[1] for x in lines] == ["eval: 1/3 runs done, 2 running", "eval: 2/3 runs done, 1 running",
+                                                  "eval: 3/3 runs done"]
+    assert run_dir_of(cfgs[0]) != run_dir_of(cfgs[1])
