@@ -231,5 +231,5 @@ def test_transfer_matrix_composition_and_full_runs_table(study_root, report):
     assert "lso-rs-nosketchclasses" in recipes and "0 of 2" in recipes and "2 of 2" in recipes
     assert ">20<" in recipes and ">7<" in recipes and "≠" not in recipes
     runs = page[page.index("<h2>Runs</h2>"):]
-    run_dir = study_root / "runs" / "lso-rs-nosketchclasses--clipgen-tiny-rn--seed1"
+    run_dir = study_root / "runs" / SMOKE_CG_LOW.format(1)
     assert str(run_dir) in runs and "ab" * 32 in runs and "W&amp;B run id" in runs
