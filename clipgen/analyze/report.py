@@ -18,6 +18,7 @@ import numpy as np
 
 from clipgen.analyze import plots
 from clipgen.facts import DOMAINS, NATURAL_DOMAIN
+from clipgen.recipes.naming import KIND_NAMES
 from clipgen.rundir import settings_part
 
 _NAMES = ("sae", "geometry", "cka", "circuits")
@@ -128,16 +129,12 @@ def _per_layer(records: list[dict], analysis: str, field: str, subset: str | Non
 
 def _kind_order(key: tuple) -> tuple:
     """Columns in the report's recipe order (natural only, CG low, CG high, LOD, ...), then recipe id."""
-    from clipgen.report.figures import KIND_LABELS
-
-    order = {k: i for i, k in enumerate(KIND_LABELS)}
+    order = {k: i for i, k in enumerate(KIND_NAMES)}
     return (order.get(key[0], len(order)), *key[1:])
 
 
 def _kind_label(kind: str) -> str:
-    from clipgen.report.figures import KIND_LABELS
-
-    return KIND_LABELS.get(kind, kind).replace("\n", " ")
+    return KIND_NAMES.get(kind, kind)
 
 
 def _figure(rel: str, caption: str) -> str:

@@ -8,6 +8,10 @@ from clipgen.facts import DOMAIN_LETTERS, DOMAINS, NATURAL_DOMAIN, TEST_DOMAINS
 
 RECIPE_KINDS = ("natural_only", "cg_low", "cg_high", "lod", "cg_low_pseudo", "cg_high_pseudo", "allow",
                 "interpolation")
+# How reports name each kind, in the report's order (Fig. 2's bars first); the one place these names live.
+KIND_NAMES = {"natural_only": "natural only", "cg_low": "CG low", "cg_high": "CG high", "lod": "LOD (DG)",
+              "cg_low_pseudo": "CG low pseudo", "cg_high_pseudo": "CG high pseudo", "allow": "allow-p",
+              "interpolation": "interpolation"}
 ALLOW_P_VALUES = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8)
 # Paper interpolation lists (letters of included domains), per test domain.
 PAPER_INTERPOLATIONS = {

@@ -29,6 +29,8 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from clipgen import layout
+from clipgen.analyze.report import report_section as analysis_section
+from clipgen.diff.report import report_section as diff_section
 from clipgen.errors import ClipgenError
 from clipgen.facts import NATURAL_DOMAIN, TEST_DOMAINS
 from clipgen.report import figures as F
@@ -219,10 +221,8 @@ def run_report(cfg: DictConfig, run_dirs: list[str | Path] | None = None, report
         sections.append(f"<h2>Task: {_e(task)}</h2>{_final_table(summary, task, '')}")
     # Sections of the later stages, when their outputs exist: mechanistic analyses (clipgen-analyze) and
     # model diffs (clipgen-diff); each writes its own figures under the report directory.
-    for module in ("clipgen.analyze.report", "clipgen.diff.report"):
-        import importlib
-
-        sections.append(importlib.import_module(module).report_section(layout.root(cfg), report_dir))
+    for section in (analysis_section, diff_section):
+        sections.append(section(layout.root(cfg), report_dir))
 
     made_at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     page = (

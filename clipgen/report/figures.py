@@ -14,14 +14,14 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from clipgen.recipes.naming import KIND_NAMES
 from clipgen.report.aggregate import CONFIG
 from clipgen.report.stats import metric_range, t_interval
 
 # Fig. 2's bar order (SPEC §6) and a fixed colour per recipe kind, shared by every figure.
 FIG2_KINDS = ("natural_only", "cg_low", "cg_high", "lod", "cg_low_pseudo", "cg_high_pseudo")
-KIND_LABELS = {"natural_only": "natural only", "cg_low": "CG low", "cg_high": "CG high", "lod": "LOD (DG)",
-               "cg_low_pseudo": "CG low\npseudo", "cg_high_pseudo": "CG high\npseudo", "allow": "allow-p",
-               "interpolation": "interpolation"}
+# Axis labels: the kinds' names (clipgen.recipes.naming), the pseudo bounds on two lines.
+KIND_LABELS = {k: v.replace(" pseudo", "\npseudo") for k, v in KIND_NAMES.items()}
 KIND_COLORS = {"natural_only": "#7f7f7f", "cg_low": "#1f77b4", "cg_high": "#2ca02c", "lod": "#d62728",
                "cg_low_pseudo": "#aec7e8", "cg_high_pseudo": "#98df8a", "allow": "#9467bd",
                "interpolation": "#ff7f0e"}

@@ -13,12 +13,8 @@ from pathlib import Path
 import pandas as pd
 
 from clipgen.facts import DOMAINS, NATURAL_DOMAIN, TEST_DOMAINS
+from clipgen.recipes.naming import KIND_NAMES
 from clipgen.report.collapse import COLLAPSE_OVER_TRUE, COLLAPSE_TOP_SHARE
-
-
-KIND_NAMES = {"natural_only": "natural only", "cg_low": "CG low", "cg_high": "CG high", "lod": "LOD (DG)",
-              "cg_low_pseudo": "CG low pseudo", "cg_high_pseudo": "CG high pseudo", "allow": "allow-p",
-              "interpolation": "interpolation"}
 
 
 def _e(x) -> str:
