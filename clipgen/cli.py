@@ -1,7 +1,7 @@
 """Console scripts: one thin ``@hydra.main`` per stage over a pure ``run_<stage>(cfg) -> dict``.
 
 All apps share the config tree in clipgen/conf (found through the package, so they work from any directory).
-A ClipgenError (bad input) is printed as one line and exits with status 2.
+A ClipgenError (bad input) is printed as one line and exits with status 2; Ctrl-C as one line, status 130.
 """
 from __future__ import annotations
 
@@ -31,6 +31,10 @@ def _app(run: Callable[[DictConfig], dict], name: str):
         except ClipgenError as e:
             print(f"clipgen: error: {e}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:  # Ctrl-C outside a trainer's step loop (which saves and exits 130 itself)
+            print(f"clipgen: interrupted: {name} stopped; finished work is kept, rerun the same command to "
+                  "continue", file=sys.stderr)
+            sys.exit(130)
 
     def entry():
         # Hydra names a job after the calling module (here always "cli"); each app names its own, so sweeps land
