@@ -16,6 +16,11 @@ from typing import Any
 from clipgen.errors import ClipgenError
 
 
+STALE_TMP_S = 2 * 3600  # a temporary build directory untouched this long was killed (a large world takes minutes)
+# OS errors that mean "this disk cannot take the bytes", as opposed to a missing input.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
+
+
 class WriteError(ClipgenError, OSError):
     """A file could not be written (disk full, quota, read-only, I/O error). Still an OSError, so callers that
     tolerate an unwritable optional file (the index cache) keep doing so; console scripts print it as one line."""
@@ -60,9 +65,9 @@ def write_error(path: str | os.PathLike, err: BaseException, what: str = "file")
     cause = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0][:200]
     hint = "free some space or set paths.root=... to a larger disk" if (
         getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or not isinstance(err, OSError)
-    ) else "check the path is writable"
+    ) else "check that the path is writable"
     return WriteError(f"cannot write {what} {str(path)!r}: {cause} ({free_space(Path(path).parent)} there); "
-                      f"nothing was replaced: {hint}")
+                      f"nothing is lost, earlier files are kept: {hint}")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -148,7 +153,11 @@ def sweep_temp_files(directory: str | os.PathLike, patterns: tuple[str, ...]) ->
     return removed
 
 
-def sweep_stale_dirs(parent: str | os.PathLike, pattern: str, max_age_s: float) -> list[Path]:
+def is_disk_error(err: BaseException) -> bool:
+    return isinstance(err, OSError) and not isinstance(err, ClipgenError) and err.errno in DISK_ERRNOS
+
+
+def sweep_stale_dirs(parent: str | os.PathLike, pattern: str, max_age_s: float = STALE_TMP_S) -> list[Path]:
     """Delete temporary build directories (glob ``pattern``) in which nothing changed for ``max_age_s``: their
     builder was killed. Judged by age, not by pid, because the output root may be shared by several hosts whose
     pids mean nothing here; the newest entry counts, since a live builder keeps writing into its directory."""
