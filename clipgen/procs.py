@@ -50,7 +50,7 @@ def _release_forkserver_alive_fd() -> None:
 def bind_to_parent() -> None:
     """Call first thing in a worker process (a DataLoader ``worker_init_fn``, a pool ``initializer``): it is
     killed when its parent dies, does not keep a fork server alive, and leaves Ctrl-C to its parent (a terminal
-    sends SIGINT to the whole process group; the parent stops its workers itself after saving)."""
+    sends SIGINT to the whole process group; the parent finishes what it must, then stops its workers)."""
     parent = os.getppid()
     _release_forkserver_alive_fd()
     signal.signal(signal.SIGINT, signal.SIG_IGN)

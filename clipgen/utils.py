@@ -5,11 +5,13 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +55,11 @@ def free_space(path: str | os.PathLike) -> str:
         free = shutil.disk_usage(p).free
     except OSError:
         return "free space unknown"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if free < 1024 or unit == "TB":
-            return f"{free:.0f} {unit} free" if unit == "B" else f"{free:.1f} {unit} free"
-        free /= 1024
-    return ""  # unreachable
+    if free < 1024:
+        return f"{free} B free"
+    units = ("KB", "MB", "GB", "TB")
+    power = min(len(units), int(math.log(free, 1024)))
+    return f"{free / 1024 ** power:.1f} {units[power - 1]} free"
 
 
 def write_error(path: str | os.PathLike, err: BaseException, what: str = "file") -> WriteError:
@@ -99,8 +101,8 @@ def _atomic_write(path: str | os.PathLike, write, what: str) -> None:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
             os.fchmod(f.fileno(), 0o666 & ~_umask())
+            os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException as e:
@@ -233,20 +235,26 @@ def process_pool(workers: int, initializer=None, initargs: tuple = ()):
     die with this process (clipgen.procs). Use it as a context manager; ``pool.map`` keeps input order."""
     import multiprocessing as mp
     import threading
-    from concurrent.futures import ProcessPoolExecutor
 
     methods = mp.get_all_start_methods()
     if "fork" in methods and threading.active_count() == 1:
         method = "fork"
     else:
         method = "forkserver" if "forkserver" in methods else "spawn"
-    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method), initializer=_init_child,
-                               initargs=(initializer, *initargs))
+    return _Pool(max_workers=workers, mp_context=mp.get_context(method), initializer=_init_child,
+                 initargs=(initializer, *initargs))
+
+
+class _Pool(ProcessPoolExecutor):
+    def __exit__(self, exc_type, exc, tb):
+        # Leaving on an error or Ctrl-C: drop the queued work, wait only for the tasks that are running.
+        self.shutdown(wait=True, cancel_futures=exc_type is not None)
+        return False
 
 
 def _init_child(initializer, *args) -> None:
     from clipgen.procs import bind_to_parent
 
-    bind_to_parent()  # no orphans when the parent is killed (see clipgen.procs)
+    bind_to_parent()  # no orphans when the parent is killed; Ctrl-C is the parent's to handle
     if initializer is not None:
         initializer(*args)

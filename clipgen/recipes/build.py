@@ -23,7 +23,8 @@ from clipgen.recipes.captions import make_caption
 from clipgen.recipes.naming import RecipeSpec, recipe_spec
 from clipgen.recipes.plan import Plan, check_no_leak, format_plan, plan_recipe
 from clipgen.recipes.shards import count_shard_samples, write_shards
-from clipgen.utils import atomic_write_json, git_sha, is_disk_error, read_json, stable_hash, sweep_stale_dirs, write_error
+from clipgen.utils import (atomic_write_json, git_sha, is_disk_error, read_json, stable_hash, sweep_stale_dirs,
+                           write_error)
 
 RECIPE_FORMAT_VERSION = 1
 
