@@ -1,9 +1,9 @@
 """Console scripts: one thin ``@hydra.main`` per stage over a pure ``run_<stage>(cfg) -> dict``.
 
 All apps share the config tree in clipgen/conf (found through the package, so they work from any directory).
-A ClipgenError (bad input) is printed as one line and exits with status 2. In a ``-m`` sweep every job runs
-whatever the others do, and the sweep ends with a table of jobs and a non-zero exit if any failed
-(clipgen.sweep).
+A ClipgenError (bad input) is printed as one line and exits with status 2; Ctrl-C as one line, status 130. In a
+``-m`` sweep every job runs whatever the others do, and the sweep ends with a table of jobs and a non-zero exit if
+any failed (clipgen.sweep).
 """
 from __future__ import annotations
 
@@ -37,6 +37,10 @@ def _app(run: Callable[[DictConfig], dict], name: str):
         except ClipgenError as e:
             print(f"clipgen: error: {e}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:  # Ctrl-C outside a trainer's step loop (which saves and exits 130 itself)
+            print(f"clipgen: interrupted: {name} stopped; finished work is kept, rerun the same command to "
+                  "continue", file=sys.stderr)
+            sys.exit(130)
 
     def entry():
         args = sys.argv[1:]

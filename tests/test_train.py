@@ -188,8 +188,9 @@ def test_leak_guard_rejects_test_split_and_heldout_classes(recipe_copy):
     assert sid in str(err.value) and shard.name in str(err.value)
 
     held = manifest["heldout_classes"][0]
-    sid = _rewrite_first_sample(shard, lambda m: m.update(split="train", domain=manifest["test_domain"],
-                                                          class_name=held))
+    sid = _rewrite_first_sample(shard, lambda m: m.update(  # a consistent id: the guard checks json against it
+        split="train", domain=manifest["test_domain"], class_name=held,
+        sample_id=f"{manifest['test_domain']}/{held.replace(' ', '_')}/x"))
     with pytest.raises(ClipgenError, match="held-out class") as err:
         load_train_data(rdir, tok, 32)
     assert sid in str(err.value)

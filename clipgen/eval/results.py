@@ -7,15 +7,13 @@ NaN (empty groups, see clipgen.eval.metrics) are written as JSON ``null`` and re
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import logging
 import math
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
+from clipgen import runlock
 from clipgen.errors import ClipgenError
 from clipgen.utils import atomic_write_text
 
@@ -83,16 +81,6 @@ def done_key(rec: dict) -> tuple[str, str, str]:
     return Path(str(rec.get("checkpoint", ""))).name, str(rec.get("checkpoint_sha256")), str(rec.get("task"))
 
 
-@contextmanager
 def exclusive(eval_dir: Path):
-    """One evaluator per run at a time; flock is released when the process dies, so no stale lock files."""
-    with open(eval_dir / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise ClipgenError(f"{eval_dir} is being evaluated by another process: expected one clipgen-eval "
-                                   "per run at a time") from None
-            # Some network filesystems do not support flock; evaluate unlocked rather than not at all.
-            log.warning("%s: cannot lock (%s); make sure no other clipgen-eval runs on this run", eval_dir, e)
-        yield
+    """One evaluator per run at a time (clipgen.runlock: released when the process dies, so never stale)."""
+    return runlock.exclusive(eval_dir, "being evaluated", "one clipgen-eval per run at a time")

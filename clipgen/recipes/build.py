@@ -23,7 +23,8 @@ from clipgen.recipes.captions import make_caption
 from clipgen.recipes.naming import RecipeSpec, recipe_spec
 from clipgen.recipes.plan import Plan, check_no_leak, format_plan, plan_recipe
 from clipgen.recipes.shards import count_shard_samples, write_shards
-from clipgen.utils import atomic_write_json, git_sha, read_json, stable_hash
+from clipgen.utils import (atomic_write_json, git_sha, is_disk_error, read_json, stable_hash, sweep_stale_dirs,
+                           write_error)
 
 RECIPE_FORMAT_VERSION = 1
 
@@ -56,9 +57,11 @@ def _write_dir(final: Path, samples: list[Sample], captions: list[str], cfg: Dic
     """Shards + sizes.json + manifest.json into a temporary sibling, verified, then renamed into place."""
     r = cfg.recipe
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_dirs(final.parent, ".*.tmp-*")  # builds of killed runs (judged by age: shared roots)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         sizes = write_shards(tmp, samples, captions, r.image_px, r.image_format, r.shard_size, r.min_shards)
         written = {name: count_shard_samples(tmp / name) for name in sizes}
         if written != sizes or sum(written.values()) != len(samples):
@@ -68,8 +71,10 @@ def _write_dir(final: Path, samples: list[Sample], captions: list[str], cfg: Dic
                     "sample_ids_hash": sample_ids_hash(s.sample_id for s in samples)}
         atomic_write_json(tmp / "sizes.json", sizes)
         atomic_write_json(tmp / "manifest.json", manifest)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_error(e):  # a full disk: one line naming the recipe and the space left
+            raise write_error(final, e, "recipe") from None
         raise
     _publish(tmp, final)
     return read_json(final / "manifest.json", "recipe manifest")

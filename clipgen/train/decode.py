@@ -25,6 +25,7 @@ import numpy as np
 
 from clipgen.data import ustar
 from clipgen.errors import ClipgenError
+from clipgen.train.leakguard import check_sample
 from clipgen.utils import process_pool
 
 META_FIELDS = ("sample_id", "domain", "class_name", "label", "split", "source")
@@ -142,20 +143,6 @@ def _decode(key: str, parts: dict[str, bytes]) -> tuple[np.ndarray, str, dict]:
     if not isinstance(meta, dict):
         raise _BadSample(f".json holds {type(meta).__name__}: expected a JSON object")
     return arr, caption, meta
-
-
-def check_sample(meta: dict, key: str, shard: str, guard: dict) -> None:
-    """The load-time leak guard: nothing from a test split, and no held-out class of the test domain unless the
-    recipe is a pseudo/allow recipe that keeps them by design."""
-    sid = meta.get("sample_id", key)
-    if meta.get("split") == "test":
-        raise ClipgenError(f"leak: sample {sid!r} in shard {shard!r} has split 'test': expected only train "
-                           "samples in training shards")
-    if (not guard["allow_heldout"] and meta.get("domain") == guard["test_domain"]
-            and meta.get("class_name") in guard["heldout"]):
-        raise ClipgenError(f"leak: sample {sid!r} in shard {shard!r} is held-out class "
-                           f"{meta.get('class_name')!r} of test domain {meta.get('domain')!r}: expected none in a "
-                           f"{guard['kind']!r} recipe")
 
 
 def _bad(task: ShardTask, key: str | None, reason: str, count: int = 1) -> dict:

@@ -6,8 +6,10 @@ and writes the run directory of clipgen/FORMATS.md. A finished run is a no-op. A
 order and augmentation depend only on (seed, epoch, batch index) (see clipgen.train.data), an interrupted and
 resumed fp32 CPU run ends with the same weights, bit for bit, as an uninterrupted one.
 
-SIGTERM / SIGUSR1 / SIGUSR2 (what SLURM sends before preemption or the time limit) set a flag; at the next step
-boundary latest.pt is saved and the process exits with status 128 + signal number, ready to be requeued.
+SIGTERM / SIGUSR1 / SIGUSR2 (what SLURM sends before preemption or the time limit) and SIGINT (Ctrl-C) set a
+flag; at the next step boundary latest.pt is saved and the process exits with status 128 + signal number, ready
+to be requeued (never after Ctrl-C; a second Ctrl-C stops at once). One trainer works in a run directory at a
+time (clipgen.runlock); temporary files that killed trainers left there are removed when the next one starts.
 
 Distributed: under torchrun or srun (clipgen.train.dist) every process trains one DDP replica on its share of
 each global batch (``trainer.batch_size`` is global, so the data, the schedule and the checkpoints are those of
@@ -33,7 +35,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from clipgen import rundir
+from clipgen import rundir, runlock
 from clipgen.errors import ClipgenError
 from clipgen.train import checkpoint as ckpt
 from clipgen.train import dist
@@ -45,12 +47,14 @@ from clipgen.eval.during_training import subset_evaluator
 from clipgen.train.logger import NullLogger, check_logger_config, make_logger
 from clipgen.train.model import create_clip, model_config
 from clipgen.train.supervised_model import create_supervised, supervised_labels, supervised_payload
-from clipgen.utils import atomic_write_json, atomic_write_text, git_sha, read_json, sha256_file
+from clipgen.utils import atomic_write_json, atomic_write_text, git_sha, read_json, sha256_file, sweep_temp_files
 
 log = logging.getLogger(__name__)
 
 MAX_LOGIT_SCALE = math.log(100)  # open_clip clamps the learned temperature to at most 100
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
+# What a killed trainer's atomic writes leave behind (clipgen.utils: ".{name}.<random>.tmp").
+TRAINER_TEMP_FILES = (".latest.pt.*.tmp", ".meta.json.*.tmp", ".config.yaml.*.tmp", "checkpoints/.epoch_*.pt.*.tmp")
 PRECISIONS = ("fp32", "bf16", "amp")
 
 
@@ -87,14 +91,17 @@ def _check_same_run(run_dir: Path, old: dict, spec: dict, manifest_sha: str) -> 
 
 
 class StopSignals:
-    """Turn SIGTERM/SIGUSR1/SIGUSR2 into a flag checked at step boundaries; previous handlers come back on exit.
-    Handlers can only be installed from the main thread; elsewhere this does nothing."""
+    """Turn SIGTERM/SIGUSR1/SIGUSR2/SIGINT into a flag checked at step boundaries; previous handlers come back on
+    exit. A second SIGINT raises KeyboardInterrupt (Ctrl-C twice: stop now, without saving). Handlers can only be
+    installed from the main thread; elsewhere this does nothing."""
 
     def __init__(self):
         self.received: int | None = None
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
         self.received = signum
 
     def __enter__(self):
@@ -123,6 +130,8 @@ def requeue_after_stop(stopped: str, handler, enabled: bool) -> str:
     PreemptMode=REQUEUE requeues by itself), so it never requeues. Returns what happened, for the log."""
     if not enabled:
         return "trainer.requeue=false"
+    if stopped == "SIGINT":  # the user asked to stop
+        return "not requeued"
     if os.environ.get("SUBMITIT_EXECUTOR"):
         if callable(handler):
             handler(getattr(signal, stopped), None)
@@ -175,12 +184,29 @@ def run_train(cfg: DictConfig) -> dict:
                            f"{int(cfg.trainer.batch_size) // denv.world_size}: expected a divisor of it")
     device = dist.init(denv, device)
     try:
-        return _run(cfg, denv, device, mcfg, t_call)
+        with contextlib.ExitStack() as held:  # holds the run directory's lock, taken in _run
+            return _run(cfg, denv, device, mcfg, t_call, held)
     finally:
         dist.shutdown(denv)
 
 
-def _run(cfg: DictConfig, denv: dist.DistEnv, device: torch.device, mcfg: dict, t_call: float) -> dict:
+def _finished(run_dir: Path, name: str, spec: dict, manifest_sha: str, t_call: float) -> dict | None:
+    """The result of a run that already finished (a rerun is a no-op), or None."""
+    if not (run_dir / "meta.json").exists():
+        return None
+    old = read_json(run_dir / "meta.json", "run meta")
+    _check_same_run(run_dir, old, spec, manifest_sha)
+    if old.get("status") != "finished":
+        return None
+    print(f"clipgen: {name} already finished ({old.get('step')} steps, {old.get('epochs')} epochs, final "
+          f"loss {old.get('final_loss')}) in {run_dir}; nothing to do")
+    return {"run_dir": str(run_dir), "status": "finished", "steps": old.get("step"),
+            "epochs": old.get("epochs"), "final_loss": old.get("final_loss"),
+            "seconds": time.time() - t_call, "samples_per_s": None, "skipped": True}
+
+
+def _run(cfg: DictConfig, denv: dist.DistEnv, device: torch.device, mcfg: dict, t_call: float,
+         held: contextlib.ExitStack) -> dict:
     from clipgen.recipes.build import ensure_recipe
 
     if not denv.is_main:  # rank 0 builds the recipe (and the world) once; the others then find it
@@ -193,15 +219,13 @@ def _run(cfg: DictConfig, denv: dist.DistEnv, device: torch.device, mcfg: dict, 
     run_dir = rundir.run_dir(cfg, manifest["recipe_id"])
     name = run_dir.name
     spec = rundir.train_spec(cfg)
-    if (run_dir / "meta.json").exists():
-        old = read_json(run_dir / "meta.json", "run meta")
-        _check_same_run(run_dir, old, spec, manifest_sha)
-        if old.get("status") == "finished":
-            print(f"clipgen: {name} already finished ({old.get('step')} steps, {old.get('epochs')} epochs, final "
-                  f"loss {old.get('final_loss')}) in {run_dir}; nothing to do")
-            return {"run_dir": str(run_dir), "status": "finished", "steps": old.get("step"),
-                    "epochs": old.get("epochs"), "final_loss": old.get("final_loss"),
-                    "seconds": time.time() - t_call, "samples_per_s": None, "skipped": True}
+    done = _finished(run_dir, name, spec, manifest_sha, t_call)
+    if done is None and denv.is_main:  # one trainer per run directory; the kernel releases it however we end
+        held.enter_context(runlock.exclusive(run_dir, "being trained", "one clipgen-train per run directory"))
+        done = _finished(run_dir, name, spec, manifest_sha, t_call)  # another trainer may have finished it meanwhile
+        sweep_temp_files(run_dir, TRAINER_TEMP_FILES)  # only a trainer writes these, and we hold the lock
+    if done is not None:
+        return done
 
     threads = torch.get_num_threads()
     if cfg.trainer.threads > 0:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from clipgen.errors import ClipgenError
+from clipgen.procs import bind_to_parent
 from clipgen.train.data import (LOADERS, Batch, EpochLoader, canonical_order, data_sources, derive_seed,
                                 leak_guard, open_recipe, shard_tasks)
 from clipgen.train.decode import META_FIELDS, index_shards
@@ -155,6 +156,7 @@ class _Batches(torch.utils.data.Dataset):
 
 
 def _worker_init(_):
+    bind_to_parent()  # dies with the trainer, even after kill -9 and under the fork server (W&B on)
     torch.set_num_threads(1)
 
 

@@ -30,7 +30,7 @@ from clipgen import layout
 from clipgen.errors import ClipgenError
 from clipgen.facts import DOMAINS, NATURAL_DOMAIN, class_folder, domainnet_classes, domainnet_to_imagenet, \
     imagenet_class_index
-from clipgen.utils import process_pool, stable_hash
+from clipgen.utils import is_disk_error, process_pool, stable_hash, sweep_stale_dirs, write_error
 from clipgen.world.contact_sheet import make_contact_sheet
 from clipgen.world.shapes import make_class_shapes
 
@@ -38,7 +38,6 @@ SPLITS = ("train", "test")
 BASE_STREAM = len(DOMAINS)  # rng stream id of the natural base corpus (domains use their ids 0..5)
 SALT_IMAGE, SALT_CAPTION, SALT_CLASSES = 1, 2, 3
 CHUNK = 64  # images per work item: large enough to amortise IPC, small enough to balance two workers
-STALE_TMP_S = 2 * 3600  # a temporary build untouched this long was killed (a large world takes minutes)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -269,18 +268,6 @@ def _build(cfg: DictConfig, out: Path, started: float) -> dict:
     return meta
 
 
-def _remove_stale_builds(final: Path) -> None:
-    """Delete temporary builds of this world left by killed runs. Judged by age, not by pid, because the
-    output root may be shared by several hosts whose pids mean nothing here."""
-    now = time.time()
-    for p in final.parent.glob(f"{final.name}.tmp-*"):
-        try:
-            if now - p.stat().st_mtime > STALE_TMP_S:
-                shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            pass
-
-
 def _generate(cfg: DictConfig) -> tuple[Path, bool]:
     check_world_config(cfg)
     final, expected = layout.world_dir(cfg), world_hash(cfg)
@@ -289,7 +276,7 @@ def _generate(cfg: DictConfig) -> tuple[Path, bool]:
     started = time.time()
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    _remove_stale_builds(final)
+    sweep_stale_dirs(final.parent, f"{final.name}.tmp-*")  # builds of killed runs (judged by age: shared roots)
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an earlier process that had our pid
     try:
         _build(cfg, tmp, started)
@@ -306,8 +293,10 @@ def _generate(cfg: DictConfig) -> tuple[Path, bool]:
             os.rename(final, aside)
             os.rename(tmp, final)
             shutil.rmtree(aside, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_error(e):  # a full disk: one line naming the world and the space left
+            raise write_error(final, e, "world") from None
         raise
     return final, True
 
