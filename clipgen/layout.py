@@ -52,10 +52,6 @@ def diffs_root(cfg: DictConfig) -> Path:
     return root(cfg) / "diffs"
 
 
-def analysis_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "analysis"
-
-
 def report_dir(cfg: DictConfig) -> Path:
     """clipgen-report's page over every run under paths.root."""
     return root(cfg) / "report"

@@ -1,4 +1,16 @@
-"""A run's identity and its directory name: runs are identified by their settings.
+"""The run directory: its name (a run's identity is its settings), its files, and reading them.
+
+Every stage reaches a run directory through this module; no other module spells its file names:
+
+    {run}/config.yaml                  the composed config the run started with      config_path, read_config
+    {run}/meta.json                    what clipgen-train recorded                    meta_path, read_meta, load_meta
+    {run}/latest.pt                    the resumable state                            latest_path
+    {run}/checkpoints/epoch_NNN.pt     epoch checkpoints (000 = untrained)            checkpoint_path, checkpoints
+    {run}/eval/results.jsonl           one line per (checkpoint, task)                results_path, evaluated
+    {run}/eval/outputs/epoch_NNN.npz   per-checkpoint predictions, logits, embeddings output_path, outputs
+    {run}/analysis/                    clipgen-analyze's results                      analysis_dir
+
+Naming: runs are identified by their settings.
 
 Two runs share a directory only when every setting that changes the result is equal: the recipe (its id), the
 model, the training settings (``train_spec``: trainer and optimiser values that change the weights) and the data
@@ -21,13 +33,19 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from dataclasses import fields
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from clipgen import layout
+from clipgen.errors import ClipgenError
 from clipgen.utils import stable_hash
+
+META, CONFIG, LATEST = "meta.json", "config.yaml", "latest.pt"
+CHECKPOINTS, EVAL, OUTPUTS, RESULTS, ANALYSIS = "checkpoints", "eval", "outputs", "results.jsonl", "analysis"
+_EPOCH_FILE = re.compile(r"^epoch_(\d+)\.(pt|npz)$")
 
 # Headline settings shown in a run name when they differ from the defaults, in this order.
 READABLE = (("trainer.epochs", "ep"), ("trainer.batch_size", "bs"), ("optim.lr", "lr"),
@@ -157,12 +175,166 @@ def spec_differences(old_spec: dict, spec: dict) -> list[str]:
             if old_spec.get(k, defaults.get(k)) != v]
 
 
-def read_meta(run_dir: Path) -> dict | None:
+# --- files ---------------------------------------------------------------------------------------------------
+def meta_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / META
+
+
+def config_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CONFIG
+
+
+def latest_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / LATEST
+
+
+def checkpoint_path(run_dir: str | Path, epoch: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"epoch_{int(epoch):03d}.pt"
+
+
+def eval_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / EVAL
+
+
+def results_path(run_dir: str | Path) -> Path:
+    return eval_dir(run_dir) / RESULTS
+
+
+def output_path(run_dir: str | Path, epoch: int, task: str | None = None) -> Path:
+    """Evaluation outputs of one checkpoint (``task``: a task with outputs of its own, e.g. imagenet-val)."""
+    return eval_dir(run_dir) / OUTPUTS / (f"epoch_{int(epoch):03d}.npz" if task is None else
+                                          f"epoch_{int(epoch):03d}.{task}.npz")
+
+
+def analysis_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / ANALYSIS
+
+
+def _by_epoch(folder: Path, suffix: str) -> list[tuple[int, Path]]:
+    found = []
+    for p in folder.glob(f"epoch_*.{suffix}"):
+        m = _EPOCH_FILE.match(p.name)
+        if m and m.group(2) == suffix:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``checkpoints/epoch_NNN.pt`` in epoch order (numerically, whatever the padding)."""
+    return _by_epoch(Path(run_dir) / CHECKPOINTS, "pt")
+
+
+def outputs(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """The evaluated checkpoints' ``eval/outputs/epoch_NNN.npz`` in epoch order."""
+    return _by_epoch(eval_dir(run_dir) / OUTPUTS, "npz")
+
+
+def is_run(run_dir: str | Path) -> bool:
+    """A directory clipgen-train started (it has meta.json)."""
+    return meta_path(run_dir).is_file()
+
+
+def read_meta(run_dir: str | Path) -> dict | None:
     """A run directory's meta.json, or None when there is none (or it cannot be read)."""
     try:
-        return json.loads((Path(run_dir) / "meta.json").read_text(encoding="utf-8"))
+        return json.loads(meta_path(run_dir).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def load_meta(run_dir: str | Path, need: tuple[str, ...] = ()) -> dict:
+    """A run's meta.json, with a one-line error naming the file when it is missing, unreadable or lacks a key."""
+    path = meta_path(run_dir)
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ClipgenError(f"{path} is missing: expected a run directory written by clipgen-train") from None
+    except OSError as e:
+        raise ClipgenError(f"cannot read {path} ({e.strerror}): expected a readable run meta") from None
+    except ValueError as e:
+        raise ClipgenError(f"{path} is not valid JSON ({e}): expected the run's meta") from None
+    for key in need:
+        if key not in meta:
+            raise ClipgenError(f"{path} has no {key!r}: expected a meta.json written by clipgen-train")
+    return meta
+
+
+def write_meta(run_dir: str | Path, meta: dict) -> None:
+    from clipgen.utils import atomic_write_json
+
+    atomic_write_json(meta_path(run_dir), meta)
+
+
+def read_config(run_dir: str | Path):
+    """The run's composed config over today's schema defaults, so a key added to the schema after the run was
+    trained reads as its default instead of failing (the file as it is when it does not fit the schema)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from clipgen.config import Config
+
+    path = config_path(run_dir)
+    if not path.is_file():
+        raise ClipgenError(f"{path} is missing: expected the run's resolved config")
+    raw = OmegaConf.load(path)
+    base = OmegaConf.structured(Config)
+    OmegaConf.set_struct(base, False)
+    try:
+        merged = OmegaConf.merge(base, raw)
+    except OmegaConfBaseException:
+        return raw
+    OmegaConf.set_struct(merged, False)
+    return merged
+
+
+# --- evaluation state ------------------------------------------------------------------------------------------
+def _null_to_nan(metrics: dict) -> dict:
+    return {k: (float("nan") if v is None else v) for k, v in metrics.items()}
+
+
+def read_results(path: str | Path) -> tuple[list[dict], bool]:
+    """Records of a results.jsonl and whether its last line was cut off (that line is left out). A corrupt line
+    anywhere else is an error: it cannot come from a killed append."""
+    path = Path(path)
+    if not path.exists():
+        return [], False
+    raw = path.read_text(encoding="utf-8")
+    lines = raw.split("\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records, truncated = [], False
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if i == last:
+                truncated = True
+                break
+            raise ClipgenError(f"{path}:{i + 1} is not valid JSON: expected one result object per line "
+                               "(remove or fix that line)") from None
+        if not isinstance(rec, dict):
+            raise ClipgenError(f"{path}:{i + 1} is not a JSON object: expected one result object per line")
+        rec["metrics"] = _null_to_nan(rec.get("metrics") or {})
+        records.append(rec)
+    # A last line without its newline is also the remains of an interrupted append.
+    truncated = truncated or (bool(raw) and not raw.endswith("\n"))
+    return records, truncated
+
+
+def result_key(rec: dict) -> tuple[str, str, str]:
+    """What makes a results.jsonl line the evaluation of one checkpoint file for one task: (checkpoint file name,
+    its sha256, task). A retrained checkpoint (other sha) is evaluated again."""
+    return Path(str(rec.get("checkpoint", ""))).name, str(rec.get("checkpoint_sha256")), str(rec.get("task"))
+
+
+def evaluated(run_dir: str | Path) -> set[tuple[str, str]]:
+    """(task, checkpoint file name) of every result line: the cheap view a study's status table takes (it does not
+    hash checkpoints); clipgen-eval itself also checks the hash (:func:`result_key`)."""
+    try:
+        records, _ = read_results(results_path(run_dir))
+    except ClipgenError:  # an unreadable file: clipgen-eval reports it precisely when it runs
+        return set()
+    return {(str(r.get("task")), Path(str(r.get("checkpoint", ""))).name) for r in records}
 
 
 def run_dir(cfg: DictConfig, recipe_id: str) -> Path:

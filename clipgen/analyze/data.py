@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from omegaconf import OmegaConf
 
+from clipgen import rundir
 from clipgen.errors import ClipgenError
 from clipgen.facts import DOMAINS
 
 log = logging.getLogger("clipgen.analyze")
-_EPOCH = re.compile(r"^epoch_(\d+)\.(pt|npz)$")
 
 
 @dataclass
@@ -47,30 +45,20 @@ class RunInfo:
         return [i for i in range(len(self.classes)) if i not in held]
 
 
-def _epochs(folder: Path, suffix: str) -> dict[int, Path]:
-    out = {}
-    for p in folder.glob(f"epoch_*.{suffix}"):
-        m = _EPOCH.match(p.name)
-        if m:
-            out[int(m.group(1))] = p
-    return out
-
-
 def load_run(run_dir: Path, epoch: int = -1) -> RunInfo:
     """The run's meta, config and the checkpoint to analyse (``epoch`` -1: the last evaluated epoch, else the last
     checkpoint when nothing was evaluated)."""
     run_dir = Path(run_dir)
-    meta_path = run_dir / "meta.json"
-    if not meta_path.is_file():
-        raise ClipgenError(f"{meta_path} is missing: expected a run directory written by clipgen-train "
-                           "(analysis.run_dirs or paths.root/runs)")
+    if not rundir.is_run(run_dir):
+        raise ClipgenError(f"{rundir.meta_path(run_dir)} is missing: expected a run directory written by "
+                           "clipgen-train (analysis.run_dirs or paths.root/runs)")
     from clipgen.eval.run import read_run_meta
 
     meta, _ = read_run_meta(run_dir)
-    ckpts = _epochs(run_dir / "checkpoints", "pt")
+    ckpts = dict(rundir.checkpoints(run_dir))
     if not ckpts:
         raise ClipgenError(f"no checkpoints/epoch_*.pt in {run_dir}: expected a trained run")
-    outputs = _epochs(run_dir / "eval" / "outputs", "npz")
+    outputs = dict(rundir.outputs(run_dir))
     if epoch < 0:
         evaluated = sorted(set(outputs) & set(ckpts))
         if evaluated:
@@ -82,25 +70,7 @@ def load_run(run_dir: Path, epoch: int = -1) -> RunInfo:
     if epoch not in ckpts:
         raise ClipgenError(f"analysis.epoch={epoch}: {run_dir}/checkpoints has no epoch_{epoch:03d}.pt (epochs "
                            f"{min(ckpts)}..{max(ckpts)}); expected one of them or -1")
-    return RunInfo(run_dir, meta, _run_config(run_dir / "config.yaml"), epoch, ckpts[epoch], outputs.get(epoch))
-
-
-def _run_config(path: Path):
-    """The run's resolved config over today's schema defaults, so a key added to the schema after the run was
-    trained reads as its default instead of failing."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    from clipgen.config import Config
-
-    raw = OmegaConf.load(path)
-    base = OmegaConf.structured(Config)
-    OmegaConf.set_struct(base, False)
-    try:
-        merged = OmegaConf.merge(base, raw)
-    except OmegaConfBaseException:
-        return raw
-    OmegaConf.set_struct(merged, False)
-    return merged
+    return RunInfo(run_dir, meta, rundir.read_config(run_dir), epoch, ckpts[epoch], outputs.get(epoch))
 
 
 def _rank_key(seed: int, sample_id: str) -> str:
@@ -142,7 +112,7 @@ def select_images(info: RunInfo, split: str, per_group: int, seed: int) -> Image
             keep[i] = r
     order = sorted(keep)
     if not order:
-        raise ClipgenError(f"no {split} images of the run's classes in its data ({info.run_dir / 'config.yaml'}): "
+        raise ClipgenError(f"no {split} images of the run's classes in its data ({rundir.config_path(info.run_dir)}): "
                            "expected the DomainNet-layout data the run was trained on")
     return ImageSet(sample_ids=np.array([picked[i].sample_id for i in order]),
                     domains=np.array([picked[i].domain for i in order]),

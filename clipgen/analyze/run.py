@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from clipgen import layout
+from clipgen import layout, rundir
 from clipgen.analyze import plots
 from clipgen.analyze.data import RunInfo, compare_with_eval, load_run, select_images
 from clipgen.errors import ClipgenError
@@ -38,12 +38,12 @@ def resolve_run_dirs(cfg: DictConfig) -> list[Path]:
     if cfg.analysis.run_dirs:
         dirs = [Path(str(p)).expanduser().resolve() for p in cfg.analysis.run_dirs]
         for d in dirs:
-            if not (d / "meta.json").is_file():
+            if not rundir.is_run(d):
                 raise ClipgenError(f"analysis.run_dirs entry {str(d)!r} is not a run directory (no meta.json): "
                                    "expected directories written by clipgen-train")
         return dirs
     runs = layout.runs_root(cfg)
-    dirs = sorted(p for p in runs.glob("*") if (p / "meta.json").is_file() and (p / "checkpoints").is_dir())
+    dirs = sorted(p for p in runs.glob("*") if rundir.is_run(p) and rundir.checkpoints(p))
     if not dirs:
         raise ClipgenError(f"no runs under {runs}: train some first, or set analysis.run_dirs=[...]")
     return dirs
@@ -110,7 +110,7 @@ class _Context:
 
     def __init__(self, cfg: DictConfig, info: RunInfo, device: str):
         self.cfg, self.a, self.info, self.device = cfg, cfg.analysis, info, device
-        self.out_dir = layout.analysis_dir(info.run_dir)
+        self.out_dir = rundir.analysis_dir(info.run_dir)
         self.cache_dir = self.out_dir / "cache"
         self.sha = sha256_file(info.checkpoint)
         self.test = select_images(info, "test", int(self.a.images_per_group), int(self.a.seed))
@@ -122,7 +122,7 @@ class _Context:
         if self._model is None:
             from clipgen.eval.models import load_checkpoint, model_kind
 
-            kind = model_kind(self.info.meta, self.info.run_dir / "meta.json")
+            kind = model_kind(self.info.meta, rundir.meta_path(self.info.run_dir))
             if kind != "clip":
                 raise ClipgenError(f"{self.info.run_dir}: model_kind {kind!r}; clipgen-analyze needs a CLIP run "
                                    "(its zero-shot head is the circuits' metric)")

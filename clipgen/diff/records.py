@@ -8,19 +8,18 @@ generators group with bincount instead of looping over images.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from clipgen import rundir
 from clipgen.errors import ClipgenError
 from clipgen.facts import DOMAINS
 from clipgen.utils import read_json, sha256_file
 
 log = logging.getLogger("clipgen.diff")
 
-_EPOCH_RE = re.compile(r"^epoch_(\d{3,})\.npz$")
 
 # Exposure of a domain x class combination (or of a domain) across the two runs; codes stored per image.
 EXPOSURE = ("both", "neither", "a_only", "b_only")
@@ -44,7 +43,7 @@ def resolve_run(spec: str | None, runs_root: Path, key: str) -> Path:
     if not spec:
         raise ClipgenError(f"{key} is not set: expected {key}=<run directory or run name under {runs_root}>")
     for cand in (Path(str(spec)).expanduser(), runs_root / str(spec)):
-        if (cand / "meta.json").is_file():
+        if rundir.is_run(cand):
             return cand.resolve()
     raise ClipgenError(f"{key}={spec!r}: no run directory with a meta.json there or under {runs_root}")
 
@@ -64,10 +63,7 @@ def _find_manifest(run_dir: Path, meta: dict) -> Path | None:
 
 
 def load_run(run_dir: Path) -> RunInfo:
-    meta = read_json(run_dir / "meta.json", "run meta")
-    for key in ("classes",):
-        if key not in meta:
-            raise ClipgenError(f"{run_dir / 'meta.json'}: key {key!r} missing (expected the run's class list)")
+    meta = rundir.load_meta(run_dir, need=("classes",))
     mpath = _find_manifest(run_dir, meta)
     manifest = read_json(mpath, "recipe manifest") if mpath else None
     if manifest is None:
@@ -77,10 +73,7 @@ def load_run(run_dir: Path) -> RunInfo:
 
 
 def evaluated_epochs(run_dir: Path) -> list[int]:
-    out_dir = run_dir / "eval" / "outputs"
-    if not out_dir.is_dir():
-        return []
-    return sorted(int(m.group(1)) for p in out_dir.iterdir() if (m := _EPOCH_RE.match(p.name)))
+    return [epoch for epoch, _ in rundir.outputs(run_dir)]
 
 
 def pick_epoch(dirs: list[Path], epoch: int) -> int:
@@ -100,8 +93,7 @@ def pick_epoch(dirs: list[Path], epoch: int) -> int:
     return max(common)
 
 
-def outputs_path(run_dir: Path, epoch: int) -> Path:
-    return run_dir / "eval" / "outputs" / f"epoch_{epoch:03d}.npz"
+outputs_path = rundir.output_path
 
 
 _NPZ_CACHE: dict = {}

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from clipgen import layout
+from clipgen import layout, rundir
 from clipgen.diff import summary as S
 from clipgen.diff.generators import cluster, slice_diff
 from clipgen.diff.dedup import merge
@@ -156,7 +156,7 @@ def _siblings(runs_root: Path, run: RunInfo) -> dict[int, Path]:
         return out
     for d in sorted(runs_root.iterdir()):
         try:
-            meta = read_json(d / "meta.json") if (d / "meta.json").is_file() else None
+            meta = rundir.load_meta(d) if rundir.is_run(d) else None
         except ClipgenError:
             meta = None
         if (meta and meta.get("recipe_id") == run.meta.get("recipe_id")

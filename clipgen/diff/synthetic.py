@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clipgen import rundir
 from clipgen.utils import atomic_write_bytes, atomic_write_json
 
 
@@ -59,13 +60,13 @@ def write_run(root: Path, name: str, arrays: dict, classes: list[str], heldout: 
         "recipe_id": rid, "kind": "synthetic", "test_domain": test_domain, "domains": sorted(counts),
         "classes": classes, "heldout_classes": heldout, "counts": counts,
         "num_samples": int(sum(sum(c.values()) for c in counts.values()))})
-    atomic_write_json(run_dir / "meta.json", {
+    rundir.write_meta(run_dir, {
         "run_name": name, "recipe_id": rid, "recipe_kind": "synthetic", "recipe_dir": str(recipe_dir),
         "test_domain": test_domain, "heldout_classes": heldout, "classes": classes, "seed": seed,
         "model_name": "synthetic", "epochs": epoch, "status": "finished"})
     buf = io.BytesIO()
     (np.savez_compressed if compressed else np.savez)(buf, **arrays)
-    atomic_write_bytes(run_dir / "eval" / "outputs" / f"epoch_{epoch:03d}.npz", buf.getvalue())
+    atomic_write_bytes(rundir.output_path(run_dir, epoch), buf.getvalue())
     return run_dir
 
 

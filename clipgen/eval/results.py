@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from clipgen import runlock
-from clipgen.errors import ClipgenError
+from clipgen.rundir import read_results, result_key  # noqa: F401 - re-exported: the reader lives with the run dir
 from clipgen.utils import atomic_write_text
 
 log = logging.getLogger("clipgen.eval")
@@ -30,38 +30,6 @@ def _nan_to_null(obj):
     return obj
 
 
-def _null_to_nan(metrics: dict) -> dict:
-    return {k: (float("nan") if v is None else v) for k, v in metrics.items()}
-
-
-def read_results(path: str | os.PathLike) -> tuple[list[dict], bool]:
-    """Records of a results.jsonl and whether its last line was cut off (that line is left out). A corrupt line
-    anywhere else is an error: it cannot come from a killed append."""
-    path = Path(path)
-    if not path.exists():
-        return [], False
-    raw = path.read_text(encoding="utf-8")
-    lines = raw.split("\n")
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    records, truncated = [], False
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            if i == last:
-                truncated = True
-                break
-            raise ClipgenError(f"{path}:{i + 1} is not valid JSON: expected one result object per line "
-                               "(remove or fix that line)") from None
-        if not isinstance(rec, dict):
-            raise ClipgenError(f"{path}:{i + 1} is not a JSON object: expected one result object per line")
-        rec["metrics"] = _null_to_nan(rec.get("metrics") or {})
-        records.append(rec)
-    # A last line without its newline is also the remains of an interrupted append.
-    truncated = truncated or (bool(raw) and not raw.endswith("\n"))
-    return records, truncated
 
 
 def rewrite_results(path: Path, records: list[dict]) -> None:
@@ -77,8 +45,7 @@ def append_result(path: str | os.PathLike, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def done_key(rec: dict) -> tuple[str, str, str]:
-    return Path(str(rec.get("checkpoint", ""))).name, str(rec.get("checkpoint_sha256")), str(rec.get("task"))
+done_key = result_key  # the key clipgen-eval skips finished (checkpoint, task) pairs by
 
 
 def exclusive(eval_dir: Path):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from clipgen import rundir
 from clipgen.errors import ClipgenError
 from clipgen.eval.models import load_checkpoint, model_kind
 from clipgen.eval.results import append_result, done_key, exclusive, read_results, rewrite_results
@@ -43,7 +43,6 @@ __all__ = ["run_eval", "read_results", "append_result", "load_checkpoint", "list
 
 log = logging.getLogger("clipgen.eval")
 
-_EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
 
 
 # --- the run -------------------------------------------------------------------------------------------------
@@ -53,7 +52,6 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
         run_dir = Path(os.path.expanduser(str(cfg.eval.run_dir))).resolve()
         todo = "point eval.run_dir at a run directory written by clipgen-train"
     else:
-        from clipgen import rundir
         from clipgen.recipes.naming import recipe_spec
 
         run_dir = rundir.run_dir(cfg, recipe_spec(cfg.recipe).recipe_id)
@@ -62,19 +60,12 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
                 "eval.run_dir")
     if not run_dir.is_dir():
         raise ClipgenError(f"run directory {str(run_dir)!r} does not exist: {todo}")
-    if not (run_dir / "meta.json").is_file():
-        raise ClipgenError(f"{run_dir / 'meta.json'} is missing (training never started there): {todo}")
+    if not rundir.is_run(run_dir):
+        raise ClipgenError(f"{rundir.meta_path(run_dir)} is missing (training never started there): {todo}")
     return run_dir
 
 
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """``checkpoints/epoch_NNN.pt`` in epoch order (numerically, whatever the padding)."""
-    found = []
-    for p in (run_dir / "checkpoints").glob("epoch_*.pt"):
-        m = _EPOCH_FILE.match(p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    return sorted(found)
+list_checkpoints = rundir.checkpoints  # re-exported for older callers
 
 
 def _device(cfg: DictConfig) -> str:
@@ -111,14 +102,10 @@ def _size(value) -> str:
 
 def read_run_meta(run_dir: Path) -> tuple[dict, Path]:
     """A trained run's meta.json (checked for what evaluation and analyses need) and its path."""
-    meta_path = Path(run_dir) / "meta.json"
-    meta = read_json(meta_path, "run meta")
-    for key in ("classes", "heldout_classes", "test_domain"):
-        if key not in meta:
-            raise ClipgenError(f"{meta_path} has no {key!r}: expected a meta.json written by clipgen-train")
-    if not (Path(run_dir) / "config.yaml").is_file():
-        raise ClipgenError(f"{Path(run_dir) / 'config.yaml'} is missing: expected the run's resolved config")
-    return meta, meta_path
+    meta = rundir.load_meta(run_dir, need=("classes", "heldout_classes", "test_domain"))
+    if not rundir.config_path(run_dir).is_file():
+        raise ClipgenError(f"{rundir.config_path(run_dir)} is missing: expected the run's resolved config")
+    return meta, rundir.meta_path(run_dir)
 
 
 def _load_run(cfg: DictConfig):
@@ -128,7 +115,7 @@ def _load_run(cfg: DictConfig):
     if bad:
         raise ClipgenError(f"{meta_path} heldout_classes {bad} are not in its classes: expected the held-out "
                            "classes to be among the classes")
-    return run_dir, meta_path, meta, OmegaConf.load(run_dir / "config.yaml")
+    return run_dir, meta_path, meta, OmegaConf.load(rundir.config_path(run_dir))
 
 
 # --- the stage -----------------------------------------------------------------------------------------------
@@ -164,9 +151,9 @@ def run_eval(cfg: DictConfig) -> dict:
         head["imagenet_classes"] = imagenet_classnames()
     tracker = EvalTracker(cfg, run_dir, meta)  # checks logger.* before any work
 
-    eval_dir = run_dir / "eval"
-    (eval_dir / "outputs").mkdir(parents=True, exist_ok=True)
-    results_path = eval_dir / "results.jsonl"
+    eval_dir = rundir.eval_dir(run_dir)
+    rundir.output_path(run_dir, 0).parent.mkdir(parents=True, exist_ok=True)
+    results_path = rundir.results_path(run_dir)
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
         raise ClipgenError(f"no checkpoints/epoch_*.pt in {run_dir}: expected at least the untrained epoch_000.pt")
@@ -207,7 +194,7 @@ def run_eval(cfg: DictConfig) -> dict:
                 out = model_outputs(kind, model, tokenizer, evalset.images, classes, templates, device, batch_size,
                                     tokens.get((name, "dn")))
                 if cfg.eval.save_outputs:
-                    _save_outputs(eval_dir / "outputs" / f"epoch_{epoch:03d}.npz", evalset, out)
+                    _save_outputs(rundir.output_path(run_dir, epoch), evalset, out)
                 for task in dn_tasks:
                     d, mask = evalset.tasks[task]
                     by_task[task] = lso_metrics(out["logits"][mask], evalset.labels[mask], evalset.domains[mask],
@@ -221,7 +208,7 @@ def run_eval(cfg: DictConfig) -> dict:
                 iout = model_outputs(kind, model, tokenizer, inset.images, names, templates, device, batch_size,
                                      tokens[(name, "in")])
                 if cfg.eval.save_outputs:
-                    _save_imagenet_outputs(eval_dir / "outputs" / f"epoch_{epoch:03d}.{IMAGENET_TASK}.npz", inset,
+                    _save_imagenet_outputs(rundir.output_path(run_dir, epoch, IMAGENET_TASK), inset,
                                            iout["logits"])
                 by_task[IMAGENET_TASK] = imagenet_metrics(iout["logits"], inset.labels)
                 sizes[IMAGENET_TASK], scales[IMAGENET_TASK] = len(inset.labels), iout["logit_scale"]

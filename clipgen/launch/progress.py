@@ -20,11 +20,13 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from clipgen import rundir
+
 
 def _train_units(run_dir: Path) -> tuple[int, int] | None:
     """(steps done, total steps) of a run from its meta.json; None before training wrote it."""
     try:
-        meta = json.loads((run_dir / "meta.json").read_text(encoding="utf-8"))
+        meta = json.loads(rundir.meta_path(run_dir).read_text(encoding="utf-8"))
         step, total = int(meta.get("step") or 0), int(meta["total_steps"])
     except (OSError, ValueError, KeyError, TypeError):
         return None  # not started yet, or meta.json is being replaced right now: the next tick reads it
@@ -36,9 +38,9 @@ def _eval_units(run_dir: Path) -> tuple[int, int] | None:
     from clipgen.eval.testsets import task_domains
 
     try:
-        meta = json.loads((run_dir / "meta.json").read_text(encoding="utf-8"))
-        total = len(list((run_dir / "checkpoints").glob("epoch_*.pt"))) * len(task_domains(meta))
-        path = run_dir / "eval" / "results.jsonl"
+        meta = json.loads(rundir.meta_path(run_dir).read_text(encoding="utf-8"))
+        total = len(rundir.checkpoints(run_dir)) * len(task_domains(meta))
+        path = rundir.results_path(run_dir)
         lines = sum(1 for line in path.open("rb") if line.strip()) if path.exists() else 0
     except (OSError, ValueError, KeyError):
         return None

@@ -133,25 +133,20 @@ def run_state(sub: DictConfig) -> tuple[str, str]:
     """(training, evaluation) state of one run from its directory: training "finished" | "step N/M" | "not
     started" | "other settings: ..." (the directory holds a run this job must not reuse); evaluation "done"
     (every checkpoint of every task has a result line) | "N/M" | "-"."""
-    from clipgen.eval.results import read_results
+    from clipgen import rundir
     from clipgen.eval.testsets import task_domains, task_name
-    from clipgen.rundir import read_meta
 
     run_dir = run_dir_of(sub)
-    meta = read_meta(run_dir)
+    meta = rundir.read_meta(run_dir)
     if meta is None:
         return "not started", "-"
     conflict = settings_conflict(sub, meta)
     if conflict:
         return f"other settings: {conflict}", "-"
     train = "finished" if meta.get("status") == "finished" else f"step {meta.get('step', 0)}/{meta.get('total_steps')}"
-    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("epoch_*.pt"))
+    ckpts = [p.name for _, p in rundir.checkpoints(run_dir)]
     tasks = [task_name(d) for d in task_domains(meta)]
-    try:
-        records, _ = read_results(run_dir / "eval" / "results.jsonl")
-    except Exception:  # unreadable results: clipgen-eval reports it precisely when it runs
-        records = []
-    have = {(r.get("task"), Path(str(r.get("checkpoint", ""))).name) for r in records}
+    have = rundir.evaluated(run_dir)
     need = {(t, c) for t in tasks for c in ckpts}
     done = len(need & have)
     evaluation = "done" if need and done == len(need) and train == "finished" else f"{done}/{len(need)}"

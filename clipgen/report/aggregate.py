@@ -17,8 +17,9 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
+from clipgen import rundir
 from clipgen.errors import ClipgenError
-from clipgen.eval.run import read_results
+from clipgen.rundir import read_results
 from clipgen.report.stats import metric_range, t_interval
 
 # A configuration: everything but the seed (clipgen.rundir: runs of one configuration differ only in their seed).
@@ -40,7 +41,7 @@ def _manifest(meta: dict, run_dir: Path) -> dict:
 
 def _run_config(run_dir: Path) -> dict:
     try:
-        return OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=False)
+        return OmegaConf.to_container(OmegaConf.load(rundir.config_path(run_dir)), resolve=False)
     except Exception:  # a missing or unreadable config only costs the Fig. 3/13 extras
         return {}
 
@@ -82,21 +83,13 @@ def _joined(values) -> str:
 def collect(runs_root: Path, run_dirs: list[Path] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(long table, runs table) of every ``{runs_root}/*/eval/results.jsonl`` (or of the given run directories);
     both empty when there is none."""
-    from clipgen.rundir import settings_of
-
     rows, runs = [], []
-    found = (sorted(Path(runs_root).glob("*/eval/results.jsonl")) if run_dirs is None else
-             [Path(d) / "eval" / "results.jsonl" for d in run_dirs if (Path(d) / "eval" / "results.jsonl").is_file()])
-    for results in found:
-        run_dir = results.parent.parent
-        meta_path = run_dir / "meta.json"
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ClipgenError(f"{meta_path} is missing next to {results}: expected every evaluated run to keep "
-                               "its meta.json") from None
-        except json.JSONDecodeError as e:
-            raise ClipgenError(f"{meta_path} is not valid JSON (line {e.lineno}): expected the run's meta") from None
+    dirs = sorted(Path(runs_root).iterdir()) if run_dirs is None and Path(runs_root).is_dir() else run_dirs or []
+    for run_dir in map(Path, dirs):
+        results = rundir.results_path(run_dir)
+        if not results.is_file():
+            continue
+        meta = rundir.load_meta(run_dir)  # every evaluated run keeps its meta.json: a clear error otherwise
         records, _ = read_results(results)  # a cut-off last line is ignored here; clipgen-eval repairs it
         latest: dict[tuple, dict] = {}
         for r in records:
@@ -106,7 +99,7 @@ def collect(runs_root: Path, run_dirs: list[Path] | None = None) -> tuple[pd.Dat
         extras = recipe_extras(meta, run_dir)
         base = {"run": meta.get("run_name", run_dir.name), "recipe_id": meta.get("recipe_id") or "",
                 "recipe_kind": meta.get("recipe_kind") or "", "seed": meta.get("seed"),
-                "model_name": meta.get("model_name") or "", "settings": settings_of(meta)}
+                "model_name": meta.get("model_name") or "", "settings": rundir.settings_of(meta)}
         for (task, epoch), r in sorted(latest.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
             head = {**base, "task": task, "test_domain": r.get("test_domain") or meta.get("test_domain"),
                     "epoch": epoch, "step": r.get("step"), "samples_seen": r.get("samples_seen")}

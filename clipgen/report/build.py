@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from clipgen import layout
+from clipgen import layout, rundir
 from clipgen.analyze.report import report_section as analysis_section
 from clipgen.diff.report import report_section as diff_section
 from clipgen.errors import ClipgenError
@@ -133,7 +133,7 @@ def _inputs(root: Path, run_dirs: list[Path], title: str) -> dict:
     """Size and mtime of every file the report reads, and the code version: equal inputs, equal report."""
     files = []
     for d in run_dirs:
-        files += [d / "meta.json", d / "eval" / "results.jsonl", *sorted((d / "analysis").glob("*.json"))]
+        files += [rundir.meta_path(d), rundir.results_path(d), *sorted(rundir.analysis_dir(d).glob("*.json"))]
     files += sorted((Path(root) / "diffs").glob("*/*.json"))
     stats = {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()}
     return {"title": title, "git_sha": git_sha(), "files": stable_hash(stats, 16), "n_files": len(stats)}
@@ -145,7 +145,7 @@ def run_report(cfg: DictConfig, run_dirs: list[str | Path] | None = None, report
     ``index.html`` in ``report_dir`` (default ``{root}/report``). Does nothing when the inputs are unchanged
     since the last build (``report_inputs.json``)."""
     runs_root = layout.runs_root(cfg)
-    dirs = sorted(p.parent.parent for p in runs_root.glob("*/eval/results.jsonl")) if run_dirs is None else \
+    dirs = sorted(p for p in runs_root.glob("*") if rundir.results_path(p).is_file()) if run_dirs is None else \
         [Path(d) for d in run_dirs]
     report_dir = Path(report_dir) if report_dir is not None else layout.report_dir(cfg)
     title = title or str(cfg.study.name)

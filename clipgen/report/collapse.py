@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from clipgen import rundir
+
 COLLAPSE_TOP_SHARE = 0.5
 COLLAPSE_OVER_TRUE = 2.0
 COLUMNS = ["run", "recipe_kind", "recipe_id", "model_name", "seed", "test_domain", "epoch", "n_images",
@@ -62,9 +64,9 @@ def run_concentration(run_dir: Path, epoch: int, domains: list[str]) -> list[dic
     """Concentration rows of one run at ``epoch`` for each of ``domains``, from its saved predictions; empty when
     the run kept no outputs (``eval.save_outputs=false``) or its files are unreadable."""
     run_dir = Path(run_dir)
-    path = run_dir / "eval" / "outputs" / f"epoch_{int(epoch):03d}.npz"
+    path = rundir.output_path(run_dir, epoch)
     try:
-        meta = json.loads((run_dir / "meta.json").read_text(encoding="utf-8"))
+        meta = json.loads(rundir.meta_path(run_dir).read_text(encoding="utf-8"))
         with np.load(path, allow_pickle=False) as z:
             preds, labels, doms = z["preds"], z["labels"], z["domains"].astype(str)
     except (OSError, ValueError, KeyError):

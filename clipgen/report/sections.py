@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from clipgen.facts import DOMAINS, NATURAL_DOMAIN, TEST_DOMAINS
+from clipgen import rundir
 from clipgen.recipes.naming import KIND_NAMES
 from clipgen.report.collapse import COLLAPSE_OVER_TRUE, COLLAPSE_TOP_SHARE
 
@@ -66,7 +67,7 @@ def run_facts(runs: pd.DataFrame) -> pd.DataFrame:
     out = []
     for r in runs.to_dict("records"):
         run_dir = Path(r["run_dir"])
-        meta = _read_json(run_dir / "meta.json") or {}
+        meta = rundir.read_meta(run_dir) or {}
         wid = meta.get("wandb_id")
         local = sorted(run_dir.glob(f"wandb/*run-*-{wid}")) if wid else []
         recipe = _recipe_dir(meta, run_dir)

@@ -12,19 +12,13 @@ from pathlib import Path
 
 import torch
 
+from clipgen import rundir
 from clipgen.errors import ClipgenError
 from clipgen.utils import atomic_torch_save
 
-CHECKPOINT_DIR = "checkpoints"
-LATEST = "latest.pt"
-
-
-def epoch_path(run_dir: str | Path, epoch: int) -> Path:
-    return Path(run_dir) / CHECKPOINT_DIR / f"epoch_{int(epoch):03d}.pt"
-
-
-def latest_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / LATEST
+# The run directory's file names live in clipgen.rundir.
+epoch_path = rundir.checkpoint_path
+latest_path = rundir.latest_path
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -49,9 +49,9 @@ def make_logger(cfg: DictConfig, run_dir: str | Path, run_name: str, run_id: str
     check_logger_config(cfg)
     if cfg.logger.backend == "none":
         return NullLogger()
-    from clipgen.rundir import read_meta, seedless
+    from clipgen.rundir import config_path, read_meta, seedless
 
-    saved = Path(run_dir) / "config.yaml"
+    saved = config_path(run_dir)
     config = OmegaConf.to_container(OmegaConf.load(saved) if saved.is_file() else cfg, resolve=True)
     config.update(extra_config or {})
     config.update({"run_name": run_name, "config_name": seedless(run_name)})

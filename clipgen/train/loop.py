@@ -47,7 +47,7 @@ from clipgen.eval.during_training import subset_evaluator
 from clipgen.train.logger import NullLogger, check_logger_config, make_logger
 from clipgen.train.model import create_clip, model_config
 from clipgen.train.supervised_model import create_supervised, supervised_labels, supervised_payload
-from clipgen.utils import atomic_write_json, atomic_write_text, git_sha, read_json, sha256_file, sweep_temp_files
+from clipgen.utils import atomic_write_text, git_sha, read_json, sha256_file, sweep_temp_files
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +192,9 @@ def run_train(cfg: DictConfig) -> dict:
 
 def _finished(run_dir: Path, name: str, spec: dict, manifest_sha: str, t_call: float) -> dict | None:
     """The result of a run that already finished (a rerun is a no-op), or None."""
-    if not (run_dir / "meta.json").exists():
+    if not rundir.is_run(run_dir):
         return None
-    old = read_json(run_dir / "meta.json", "run meta")
+    old = rundir.load_meta(run_dir)
     _check_same_run(run_dir, old, spec, manifest_sha)
     if old.get("status") != "finished":
         return None
@@ -305,7 +305,7 @@ def _train(cfg, denv, device, mcfg, recipe_dir, manifest, manifest_sha, name, ru
         step = samples_seen = epoch = batch = 0
         wandb_id, prior_seconds, last_loss = None, 0.0, None
         if main:
-            atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+            atomic_write_text(rundir.config_path(run_dir), OmegaConf.to_yaml(cfg, resolve=True))
             ckpt.save_epoch(run_dir, payload_fn(model, epoch=0, step=0, samples_seen=0, **common))
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -331,7 +331,7 @@ def _train(cfg, denv, device, mcfg, recipe_dir, manifest, manifest_sha, name, ru
     def write_meta(status: str) -> None:
         if not main:
             return
-        atomic_write_json(run_dir / "meta.json", {
+        rundir.write_meta(run_dir, {
             "run_name": name, "recipe_id": manifest["recipe_id"], "recipe_kind": manifest.get("kind"),
             "recipe_dir": str(recipe_dir), "manifest_sha256": manifest_sha, "test_domain": manifest.get("test_domain"),
             "heldout_classes": manifest.get("heldout_classes"), "classes": manifest.get("classes"),
