@@ -33,9 +33,9 @@ def test_study_end_to_end_on_tiny_world(tmp_path):
                 assert math.isfinite(r["metrics"][key]) and 0.0 <= r["metrics"][key] <= 1.0
             assert r["checkpoint_sha256"] and r["recipe_id"] == run.name.split("--")[0]
         assert (run / "eval" / "outputs" / "epoch_002.npz").is_file()
-    index = tmp_path / "report" / "index.html"
+    index = tmp_path / "reports" / "slice" / "index.html"  # the study's own report
     assert index.is_file() and "fig2_sketch.png" in index.read_text()
-    assert (tmp_path / "report" / "figures" / "fig2_sketch.png").is_file()
+    assert (index.parent / "figures" / "fig2_sketch.png").is_file()
 
     # relaunching the finished study redoes nothing: no checkpoint or result is rewritten
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/**/*") if p.is_file()
