@@ -12,7 +12,7 @@ from conftest import make_cfg
 
 from clipgen.errors import ClipgenError
 from clipgen.train.loop import run_train
-from clipgen.train.objective import step_lr_at
+from clipgen.train.optim import step_lr_at
 from clipgen.train.supervised_model import NUM_CLASSES, supervised_labels
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
