@@ -62,7 +62,7 @@ TRAINER_TEMP_FILES = (".latest.pt.*.tmp", ".meta.json.*.tmp", ".config.yaml.*.tm
 def _check_config(cfg: DictConfig) -> tuple[torch.device, dict]:
     """Cheap checks first, so a typo fails before the recipe is built. Returns (device, the model's config)."""
     tc = cfg.trainer
-    for key in ("epochs", "batch_size", "log_every", "save_every_steps"):
+    for key in ("epochs", "batch_size", "log_every", "save_every_steps", "accum_steps", "save_every_epochs"):
         if int(tc[key]) < 1:
             raise ClipgenError(f"trainer.{key}={tc[key]}: expected a positive integer")
     device = resolve_device(tc.device)
@@ -71,9 +71,6 @@ def _check_config(cfg: DictConfig) -> tuple[torch.device, dict]:
     check_data_config(cfg.data)
     check_objective_name(tc.objective)
     check_optim_config(cfg.optim)
-    for key in ("accum_steps", "save_every_epochs"):
-        if int(tc[key]) < 1:
-            raise ClipgenError(f"trainer.{key}={tc[key]}: expected a positive integer")
     objective_for(tc.objective).check(cfg)
     mcfg = model_config(cfg.model.name)
     if cfg.recipe.dry_run:
