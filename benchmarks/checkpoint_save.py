@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from clipgen.train import checkpoint as ckpt  # noqa: E402
 from clipgen.train.model import create_clip  # noqa: E402
-from clipgen.train.objective import make_optimizer  # noqa: E402
+from clipgen.train.optim import make_optimizer  # noqa: E402
 from clipgen.utils import atomic_torch_save  # noqa: E402
 
 

@@ -19,12 +19,12 @@ from conftest import make_cfg
 
 from clipgen.errors import ClipgenError
 from clipgen.train import checkpoint as ckpt
-from clipgen.train import loop
+from clipgen.train import session
 from clipgen.train.data import EpochLoader, TrainData, load_train_data, random_resized_crop
 from clipgen.train.logger import stable_run_id
 from clipgen.train.loop import run_train
-from clipgen.train.objective import lr_at, param_groups
 from clipgen.train.model import create_clip, register_clipgen_models
+from clipgen.train.optim import lr_at, param_groups
 
 # One torch thread: on a shared 2-core machine, 2 OpenMP threads can stall badly when other jobs compete.
 SMOKE = ("debug=smoke", "recipe=cg_high", "trainer.threads=1")
@@ -103,7 +103,7 @@ def test_interrupted_and_resumed_run_is_bitwise_equal(full_run, tiny_root, tmp_p
 
     spe = json.loads((run_dir / "meta.json").read_text())["steps_per_epoch"]
     stop_at = spe + 2  # in the second epoch, so the resume also crosses an epoch boundary
-    orig = loop.schedule
+    orig = session.schedule
 
     def schedule_and_signal(*args, **kwargs):
         lr_fn = orig(*args, **kwargs)
@@ -114,13 +114,13 @@ def test_interrupted_and_resumed_run_is_bitwise_equal(full_run, tiny_root, tmp_p
             return lr_fn(step)
         return lr_and_signal
 
-    monkeypatch.setattr(loop, "schedule", schedule_and_signal)
+    monkeypatch.setattr(session, "schedule", schedule_and_signal)
     with pytest.raises(SystemExit) as exc:
         run_train(make_cfg(tmp_path, *over))
     assert exc.value.code == 128 + signal.SIGUSR1
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # handlers restored
     assert torch.load(run_dir / "latest.pt", weights_only=True)["step"] == stop_at
-    monkeypatch.setattr(loop, "schedule", orig)
+    monkeypatch.setattr(session, "schedule", orig)
 
     last = run_train(make_cfg(tmp_path, *over))
     assert last["status"] == "finished" and last["steps"] == out_full["steps"]

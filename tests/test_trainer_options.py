@@ -12,7 +12,7 @@ from conftest import make_cfg
 
 from clipgen.errors import ClipgenError
 from clipgen.train.loop import run_train
-from clipgen.train.objective import step_lr_at
+from clipgen.train.optim import step_lr_at
 from clipgen.train.supervised_model import NUM_CLASSES, supervised_labels
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -135,3 +135,33 @@ def test_model_presets_build_offline_and_round_trip(preset, tmp_path):
     loaded, _, _ = open_clip.create_model_and_transforms(cfg.model.name, pretrained=str(path))
     a, b = model.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_supervised_micro_batches_give_the_full_batch_gradient(tiny_root):
+    """trainer.accum_steps splits the batch, not the loss: the supervised objective's loss, accuracy and
+    gradient over 4 micro-batches are those over the whole batch (tiny ViT: LayerNorm only, no batch statistics)."""
+    import contextlib
+
+    import open_clip
+
+    from clipgen.recipes.build import ensure_recipe
+    from clipgen.train.data import EpochLoader, load_train_data
+    from clipgen.train.objective import objective_for
+
+    cfg = make_cfg(tiny_root, *SMOKE, "trainer=supervised", "model=tiny_vit")
+    recipe_dir = Path(ensure_recipe(cfg))
+    objective = objective_for(cfg.trainer.objective)
+    model, tokenizer = objective.create_model(cfg.model.name, cfg.model.image_px)
+    assert tokenizer is None  # no text tower
+    data = load_train_data(recipe_dir, open_clip.get_tokenizer(cfg.model.name), int(cfg.model.image_px))
+    objective.prepare_data(data, recipe_dir)
+    batch = next(EpochLoader(data, 16, 0, int(cfg.model.image_px)).batches(0))
+    results = []
+    for accum in (1, 4):
+        model.zero_grad(set_to_none=True)
+        loss, acc = objective.backward(model, batch.images, batch, accum, contextlib.nullcontext, lambda x: x)
+        results.append((loss, acc, [p.grad.clone() for p in model.parameters()]))
+    (loss1, acc1, grad1), (loss4, acc4, grad4) = results
+    assert abs(loss1 - loss4) < 1e-5 and acc1 == acc4 and objective.stat == "acc"
+    assert max(float((a - b).abs().max()) for a, b in zip(grad1, grad4)) < 1e-5
+    assert max(float(g.abs().max()) for g in grad1) > 1e-3  # a gradient to compare, not zeros

@@ -121,9 +121,10 @@ class _Context:
     def model(self):
         if self._model is None:
             from clipgen.eval.models import load_checkpoint, model_kind
+            from clipgen.train.objective import objective_for
 
             kind = model_kind(self.info.meta, rundir.meta_path(self.info.run_dir))
-            if kind != "clip":
+            if not objective_for(kind).text_head:
                 raise ClipgenError(f"{self.info.run_dir}: model_kind {kind!r}; clipgen-analyze needs a CLIP run "
                                    "(its zero-shot head is the circuits' metric)")
             model, tok, _ = load_checkpoint(self.info.checkpoint, self.info.meta, self.image_px, kind)

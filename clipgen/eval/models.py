@@ -1,6 +1,7 @@
 """Loading a run's checkpoints and turning a model into logits over a task's classes, for both model kinds.
 
-``meta.json["model_kind"]`` (absent means ``"clip"``) picks the kind:
+``meta.json["model_kind"]`` (absent means ``"clip"``) names the run's objective (clipgen.train.objective), which
+builds the model and picks the head:
 
 - ``clip``: the zero-shot head of clipgen.eval.zeroshot (class embeddings from the templates; logits =
   logit_scale x cosine).
@@ -18,13 +19,13 @@ import numpy as np
 
 from clipgen.errors import ClipgenError
 
-MODEL_KINDS = ("clip", "supervised")
-
 
 def model_kind(meta: dict, meta_path: Path | str = "meta.json") -> str:
+    from clipgen.train.objective import OBJECTIVES
+
     kind = meta.get("model_kind") or "clip"
-    if kind not in MODEL_KINDS:
-        raise ClipgenError(f"{meta_path} has model_kind {kind!r}: expected one of {', '.join(MODEL_KINDS)} "
+    if kind not in OBJECTIVES:
+        raise ClipgenError(f"{meta_path} has model_kind {kind!r}: expected one of {', '.join(OBJECTIVES)} "
                            "(absent means clip)")
     return kind
 
@@ -69,14 +70,10 @@ def load_checkpoint(path: Path, meta: dict, image_px: int, kind: str = "clip", r
     key = (kind, name, int(ckpt.get("num_classes", 0)))
     if reuse is not None and key in reuse:
         model, tokenizer = reuse[key]
-    elif kind == "supervised":
-        from clipgen.train.supervised_model import NUM_CLASSES, create_supervised
-
-        model, tokenizer = create_supervised(name, image_px, int(ckpt.get("num_classes", NUM_CLASSES))), None
     else:
-        from clipgen.train.model import create_clip
+        from clipgen.train.objective import objective_for
 
-        model, tokenizer = create_clip(name, image_px)
+        model, tokenizer = objective_for(kind).create_model(name, image_px, ckpt)
     if reuse is not None:
         reuse.pop(key, None)  # a model whose load fails half-way is not handed out again
     _load_state(model, ckpt["state_dict"], path, name)
@@ -133,6 +130,7 @@ def clip_outputs(model, tokenizer, images, classnames: Sequence[str], templates:
 
 def model_outputs(kind: str, model, tokenizer, images, classnames: Sequence[str], templates: Sequence[str],
                   device="cpu", batch_size: int = 512, tokens=None) -> dict:
-    if kind == "supervised":
-        return supervised_outputs(model, images, classnames, device, batch_size)
-    return clip_outputs(model, tokenizer, images, classnames, templates, device, batch_size, tokens)
+    """The head of objective ``kind`` (its ``outputs``)."""
+    from clipgen.train.objective import objective_for
+
+    return objective_for(kind).outputs(model, tokenizer, images, classnames, templates, device, batch_size, tokens)

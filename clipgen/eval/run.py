@@ -128,9 +128,11 @@ def run_eval(cfg: DictConfig) -> dict:
     from clipgen.eval.testsets import imagenet_metrics
     from clipgen.eval.tracking import EvalTracker
     from clipgen.eval.zeroshot import tokenize_prompts
+    from clipgen.train.objective import objective_for
 
     run_dir, meta_path, meta, run_cfg = _load_run(cfg)
     kind = model_kind(meta, meta_path)
+    text_head = objective_for(kind).text_head  # CLIP's zero-shot head (templates, ImageNet) or a classifier's
     classes, heldout = list(meta["classes"]), list(meta["heldout_classes"])
     image_px = int(meta.get("image_px") or run_cfg.model.image_px)
     templates = list(zeroshot_templates(cfg.eval.templates))
@@ -139,12 +141,12 @@ def run_eval(cfg: DictConfig) -> dict:
         torch.set_num_threads(int(cfg.trainer.threads))
     device = _device(cfg)
     tasks = [task_name(d) for d in task_domains(meta)]
-    head = {"model_kind": kind, "classes": classes, "templates": templates if kind == "clip" else []}
+    head = {"model_kind": kind, "classes": classes, "templates": templates if text_head else []}
     imagenet_root, imagenet_samples = cfg.eval.get("imagenet_val_root"), None
-    if imagenet_root and kind == "supervised":
+    if imagenet_root and not text_head:
         # Its ImageNet classes that map to DomainNet were trained on one shared DomainNet column (e.g. 118 dog
         # breeds on "dog"), so a 1000-way ImageNet accuracy is not defined for it.
-        log.warning("%s: supervised run, skipping imagenet-val (no 1000-way ImageNet head)", run_dir.name)
+        log.warning("%s: %s run, skipping imagenet-val (no 1000-way ImageNet head)", run_dir.name, kind)
     elif imagenet_root:
         imagenet_samples = imagenet_val_samples(imagenet_root)  # a wrong folder fails before any work
         tasks.append(IMAGENET_TASK)
@@ -188,7 +190,7 @@ def run_eval(cfg: DictConfig) -> dict:
             dn_tasks = [t for t in missing if t != IMAGENET_TASK]
             if dn_tasks:
                 evalset = evalset or load_eval_set(run_cfg, meta, meta_path, image_px, Path(cache))
-                if kind == "clip" and (name, "dn") not in tokens:
+                if text_head and (name, "dn") not in tokens:
                     tokens[(name, "dn")] = tokenize_prompts(tokenizer, classes, templates)
                 # Every image of every task is embedded once per checkpoint; tasks are subsets of them.
                 out = model_outputs(kind, model, tokenizer, evalset.images, classes, templates, device, batch_size,
