@@ -21,7 +21,6 @@ member (a few to ~150 kB) at a known offset: cheap on local disks and on cluster
 """
 from __future__ import annotations
 
-import io
 import os
 import threading
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ import torch
 from clipgen.errors import ClipgenError
 from clipgen.train.data import (LOADERS, Batch, EpochLoader, canonical_order, data_sources, derive_seed,
                                 leak_guard, open_recipe, shard_tasks)
-from clipgen.train.decode import META_FIELDS, index_shards
+from clipgen.train.decode import META_FIELDS, decode_rgb, index_shards
 
 
 @dataclass
@@ -108,8 +107,6 @@ class _Reader:
     def images(self, idx: np.ndarray) -> torch.Tensor:
         """uint8 n x 3 x px x px for the samples ``idx`` (canonical indices), decoded as the in-memory loader
         decodes them."""
-        from PIL import Image
-
         d, px = self.data, self.data.image_px
         out = np.empty((len(idx), 3, px, px), dtype=np.uint8)
         for k, i in enumerate(idx.tolist()):
@@ -118,15 +115,14 @@ class _Reader:
             try:
                 if len(raw) != int(d.sizes[i]):
                     raise ValueError(f"read {len(raw)} of {int(d.sizes[i])} bytes")
-                with Image.open(io.BytesIO(raw)) as im:
-                    arr = np.asarray(im.convert("RGB"))
-                if arr.shape[:2] != (px, px):
-                    raise ValueError(f"{arr.shape[1]}x{arr.shape[0]} px, expected {px}x{px}")
+                arr = decode_rgb(raw)
+                if arr.shape[1:] != (px, px):
+                    raise ValueError(f"{arr.shape[2]}x{arr.shape[1]} px, expected {px}x{px}")
             except Exception as e:  # the shard changed after it was checked at start
                 raise ClipgenError(f"sample {d.meta['sample_id'][i]!r} in shard {d.shards[shard]!r} cannot be "
                                    f"decoded any more ({type(e).__name__}: {e}): the shard changed while training; "
                                    "rebuild the recipe and restart the run") from None
-            out[k] = arr.transpose(2, 0, 1)
+            out[k] = arr
         return torch.from_numpy(out)
 
     def close(self) -> None:
@@ -178,7 +174,7 @@ class StreamLoader(EpochLoader):
 
     def assemble(self, epoch: int, index: int, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor,
                                                                                                   torch.Tensor]:
-        images = self.reader.images(idx.numpy()).to(device).float().div_(255.0)
+        images = self.reader.images(idx.numpy()).to(device)
         images = self.augment_and_normalize(images, epoch, index)
         captions = [self.data.captions[i] for i in idx.tolist()]
         unique = {c: i for i, c in enumerate(dict.fromkeys(captions))}
