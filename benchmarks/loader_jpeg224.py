@@ -212,8 +212,8 @@ def bench(args, root: str) -> int:
             for s in sides:
                 r = run[s]()
                 runs[s].append(r)
-                print(f"run {i + 1} {s:6s} {r['samples_per_s']:6.0f} samples/s  ({r['samples']} in {r['seconds']:.1f} s, "
-                      f"start {r['start_seconds']:.1f} s, load {r['load']:.2f})", flush=True)
+                print(f"run {i + 1} {s:6s} {r['samples_per_s']:6.0f} samples/s  ({r['samples']} in "
+                      f"{r['seconds']:.1f} s, start {r['start_seconds']:.1f} s, load {r['load']:.2f})", flush=True)
     best = {s: max(rs, key=lambda r: r["samples_per_s"]) for s, rs in runs.items()}
     names = {"stream": "clipgen stream", "memory": "clipgen memory", "wds": "open_clip webdataset",
              "csv": "open_clip CsvDataset"}

@@ -12,6 +12,7 @@ import torch
 from conftest import make_cfg
 from PIL import Image
 
+from clipgen.errors import ClipgenError
 from clipgen.train.crop import CROP_TOLERANCE, SEPARABLE_MIN_PX, apply_crop, crop_normalize, normalize
 from clipgen.train.data import EpochLoader, crop_theta, load_train_data
 from clipgen.train.decode import decode_rgb, read_shard
@@ -121,3 +122,31 @@ def _aug_seed(seed: int, epoch: int, index: int) -> int:
     from clipgen.train.data import derive_seed
 
     return derive_seed("aug", seed, epoch, index)
+
+
+def test_damaged_jpeg_is_a_bad_sample(jpeg_recipe, tokenizer, tmp_path):
+    """A JPEG cut short (libjpeg only warns; the strict decoder refuses it, as PIL does) is reported like any bad
+    image: an error naming the shard and the key, or skipped and counted."""
+    import shutil
+    import tarfile
+
+    rdir, manifest = jpeg_recipe
+    copy = tmp_path / rdir.name
+    shutil.copytree(rdir, copy)
+    base = (rdir / manifest["base"]["dir"]).resolve()
+    shutil.copytree(base, tmp_path / base.name)
+    shard = copy / sorted(manifest["shards"])[0]
+    with tarfile.open(shard) as tf:
+        members = [(m.name, tf.extractfile(m).read()) for m in tf if m.isfile()]
+    victim = [n for n, _ in members if n.endswith(".jpg")][3]
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in members:
+            data = data[:len(data) // 2] if name == victim else data
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    key = victim.split(".", 1)[0]
+    with pytest.raises(ClipgenError, match=rf"shard-00000\.tar.*'{key}'.*cannot be decoded.*Premature end"):
+        load_train_data(copy, tokenizer, PX)
+    data = load_stream_data(copy, PX, on_bad_sample="skip")
+    assert data.num_skipped == 1 and data.bad_samples[0]["key"] == key

@@ -74,10 +74,12 @@ def _taps_pass(src: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, ou
     return out
 
 
-def crop_normalize(images: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
+def crop_normalize(images: torch.Tensor, theta: torch.Tensor, size: int,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 batch (b x c x h x w) -> cropped (``crop_theta`` boxes: scale + shift, no rotation), resized to
-    ``size`` x ``size`` bicubic, clamped to [0, 1] and normalised: float32 b x c x size x size. See the module
-    docstring for how it relates to ``normalize(apply_crop(images / 255, theta, size))``."""
+    ``size`` x ``size`` bicubic, clamped to [0, 1] and normalised: float32 b x c x size x size, written into ``out``
+    when given (a DataLoader worker passes shared memory: the batch then reaches the trainer without a copy). See
+    the module docstring for how it relates to ``normalize(apply_crop(images / 255, theta, size))``."""
     if images.device.type != "cpu" or size < SEPARABLE_MIN_PX:
         return normalize(apply_crop(images.float().div_(255.0), theta, size))
     b, c, h, w = images.shape
@@ -85,12 +87,13 @@ def crop_normalize(images: torch.Tensor, theta: torch.Tensor, size: int) -> torc
     ix, wx = cubic_taps(theta[:, 0, 0], theta[:, 0, 2], size, w)
     iy, wy = cubic_taps(theta[:, 1, 1], theta[:, 1, 2], size, h)
     mean, std = _mean_std("cpu", torch.float32)
-    out = torch.empty((b, c, size, size), dtype=torch.float32)
+    out = torch.empty((b, c, size, size), dtype=torch.float32) if out is None else out
     flipped = torch.empty((c, w, h), dtype=torch.float32)  # one image, x as the row axis
     along_x = torch.empty((c, size, h), dtype=torch.float32)
+    along_y = torch.empty((c, h, size), dtype=torch.float32)  # the same, y as the row axis
     for n in range(b):
         flipped.copy_(images[n].transpose(1, 2)).div_(255.0)  # the same floats as images.float() / 255
         _taps_pass(flipped, ix[n], wx[n], along_x)  # horizontal first, as grid_sample sums its taps
-        _taps_pass(along_x.transpose(1, 2).contiguous(), iy[n], wy[n], out[n])
+        _taps_pass(along_y.copy_(along_x.transpose(1, 2)), iy[n], wy[n], out[n])
         out[n].clamp_(0.0, 1.0).sub_(mean).div_(std)
     return out

@@ -306,12 +306,13 @@ class EpochLoader:
         """This rank's share of global batch ``index`` of ``epoch``."""
         return self.global_batch_indices(epoch, index, perm)[self._share()]
 
-    def augment_and_normalize(self, images: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
+    def augment_and_normalize(self, images: torch.Tensor, epoch: int, index: int,
+                              out: torch.Tensor | None = None) -> torch.Tensor:
         """This rank's share of global batch ``index`` of ``epoch`` as uint8 -> crop, resize, normalise (float32;
-        clipgen.train.crop)."""
+        clipgen.train.crop; ``out``: where to put the result, if the crop can)."""
         if self.augment:  # boxes drawn for the whole global batch, then this rank's share taken
             g = torch.Generator().manual_seed(derive_seed("aug", self.seed, int(epoch), int(index)))
-            return crop_normalize(images, crop_theta(self.batch_size, g)[self._share()], self.image_px)
+            return crop_normalize(images, crop_theta(self.batch_size, g)[self._share()], self.image_px, out)
         return normalize(images.float().div_(255.0))
 
     def make_batch(self, epoch: int, index: int, idx: torch.Tensor) -> Batch:

@@ -122,8 +122,26 @@ def read_shard(path: str) -> tuple[Samples, tuple[str | None, str] | None]:
     return _group((name, lambda data=data: data, offset) for name, data, offset in members)
 
 
+JPEG_MAGIC = b"\xff\xd8\xff"
+SIMPLEJPEG_SPACES = ("YCbCr", "Gray", "RGB")  # what libjpeg-turbo turns into RGB as PIL does (not CMYK/YCCK)
+
+
 def decode_rgb(raw: bytes) -> np.ndarray:
-    """An image file's bytes -> uint8 3 x h x w (RGB), as both loaders decode every training image."""
+    """An image file's bytes -> uint8 3 x h x w (RGB), as both loaders decode every training image.
+
+    JPEGs go to simplejpeg (libjpeg-turbo with PIL's settings: accurate integer IDCT, fancy upsampling), about
+    1.3x faster than PIL at 224 px because it skips PIL's image object and copies; its pixels are PIL's (checked
+    by tests/test_crop.py). ``strict`` turns libjpeg's warnings about damaged data into errors, as PIL raises for
+    a truncated file. Other formats, and JPEGs in CMYK, are decoded by PIL."""
+    if raw[:3] == JPEG_MAGIC:
+        import simplejpeg
+
+        try:
+            space = simplejpeg.decode_jpeg_header(raw)[2]
+        except ValueError:  # not a JPEG it can read: PIL names what is wrong
+            space = None
+        if space in SIMPLEJPEG_SPACES:
+            return simplejpeg.decode_jpeg(raw, colorspace="RGB", strict=True).transpose(2, 0, 1)
     from PIL import Image
 
     with Image.open(io.BytesIO(raw)) as im:

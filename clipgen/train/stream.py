@@ -175,7 +175,11 @@ class StreamLoader(EpochLoader):
     def assemble(self, epoch: int, index: int, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor,
                                                                                                   torch.Tensor]:
         images = self.reader.images(idx.numpy()).to(device)
-        images = self.augment_and_normalize(images, epoch, index)
+        out = None
+        if device.type == "cpu" and torch.utils.data.get_worker_info() is not None:
+            # in a DataLoader worker the batch goes to the trainer through shared memory: write it there directly
+            out = torch.empty((len(idx), 3, self.image_px, self.image_px)).share_memory_()
+        images = self.augment_and_normalize(images, epoch, index, out)
         captions = [self.data.captions[i] for i in idx.tolist()]
         unique = {c: i for i, c in enumerate(dict.fromkeys(captions))}
         tokens = self.tokenizer(list(unique)).long()[[unique[c] for c in captions]]
