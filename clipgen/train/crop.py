@@ -81,7 +81,9 @@ def crop_normalize(images: torch.Tensor, theta: torch.Tensor, size: int,
     when given (a DataLoader worker passes shared memory: the batch then reaches the trainer without a copy). See
     the module docstring for how it relates to ``normalize(apply_crop(images / 255, theta, size))``."""
     if images.device.type != "cpu" or size < SEPARABLE_MIN_PX:
-        return normalize(apply_crop(images.float().div_(255.0), theta, size))
+        cropped = apply_crop(images.float().div_(255.0), theta, size)
+        mean, std = _mean_std(cropped.device, cropped.dtype)
+        return torch.sub(cropped, mean, out=out).div_(std)  # normalize()'s values, into ``out`` when given
     b, c, h, w = images.shape
     theta = theta.to(torch.float32)
     ix, wx = cubic_taps(theta[:, 0, 0], theta[:, 0, 2], size, w)

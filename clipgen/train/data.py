@@ -16,8 +16,9 @@ partial batch is dropped: ``steps_per_epoch = N // batch_size``, ``samples_per_e
 batch_size``; ``trainer.epochs`` counts these passes. Bad samples skipped under ``data.on_bad_sample=skip`` are
 simply not among the N (they are listed in ``TrainData.bad_samples`` and the run's meta.json).
 
-Augmentation is the paper's RandomResizedCrop (scale 0.9-1.0, ratio 3/4-4/3, bicubic), done for the whole batch
-at once with ``affine_grid`` + ``grid_sample``. Its parameters come from a generator seeded with (seed, epoch,
+Augmentation is the paper's RandomResizedCrop (scale 0.9-1.0, ratio 3/4-4/3, bicubic) with ``affine_grid`` +
+``grid_sample``'s sampling, computed on CPU as two separable passes per image (clipgen.train.crop, which states
+the float tolerance against the batched grid_sample). Its parameters come from a generator seeded with (seed, epoch,
 batch index), and the permutation depends only on (seed, epoch); the loader position (epoch, batch index) is
 therefore all a resumed run needs to continue with exactly the next batch, augmented exactly as before.
 
