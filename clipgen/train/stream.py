@@ -184,7 +184,7 @@ class StreamLoader(EpochLoader):
                                                                                                   torch.Tensor]:
         images = self.reader.images(idx.numpy(), reuse=True).to(device)  # read only by the crop below
         out = None
-        if device.type == "cpu" and torch.utils.data.get_worker_info() is not None:
+        if self.augment and device.type == "cpu" and torch.utils.data.get_worker_info() is not None:
             # in a DataLoader worker the batch goes to the trainer through shared memory: write it there directly
             out = torch.empty((len(idx), 3, self.image_px, self.image_px)).share_memory_()
         images = self.augment_and_normalize(images, epoch, index, out)
