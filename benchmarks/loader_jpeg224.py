@@ -19,9 +19,10 @@ start-up does not dominate. Every side serves the same samples for the same epoc
 
 Printed per side: samples/s over the whole run (start-up included) and, for clipgen's loaders, after start-up; CPU
 time per sample of the main process and its workers together (less sensitive to other jobs than wall time); the
-bytes per sample that reach the trainer from worker processes; and, once, the per-image decode cost of the shards'
-JPEGs with PIL and with the decoder the loaders use. Sides alternate, --repeats times; each side's best run
-counts, printed with the 1-minute load average at its start. Floor: streaming >= 1.5x the webdataset pipeline
+bytes per sample that reach the trainer from worker processes; and, once, the per-image cost of decoding the
+shards' JPEGs (PIL vs clipgen's decoder) and of the crop + normalisation (batched grid_sample vs clipgen's).
+Sides alternate, --repeats times; each side's best run counts, printed with the 1-minute load average at its
+start. Floor: streaming >= 1.5x the webdataset pipeline
 (whole run, start-up check included); the exit status is 1 below it.
 """
 from __future__ import annotations
@@ -59,9 +60,10 @@ def _batch_bytes(*tensors) -> int:
 def _timed(run) -> dict:
     import gc
 
-    gc.collect()  # a finished side's workers are reaped before the next side's clock starts
+    gc.collect()
     load, cpu0, t0 = os.getloadavg()[0], _cpu_seconds(), time.perf_counter()
     out = run(t0)
+    gc.collect()  # the side's worker processes exit and are reaped inside its own time and CPU count
     out.update(seconds=time.perf_counter() - t0, cpu=_cpu_seconds() - cpu0, load=load)
     out["samples_per_s"] = out["samples"] / out["seconds"]
     return out
@@ -84,6 +86,7 @@ def run_clipgen(recipe_dir, tokenizer, px, batch, epochs, workers, seed, stream)
             for b in loader.batches(epoch):
                 n += b.images.shape[0]
                 moved += _batch_bytes(b.images, b.tokens, b.indices) if stream else 0
+        del loader, data
         return {"samples": n, "start_seconds": start, "bytes_per_sample": moved / max(n, 1)}
     return _timed(run)
 
@@ -103,7 +106,7 @@ def run_wds(shards, num_samples, tokenizer, px, batch, epochs, workers, seed) ->
             for images, texts in info.dataloader:
                 n += images.shape[0]
                 moved += _batch_bytes(images, texts)
-        del info  # persistent workers: shut them down inside the timed run
+        del info  # persistent workers: shut down inside the timed run
         return {"samples": n, "start_seconds": 0.0, "bytes_per_sample": moved / max(n, 1)}
     return _timed(run)
 
@@ -124,17 +127,32 @@ def run_csv(csv, tokenizer, px, batch, epochs, workers, seed) -> dict:
             for images, texts in loader:
                 n += images.shape[0]
                 moved += _batch_bytes(images, texts)
+        del loader
         return {"samples": n, "start_seconds": 0.0, "bytes_per_sample": moved / max(n, 1)}
     return _timed(run)
 
 
-def decode_costs(shards, limit: int = 500) -> dict[str, float]:
-    """ms per image to decode the shards' first ``limit`` JPEGs: PIL (webdataset's pilrgb) and clipgen's decoder."""
+def _best_ms(fn, items: int, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best / items * 1e3
+
+
+def kernel_costs(shards, px: int, limit: int = 256) -> dict[str, float]:
+    """ms per image, one thread: decoding the shards' first ``limit`` JPEGs with PIL (webdataset's pilrgb, the
+    old clipgen decoder) and with clipgen's decoder; cropping + normalising a batch of them with the batched
+    grid_sample (the old crop) and with clipgen's separable crop."""
     import io
 
     import numpy as np
+    import torch
     from PIL import Image
 
+    from clipgen.train.crop import apply_crop, crop_normalize, normalize
+    from clipgen.train.data import crop_theta
     from clipgen.train.decode import decode_rgb, read_shard
 
     raws = [parts["jpg"] for shard in shards for _, parts, _ in read_shard(str(shard))[0]][:limit]
@@ -143,16 +161,13 @@ def decode_costs(shards, limit: int = 500) -> dict[str, float]:
         with Image.open(io.BytesIO(raw)) as im:
             return np.asarray(im.convert("RGB"))
 
-    out = {}
-    for name, fn in (("PIL", pil), ("clipgen", decode_rgb)):
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for raw in raws:
-                fn(raw)
-            best = min(best, time.perf_counter() - t0)
-        out[name] = best / len(raws) * 1e3
-    return out
+    images = torch.from_numpy(np.stack([decode_rgb(r) for r in raws[:128]]))
+    theta = crop_theta(len(images), torch.Generator().manual_seed(0))
+    return {"load": os.getloadavg()[0], "decode PIL": _best_ms(lambda: [pil(r) for r in raws], len(raws)),
+            "decode clipgen": _best_ms(lambda: [decode_rgb(r) for r in raws], len(raws)),
+            "crop grid_sample": _best_ms(lambda: normalize(apply_crop(images.float().div_(255.0), theta, px)),
+                                         len(images)),
+            "crop clipgen": _best_ms(lambda: crop_normalize(images, theta, px), len(images))}
 
 
 def main() -> int:
@@ -202,7 +217,7 @@ def bench(args, root: str) -> int:
     with tempfile.TemporaryDirectory(prefix="clipgen-jpeg224-csv-") as tmp:
         csv, _ = paper_csv(cfg, Path(tmp))
         warm_cache(shards + (pd.read_csv(csv, sep="\t")["filepath"].tolist() if "csv" in sides else []))
-        costs = decode_costs(shards)
+        costs = kernel_costs(shards, px)
         run = {"stream": lambda: run_clipgen(recipe_dir, tokenizer, px, batch, e, w, seed, True),
                "memory": lambda: run_clipgen(recipe_dir, tokenizer, px, batch, e, w, seed, False),
                "wds": lambda: run_wds(shards, num_samples, tokenizer, px, batch, e, w, seed),
@@ -219,7 +234,10 @@ def bench(args, root: str) -> int:
              "csv": "open_clip CsvDataset"}
     print(f"\n== {num_samples} samples (recipe + base) as {px} px JPEG shards, batch {batch}, {e} epochs, {w} workers, "
           f"{os.cpu_count()} cores, torch {torch.__version__}, best of {args.repeats} ==")
-    print(f"decode one shard JPEG: PIL {costs['PIL']:.3f} ms, clipgen's decoder {costs['clipgen']:.3f} ms")
+    print(f"per image, 1 thread (load {costs['load']:.2f}): decode PIL {costs['decode PIL']:.3f} ms vs clipgen "
+          f"{costs['decode clipgen']:.3f} ms ({costs['decode PIL'] / costs['decode clipgen']:.2f}x); crop + normalise "
+          f"grid_sample {costs['crop grid_sample']:.3f} ms vs clipgen {costs['crop clipgen']:.3f} ms "
+          f"({costs['crop grid_sample'] / costs['crop clipgen']:.2f}x)")
     for s, r in best.items():
         steady = r["samples"] / max(r["seconds"] - r["start_seconds"], 1e-9)
         print(f"{names[s]:22s} {r['samples_per_s']:6.0f} samples/s whole run, {steady:6.0f} after start-up "

@@ -5,7 +5,7 @@ batch. A crop box is axis-aligned (scale and shift, no rotation), so the bicubic
 output pixel is the 4x4 tap sum ``sum_i sum_j wy_i wx_j v[clamp(y_i), clamp(x_j)]`` that grid_sample computes,
 done as one 4-tap pass along x and one along y. ``crop_normalize`` does that on CPU, one image at a time so that
 the image, its passes and its output stay in the CPU cache, and converts to float, clamps and normalises in the
-same pass: at 224 px it costs about a quarter of the batched grid_sample (benchmarks/loader_throughput.py).
+same pass: at 224 px it costs about a quarter of the batched grid_sample (benchmarks/loader_jpeg224.py).
 
 Tolerance: the taps and weights are grid_sample's (same cubic convolution, A = -0.75; same border clamping), but
 float32 rounding differs (coordinates are computed in a different order and the sums are grouped per axis). The
