@@ -71,6 +71,10 @@ def test_separable_crop_matches_grid_sample(jpeg_data):
     # crops to another size (the box is resampled, not just cut out)
     theta = crop_theta(len(images), g)
     assert (crop_normalize(images, theta, 80) - _reference(images, theta, 80)).abs().max().item() <= CROP_TOLERANCE
+    # a box that is not axis-aligned is not separable: the reference itself runs
+    turned = theta.clone()
+    turned[:, 0, 1] = 0.1
+    assert torch.equal(crop_normalize(images, turned, PX), _reference(images, turned, PX))
 
 
 def test_small_crops_keep_the_reference_bit_for_bit(jpeg_data):

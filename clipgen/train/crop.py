@@ -9,7 +9,7 @@ same pass: at 224 px it costs about a quarter of the batched grid_sample (benchm
 
 Tolerance: the taps and weights are grid_sample's (same cubic convolution, A = -0.75; same border clamping), but
 float32 rounding differs (coordinates are computed in a different order and the sums are grouped per axis). The
-normalised outputs agree with the reference to within ``CROP_TOLERANCE`` (tests/test_loader.py checks it on the
+normalised outputs agree with the reference to within ``CROP_TOLERANCE`` (tests/test_crop.py checks it on the
 world's images and on noise, the worst case). Both loaders use the same function, so they still give bitwise the
 same batches on CPU, and a resumed run bitwise the batches of an uninterrupted one. On other devices, and for
 crops under ``SEPARABLE_MIN_PX`` (the 32 px worlds, whose batches stay bitwise what they were), ``crop_normalize``
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CUBIC_A = -0.75  # grid_sample's (and PIL's / torchvision's) cubic convolution coefficient
+CUBIC_A = -0.75  # grid_sample's cubic convolution coefficient (PIL's bicubic uses -0.5)
 CROP_TOLERANCE = 1e-4  # max |separable - grid_sample| after normalisation (values span about -1.8 .. 2.2)
 SEPARABLE_MIN_PX = 64  # below this the per-image loop's overhead outweighs its saving (32 px: 2x slower)
 
@@ -80,7 +80,8 @@ def crop_normalize(images: torch.Tensor, theta: torch.Tensor, size: int,
     ``size`` x ``size`` bicubic, clamped to [0, 1] and normalised: float32 b x c x size x size, written into ``out``
     when given (a DataLoader worker passes shared memory: the batch then reaches the trainer without a copy). See
     the module docstring for how it relates to ``normalize(apply_crop(images / 255, theta, size))``."""
-    if images.device.type != "cpu" or size < SEPARABLE_MIN_PX:
+    rotated = bool(theta[:, 0, 1].any() or theta[:, 1, 0].any())  # not a crop_theta box: not separable
+    if images.device.type != "cpu" or size < SEPARABLE_MIN_PX or rotated:
         cropped = apply_crop(images.float().div_(255.0), theta, size)
         mean, std = _mean_std(cropped.device, cropped.dtype)
         return torch.sub(cropped, mean, out=out).div_(std)  # normalize()'s values, into ``out`` when given
