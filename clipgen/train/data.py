@@ -16,8 +16,9 @@ partial batch is dropped: ``steps_per_epoch = N // batch_size``, ``samples_per_e
 batch_size``; ``trainer.epochs`` counts these passes. Bad samples skipped under ``data.on_bad_sample=skip`` are
 simply not among the N (they are listed in ``TrainData.bad_samples`` and the run's meta.json).
 
-Augmentation is the paper's RandomResizedCrop (scale 0.9-1.0, ratio 3/4-4/3, bicubic), done for the whole batch
-at once with ``affine_grid`` + ``grid_sample``. Its parameters come from a generator seeded with (seed, epoch,
+Augmentation is the paper's RandomResizedCrop (scale 0.9-1.0, ratio 3/4-4/3, bicubic) with ``affine_grid`` +
+``grid_sample``'s sampling, computed on CPU as two separable passes per image (clipgen.train.crop, which states
+the float tolerance against the batched grid_sample). Its parameters come from a generator seeded with (seed, epoch,
 batch index), and the permutation depends only on (seed, epoch); the loader position (epoch, batch index) is
 therefore all a resumed run needs to continue with exactly the next batch, augmented exactly as before.
 
@@ -36,9 +37,9 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from clipgen.errors import ClipgenError
+from clipgen.train.crop import apply_crop, crop_normalize, normalize
 from clipgen.train.decode import BAD_SAMPLE_POLICIES, IMAGE_EXTS, META_FIELDS, ShardTask, decode_shards
 from clipgen.utils import read_json
 
@@ -244,27 +245,11 @@ def crop_theta(b: int, generator: torch.Generator, scale: tuple[float, float] = 
     return theta
 
 
-def apply_crop(images: torch.Tensor, theta: torch.Tensor, size: int, mode: str = "bicubic") -> torch.Tensor:
-    """Crop-and-resize a float batch in [0, 1] to ``size`` x ``size`` with one ``crop_theta`` matrix per image."""
-    theta = theta.to(device=images.device, dtype=images.dtype)
-    grid = F.affine_grid(theta, [images.shape[0], images.shape[1], size, size], align_corners=False)
-    out = F.grid_sample(images, grid, mode=mode, padding_mode="border", align_corners=False)
-    return out.clamp_(0.0, 1.0)  # bicubic overshoots
-
-
 def random_resized_crop(images: torch.Tensor, size: int, generator: torch.Generator,
                         scale: tuple[float, float] = CROP_SCALE, ratio: tuple[float, float] = CROP_RATIO,
                         attempts: int = 10, mode: str = "bicubic") -> torch.Tensor:
     """torchvision's RandomResizedCrop for a float batch of square images in [0, 1], one crop per sample."""
     return apply_crop(images, crop_theta(images.shape[0], generator, scale, ratio, attempts), size, mode)
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-    mean = torch.tensor(OPENAI_DATASET_MEAN, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_DATASET_STD, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    return (images - mean) / std
 
 
 @dataclass
@@ -322,15 +307,17 @@ class EpochLoader:
         """This rank's share of global batch ``index`` of ``epoch``."""
         return self.global_batch_indices(epoch, index, perm)[self._share()]
 
-    def augment_and_normalize(self, images: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
-        """This rank's share of global batch ``index`` of ``epoch`` as floats in [0, 1] -> crop, resize, normalise."""
+    def augment_and_normalize(self, images: torch.Tensor, epoch: int, index: int,
+                              out: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's share of global batch ``index`` of ``epoch`` as uint8 -> crop, resize, normalise (float32;
+        clipgen.train.crop; ``out``: where to put the result, if the crop can)."""
         if self.augment:  # boxes drawn for the whole global batch, then this rank's share taken
             g = torch.Generator().manual_seed(derive_seed("aug", self.seed, int(epoch), int(index)))
-            images = apply_crop(images, crop_theta(self.batch_size, g)[self._share()], self.image_px)
-        return normalize(images)
+            return crop_normalize(images, crop_theta(self.batch_size, g)[self._share()], self.image_px, out)
+        return normalize(images.float().div_(255.0))
 
     def make_batch(self, epoch: int, index: int, idx: torch.Tensor) -> Batch:
-        images = self.data.images[idx].to(self.device, non_blocking=True).float().div_(255.0)
+        images = self.data.images[idx].to(self.device, non_blocking=True)
         tokens = self.data.tokens[idx].to(self.device, non_blocking=True)
         return Batch(epoch=epoch, index=index, images=self.augment_and_normalize(images, epoch, index),
                      tokens=tokens, indices=idx, labels=self.labels_of(idx))

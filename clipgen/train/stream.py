@@ -21,7 +21,6 @@ member (a few to ~150 kB) at a known offset: cheap on local disks and on cluster
 """
 from __future__ import annotations
 
-import io
 import os
 import threading
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from clipgen.errors import ClipgenError
 from clipgen.procs import bind_to_parent
 from clipgen.train.data import (LOADERS, Batch, EpochLoader, canonical_order, data_sources, derive_seed,
                                 leak_guard, open_recipe, shard_tasks)
-from clipgen.train.decode import META_FIELDS, index_shards
+from clipgen.train.decode import META_FIELDS, decode_rgb, index_shards
 
 
 @dataclass
@@ -92,6 +91,7 @@ class _Reader:
         self.data = data
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
+        self._buffer: np.ndarray | None = None
 
     def __getstate__(self):
         return {"data": self.data}
@@ -106,28 +106,32 @@ class _Reader:
             self._fds[shard] = os.open(self.data.shards[shard], os.O_RDONLY)
         return self._fds[shard]
 
-    def images(self, idx: np.ndarray) -> torch.Tensor:
+    def images(self, idx: np.ndarray, reuse: bool = False) -> torch.Tensor:
         """uint8 n x 3 x px x px for the samples ``idx`` (canonical indices), decoded as the in-memory loader
-        decodes them."""
-        from PIL import Image
-
+        decodes them. ``reuse``: into this reader's buffer, valid until the next such call (a fresh array per
+        batch pays its page faults again, which on a VM cost a sizeable share of decoding it)."""
         d, px = self.data, self.data.image_px
-        out = np.empty((len(idx), 3, px, px), dtype=np.uint8)
+        shape = (len(idx), 3, px, px)
+        if not reuse:
+            out = np.empty(shape, dtype=np.uint8)
+        elif self._buffer is not None and self._buffer.shape == shape:
+            out = self._buffer
+        else:
+            out = self._buffer = np.empty(shape, dtype=np.uint8)
         for k, i in enumerate(idx.tolist()):
             shard = int(d.shard_of[i])
             raw = os.pread(self._fd(shard), int(d.sizes[i]), int(d.offsets[i]))
             try:
                 if len(raw) != int(d.sizes[i]):
                     raise ValueError(f"read {len(raw)} of {int(d.sizes[i])} bytes")
-                with Image.open(io.BytesIO(raw)) as im:
-                    arr = np.asarray(im.convert("RGB"))
-                if arr.shape[:2] != (px, px):
-                    raise ValueError(f"{arr.shape[1]}x{arr.shape[0]} px, expected {px}x{px}")
+                arr = decode_rgb(raw)
+                if arr.shape[1:] != (px, px):
+                    raise ValueError(f"{arr.shape[2]}x{arr.shape[1]} px, expected {px}x{px}")
             except Exception as e:  # the shard changed after it was checked at start
                 raise ClipgenError(f"sample {d.meta['sample_id'][i]!r} in shard {d.shards[shard]!r} cannot be "
                                    f"decoded any more ({type(e).__name__}: {e}): the shard changed while training; "
                                    "rebuild the recipe and restart the run") from None
-            out[k] = arr.transpose(2, 0, 1)
+            out[k] = arr
         return torch.from_numpy(out)
 
     def close(self) -> None:
@@ -180,8 +184,12 @@ class StreamLoader(EpochLoader):
 
     def assemble(self, epoch: int, index: int, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor,
                                                                                                   torch.Tensor]:
-        images = self.reader.images(idx.numpy()).to(device).float().div_(255.0)
-        images = self.augment_and_normalize(images, epoch, index)
+        images = self.reader.images(idx.numpy(), reuse=True).to(device)  # read only by the crop below
+        out = None
+        if self.augment and device.type == "cpu" and torch.utils.data.get_worker_info() is not None:
+            # in a DataLoader worker the batch goes to the trainer through shared memory: write it there directly
+            out = torch.empty((len(idx), 3, self.image_px, self.image_px)).share_memory_()
+        images = self.augment_and_normalize(images, epoch, index, out)
         captions = [self.data.captions[i] for i in idx.tolist()]
         unique = {c: i for i, c in enumerate(dict.fromkeys(captions))}
         tokens = self.tokenizer(list(unique)).long()[[unique[c] for c in captions]]
