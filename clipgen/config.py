@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import II, MISSING
 
 
 @dataclass
@@ -29,8 +29,9 @@ class WorldConfig:
     # Per-domain size factors (DomainNet is uneven: quickdraw and real large, clipart small).
     domain_scale: Dict[str, float] = field(default_factory=lambda: {
         "clipart": 0.6, "infograph": 0.7, "painting": 0.9, "quickdraw": 1.5, "real": 1.5, "sketch": 0.8})
-    render_px: int = 64  # images are drawn at this size ...
-    image_px: int = 32  # ... and box-downsampled to this size on disk
+    render_px: int = 64  # images are drawn at this size (>= image_px) ...
+    # ... and box-downsampled to this size on disk; follows the model's input size unless set explicitly
+    image_px: int = II("model.image_px")
     workers: int = 2  # processes used to render (0 or 1 = in-process)
 
 
@@ -79,7 +80,9 @@ class RecipeConfig:
     subsample: str = "first"  # first (paper: first n in split-file order) | random (seeded)
     seed: int = 0  # seed of the random subsample variant
     caption_seed: int = 42  # seed of the caption templates (paper: 42)
-    image_px: int = 32  # images are resized to this size when written into shards
+    # images are resized to this size when written into shards; follows the model's input size unless set (a
+    # recipe for training must match model.image_px: clipgen.preflight refuses a mismatch before any build)
+    image_px: int = II("model.image_px")
     image_format: str = "png"  # png (lossless) | jpg
     shard_size: int = 2000  # samples per shard (upper bound)
     min_shards: int = 2  # at least this many shards (workers x ranks)

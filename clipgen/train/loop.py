@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clipgen import layout
 from clipgen.errors import ClipgenError
+from clipgen.preflight import check_run_config
 from clipgen.train import checkpoint as ckpt
 from clipgen.train import dist
 from clipgen.train.objective import (check_trainer_config, clip_backward, enable_grad_checkpointing, make_optimizer,
@@ -179,6 +180,7 @@ def run_train(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.trainer.device)
     autocast(cfg.trainer.precision, device)
     check_logger_config(cfg)
+    check_run_config(cfg)  # image sizes and dataset keys agree, before the recipe is built
     check_data_config(cfg.data)
     check_trainer_config(cfg.trainer, cfg.optim)
     if cfg.trainer.objective == "supervised" and cfg.eval.during_training:
