@@ -53,7 +53,7 @@ def native_image_size(model_name: str) -> int | None:
 
 def check_image_sizes(cfg: DictConfig) -> None:
     """One size from the model to the disk: model.image_px is the model config's input size, recipes are written
-    at it, and a world that is read is stored at it (and drawn at least that large)."""
+    at it, and a world that is read is stored at it."""
     m_px, r_px = int(cfg.model.image_px), int(cfg.recipe.image_px)
     native = native_image_size(str(cfg.model.name))
     if native is not None and m_px != native:
@@ -63,14 +63,9 @@ def check_image_sizes(cfg: DictConfig) -> None:
         raise ClipgenError(f"recipe.image_px={r_px} does not match model.image_px={m_px} "
                            f"(model.name={cfg.model.name}): expected recipe.image_px={m_px}, or leave it unset "
                            "(it follows the model)")
-    if uses_world(cfg):
-        w_px, render = int(cfg.world.image_px), int(cfg.world.render_px)
-        if w_px != r_px:
-            raise ClipgenError(f"world.image_px={w_px} does not match recipe.image_px={r_px}: expected "
-                               f"world.image_px={r_px}, or leave it unset (it follows the model)")
-        if render < w_px:
-            raise ClipgenError(f"world.render_px={render} is below world.image_px={w_px}: expected "
-                               f"world.render_px >= {w_px} (images are drawn large and box-downsampled)")
+    if uses_world(cfg) and int(cfg.world.image_px) != r_px:
+        raise ClipgenError(f"world.image_px={cfg.world.image_px} does not match recipe.image_px={r_px}: expected "
+                           f"world.image_px={r_px}, or leave it unset (it follows the model)")
 
 
 def check_run_config(cfg: DictConfig) -> None:
