@@ -27,14 +27,17 @@ EXPECTED_RUNS = {"paper_grid": 78, "paper_allow": 60, "paper_interpolation": 18,
 
 
 def readme_commands() -> list[list[str]]:
-    """Every ``clipgen-study experiment=...`` command of the README (continuation lines joined), as arguments."""
+    """Every ``clipgen-study experiment=...`` command of the README (continuation lines joined), as arguments
+    (without the program name)."""
     text = README.read_text().replace("\\\n", " ")
-    return [shlex.split(line, comments=True)[1:] for line in text.splitlines() if line.startswith("clipgen-study experiment=")]
+    return [shlex.split(line, comments=True)[1:] for line in text.splitlines()
+            if line.startswith("clipgen-study experiment=")]
 
 
 def cluster_command(experiment: str, world: Path, cc: Path | None = None) -> list[str]:
     """The README's cluster (not dry-run, not rehearsal) command of a preset (paper_grid's for the paper presets
-    without their own) with the real paths swapped for the rehearsal world's: /data/domainnet -> W/domainnet, /data/imagenet... -> W/natural/..., CC12M -> cc shards."""
+    without their own) with the real paths swapped for the rehearsal world's: /data/domainnet -> W/domainnet,
+    /data/imagenet... -> W/natural/..., CC12M -> shards faked from the world's base corpus."""
     cluster = [c for c in readme_commands() if not any(a.startswith(("study.dry_run", "debug=")) for a in c)]
     cmds = [c for c in cluster if c[0] == f"experiment={experiment}"]
     if not cmds:  # the README: every other paper preset takes paper_grid's command with its own name
@@ -68,8 +71,8 @@ def _cc_shards(world: Path, out: Path) -> Path:
         with tarfile.open(out / f"{si:05d}.tar", "w") as tf:
             for j, e in enumerate(entries[si * half:(si + 1) * half]):
                 key = f"{si:05d}{j:04d}"
-                for name, data in ((f"{key}.jpg", (world / "natural" / "train" / e["wnid"] / e["filename"]).read_bytes()),
-                                   (f"{key}.txt", f"{e['title']} {' '.join(e['tags'])}".encode())):
+                jpg = (world / "natural" / "train" / e["wnid"] / e["filename"]).read_bytes()
+                for name, data in ((f"{key}.jpg", jpg), (f"{key}.txt", f"{e['title']} {' '.join(e['tags'])}".encode())):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tf.addfile(info, io.BytesIO(data))
@@ -127,11 +130,25 @@ def test_paper_preset_dry_run_plans_every_recipe(full_world, experiment, capsys)
     assert not (root / "recipes").exists() or not any((root / "recipes").glob("lso-*"))  # a dry run writes nothing
 
 
+def test_readme_rehearsal_command_is_the_cluster_command_with_the_paths_swapped(tmp_path):
+    """What the README tells a user to rehearse is what test_rehearsal_run_of_each_paper_preset[paper_grid-RN50]
+    runs: the cluster command's arguments (paths swapped) + debug=rehearsal + the one-run restriction."""
+    world = tmp_path / "W"
+    rehearsals = [[a.replace("$W", str(world)) for a in c] for c in readme_commands() if "debug=rehearsal" in c]
+    assert len(rehearsals) == 1
+    ran = {*cluster_command("paper_grid", world), "debug=rehearsal", *ONE_RUN}
+    assert set(rehearsals[0]) <= ran
+    assert {a for a in ran - set(rehearsals[0])} <= {a for a in ran if a.startswith("study.slurm.")}
+
+
 # (preset, extra overrides restricting it to one run, expected model name)
+ONE_RUN = ["study.test_domains=[sketch]", "study.recipes=[cg_high]", "study.seeds=[0]"]  # the README's rehearsal
 RUNS = [
-    ("paper_grid", ["study.test_domains=[sketch]", "study.recipes=[cg_high]"], "RN50"),
-    ("paper_grid", ["study.test_domains=[sketch]", "study.recipes=[cg_low]", "model=vit_b_32"], "ViT-B-32"),
-    ("paper_grid", ["study.test_domains=[sketch]", "study.recipes=[cg_low]", "model=swin_t"], "clipgen-swin-t"),
+    ("paper_grid", ONE_RUN, "RN50"),
+    ("paper_grid", ["study.test_domains=[sketch]", "study.recipes=[cg_low]", "study.seeds=[0]", "model=vit_b_32"],
+     "ViT-B-32"),
+    ("paper_grid", ["study.test_domains=[sketch]", "study.recipes=[cg_low]", "study.seeds=[0]", "model=swin_t"],
+     "clipgen-swin-t"),
     ("paper_allow", ["study.test_domains=[sketch]", "study.recipes=[allow:0.4:cg_low]"], "RN50"),
     ("paper_interpolation", ["study.test_domains=[sketch]", "study.recipes=[interpolation:qrs]"], "RN50"),
     ("paper_aligned", [], "RN50"),
@@ -153,7 +170,7 @@ def test_rehearsal_run_of_each_paper_preset(small_world, one_torch_thread, exper
 def test_rehearsal_run_of_each_world_preset(tmp_path, one_torch_thread, experiment):
     """The world presets read the synthetic world itself; the tiny world stands in for their larger ones."""
     cfg = make_cfg(tmp_path, f"experiment={experiment}", "debug=rehearsal", "world=tiny",
-                   "study.test_domains=[sketch]", "study.recipes=[cg_low]", "trainer.threads=1")
+                   "study.test_domains=[sketch]", "study.recipes=[cg_low]", "study.seeds=[0]", "trainer.threads=1")
     assert cfg.model.name == "clipgen-tiny-rn" and cfg.world.image_px == cfg.recipe.image_px == 32
     _run_and_check(cfg, tmp_path)
 
