@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from clipgen.errors import ClipgenError
 
@@ -30,7 +30,7 @@ def check_data_keys(cfg: DictConfig) -> None:
     data=domainnet, data.domainnet_root=... would otherwise train on the synthetic world)."""
     d = cfg.data
     for key, used, needs in _DATA_KEYS:
-        value = d.get(key)
+        value = None if OmegaConf.is_missing(d, key) else d.get(key)  # ??? (data=domainnet's unset paths) = unset
         if value not in (None, "") and not used(d):
             raise ClipgenError(f"data.{key}={value} is set but not read with data.source={d.source}, "
                                f"data.base={d.base}: expected {needs}, or leave data.{key} unset")

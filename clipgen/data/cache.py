@@ -33,22 +33,44 @@ log = logging.getLogger("clipgen.data")
 INDEX_CACHE_VERSION = 1
 _FIELDS = tuple(f.name for f in fields(Sample))
 _MEMO_ENTRIES = 4  # indexes kept in memory per process (DomainNet + a base corpus, each ~0.3 GB at full size)
-# cache file path -> (samples, values derived from them); the path carries the key of parameters and inputs
-_MEMO: "OrderedDict[str, tuple[list[Sample], dict]]" = OrderedDict()
+# cache file path (it carries the key of parameters and inputs) -> (samples, values derived from them, the cache
+# file's size and mtime when decoded)
+_MEMO: "OrderedDict[str, tuple[list[Sample], dict, tuple | None]]" = OrderedDict()
+
+
+def _file_stat(path: Path) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def _remember(path: Path, samples: list[Sample]) -> list[Sample]:
-    _MEMO[str(path)] = (samples, {})
+    _MEMO[str(path)] = (samples, {}, _file_stat(path))
     _MEMO.move_to_end(str(path))
     while len(_MEMO) > _MEMO_ENTRIES:
         _MEMO.popitem(last=False)
     return samples
 
 
+def _remembered(path: Path) -> list[Sample] | None:
+    """The index this process decoded from ``path``, while the file is the one it decoded (a cache file replaced
+    or damaged since is read again, and its damage reported)."""
+    entry = _MEMO.get(str(path))
+    if entry is None:
+        return None
+    if entry[2] is None or _file_stat(path) != entry[2]:
+        del _MEMO[str(path)]
+        return None
+    _MEMO.move_to_end(str(path))
+    return entry[0]
+
+
 def derived(samples: list[Sample], name: str, compute: Callable[[list[Sample]], object]):
     """``compute(samples)``, computed once per process for an index this module returned from its memory (the
     same list object), else every time."""
-    for held, values in _MEMO.values():
+    for held, values, _ in _MEMO.values():
         if held is samples:
             if name not in values:
                 values[name] = compute(samples)
@@ -91,9 +113,9 @@ def cached_index(cache_dir: Path | None, name: str, params: dict, inputs: Iterab
         return read()
     key = stable_hash({"name": name, "params": params, "inputs": stats, "version": INDEX_CACHE_VERSION}, 16)
     path = Path(cache_dir) / f"index-{name}-{key}.json.gz"
-    if str(path) in _MEMO and path.is_file():
-        _MEMO.move_to_end(str(path))
-        return _MEMO[str(path)][0]
+    memo = _remembered(path)
+    if memo is not None:
+        return memo
     if path.is_file():
         try:
             return _remember(path, _decode(path.read_bytes()))
