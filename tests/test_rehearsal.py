@@ -17,6 +17,7 @@ from conftest import make_cfg
 from clipgen.data.sources import base_index, domainnet_index
 from clipgen.facts import domainnet_classes, domainnet_to_imagenet
 from clipgen.launch.study import job_config, run_study, study_jobs
+from clipgen.preflight import check_run_config
 from clipgen.recipes.build import build_recipe
 from clipgen.world.generate import generate_world
 
@@ -56,6 +57,46 @@ def cluster_command(experiment: str, world: Path, cc: Path | None = None) -> lis
         assert "/data/" not in arg, arg
         out.append(arg)
     return out
+
+
+def readme_data_commands(world: Path, cc: Path) -> list[tuple[str, list[str]]]:
+    """Every clipgen-study / clipgen-train command of the README that names real data, with the rehearsal world's
+    paths swapped in, Hydra's launcher keys left out and each sweep at its first value (one job of it)."""
+    text = README.read_text().replace("\\\n", " ")
+    swap = {"/data/domainnet": f"{world}/domainnet", "/data/imagenet_captions.json":
+            f"{world}/natural/imagenet_captions.json", "/data/imagenet/train": f"{world}/natural/train",
+            "$W/domainnet": f"{world}/domainnet", "$W/natural/imagenet_captions.json":
+            f"{world}/natural/imagenet_captions.json", "$W/natural/train": f"{world}/natural/train"}
+    out = []
+    for line in text.splitlines():
+        if not line.startswith(("clipgen-study ", "clipgen-train ")) or ("/data/" not in line and "$W" not in line):
+            continue
+        args = []
+        for arg in shlex.split(line, comments=True)[1:]:
+            key, _, value = arg.partition("=")
+            if arg in ("-m", "...") or key.startswith(("hydra/launcher", "hydra.launcher")):
+                continue
+            if key == "data.cc_shards":
+                value = f"'{cc}/{{00000..00001}}.tar'"
+            elif not value.startswith("[") and "," in value:
+                value = value.split(",")[0]
+            args.append(f"{key}={swap.get(value, value)}")
+        out.append((line.split()[0], args))
+    return out
+
+
+def test_readme_data_commands_compose_and_read_the_rehearsal_world(full_world):
+    """The README's cluster and DomainNet commands work as written: they compose, pass the cross-key checks, and
+    read DomainNet and their base corpus from the paths they name."""
+    root, world = full_world
+    commands = readme_data_commands(world, _cc_shards(world, root / "cc12m"))
+    assert len(commands) >= 6
+    for program, args in commands:
+        cfg = make_cfg(root, *args)
+        check_run_config(cfg)
+        assert cfg.data.source == "domainnet" and cfg.recipe.image_px == cfg.model.image_px == 224, args
+        assert str(world) in str(domainnet_index(cfg)[0].path)
+        assert len(base_index(cfg)) > 0
 
 
 def _world(root, *overrides: str) -> Path:
