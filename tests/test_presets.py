@@ -138,3 +138,15 @@ def test_dataset_key_for_an_unselected_source_is_an_error(tmp_path, override, ke
     cfg = make_cfg(tmp_path, override)
     with pytest.raises(ClipgenError, match=f"{key}=.* is set but not read with data.source=world"):
         check_run_config(cfg)
+
+
+def test_cli_refuses_a_size_mismatch_in_one_line_before_building(tmp_path):
+    import subprocess
+
+    out = subprocess.run(["clipgen-study", f"paths.root={tmp_path}", "experiment=paper_grid", *DATA_PATHS["domainnet"],
+                          "recipe.image_px=32"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["clipgen: error: recipe.image_px=32 does not match model.image_px=224 "
+                                               "(model.name=RN50): expected recipe.image_px=224, or leave it unset "
+                                               "(it follows the model)"]
+    assert not any(tmp_path.iterdir())  # no world, recipe, log or run was written
