@@ -71,7 +71,8 @@ def check_world_config(cfg: DictConfig) -> None:
     if w.get("image_format", "png") not in IMAGE_FORMATS:
         raise ClipgenError(f"invalid world.image_format={w.get('image_format')!r}: expected one of "
                            f"{', '.join(IMAGE_FORMATS)}")
-    _int(cfg, "image_px", 8), _int(cfg, "render_px", 8)
+    for key in ("image_px", "render_px"):  # any pair: drawn larger is downsampled, drawn smaller upscaled
+        _int(cfg, key, 8)
     scale = w.get("domain_scale") or {}
     for key in scale:
         if key not in DOMAINS:
