@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import II, MISSING
 
 
 @dataclass
@@ -30,7 +30,14 @@ class WorldConfig:
     domain_scale: Dict[str, float] = field(default_factory=lambda: {
         "clipart": 0.6, "infograph": 0.7, "painting": 0.9, "quickdraw": 1.5, "real": 1.5, "sketch": 0.8})
     render_px: int = 64  # images are drawn at this size ...
-    image_px: int = 32  # ... and box-downsampled to this size on disk
+    # ... and box-downsampled (or, drawn smaller, bilinearly upscaled) to this size on disk; follows the model's
+    # input size unless set explicitly
+    image_px: int = II("model.image_px")
+    # png (lossless, {domain}_{label}_{i}.png) | jpg (as the real data: DomainNet .jpg, ImageNet .JPEG)
+    image_format: str = "png"
+    # natural corpus only for classes with an ImageNet wnid, in ImageNet's folders (as ImageNet-Captions is);
+    # false: every world class, unmapped ones in dn{label:03d} folders
+    base_imagenet_only: bool = False
     workers: int = 2  # processes used to render (0 or 1 = in-process)
 
 
@@ -79,7 +86,9 @@ class RecipeConfig:
     subsample: str = "first"  # first (paper: first n in split-file order) | random (seeded)
     seed: int = 0  # seed of the random subsample variant
     caption_seed: int = 42  # seed of the caption templates (paper: 42)
-    image_px: int = 32  # images are resized to this size when written into shards
+    # images are resized to this size when written into shards; follows the model's input size unless set (a
+    # recipe for training must match model.image_px: clipgen.preflight refuses a mismatch before any build)
+    image_px: int = II("model.image_px")
     image_format: str = "png"  # png (lossless) | jpg
     shard_size: int = 2000  # samples per shard (upper bound)
     min_shards: int = 2  # at least this many shards (workers x ranks)
@@ -135,6 +144,9 @@ class TrainerConfig:
 @dataclass
 class EvalConfig:
     templates: str = "paper86"  # paper86 (80 OpenAI + 6 domain templates) | domain_free
+    # 0 = every template of eval.templates; N > 0 = only its first N (debug=rehearsal: 345 classes x 86 templates
+    # of RN50's text tower take ~30 CPU minutes per checkpoint). Recorded with every result; not the paper's head.
+    max_templates: int = 0
     batch_size: int = 512  # images per forward pass
     run_dir: Optional[str] = None  # evaluate this run directory instead of the one the config names
     save_outputs: bool = True  # keep predictions, logits and embeddings per checkpoint

@@ -27,6 +27,10 @@ def world_spec(cfg: DictConfig) -> dict:
     """Everything that determines the world's bytes (the held-out classes are forced into its class list)."""
     spec = OmegaConf.to_container(cfg.world, resolve=True)
     spec.pop("workers", None)  # how many processes render does not change the output
+    # Keys added later leave the spec (and so the directory of every existing world) unchanged at their defaults.
+    for key, default in (("image_format", "png"), ("base_imagenet_only", False)):
+        if spec.get(key) == default:
+            spec.pop(key)
     spec["heldout_classes"] = list(cfg.heldout.classes)
     spec["generator_version"] = 1
     return spec

@@ -413,3 +413,27 @@ def test_manifest_counts_equal_shard_contents(tiny_root):
             assert m["split"] == "train"
     assert per_shard == sizes == manifest["shards"]
     assert counts == manifest["counts"] and sum(sizes.values()) == manifest["num_samples"]
+
+
+def test_index_memo_serves_every_recipe_of_a_process_and_follows_its_inputs(dn_copy, tmp_path, monkeypatch):
+    """A multirun of recipe dry runs (one process) decodes the cached index once: later jobs get the same list,
+    its hash and its grouping without work; an edited split file or a replaced cache file is read again."""
+    from clipgen.data import cache
+    from clipgen.data.index import index_hash
+
+    cfg = dn_cfg(tmp_path / "out", dn_copy)
+    first = domainnet_index(cfg)
+    assert cache.derived(first, "index_hash", index_hash) == index_hash(first)
+    monkeypatch.setattr(cache, "_decode", lambda raw: pytest.fail("the index was decoded again"))
+    again = domainnet_index(dn_cfg(tmp_path / "out", dn_copy))  # the next job's freshly composed config
+    assert again is first
+    assert cache.derived(again, "index_hash", lambda s: pytest.fail("hashed again")) == index_hash(first)
+    # A damaged cache file is not trusted from memory either: it is read (and reported) again.
+    monkeypatch.undo()
+    for f in (tmp_path / "out" / "cache").glob("index-domainnet-*"):
+        f.write_bytes(b"not gzip")
+    assert domainnet_index(cfg) == first
+    # An edited split file changes the key: read from the folder again.
+    lines = (dn_copy / "sketch_test.txt").read_text().splitlines()
+    (dn_copy / "sketch_test.txt").write_text("".join(ln + "\n" for ln in lines[:-1]))
+    assert len(domainnet_index(cfg)) == len(first) - 1

@@ -183,7 +183,8 @@ def test_concurrent_builder_wins(tmp_path, monkeypatch):
     ("world.domain_scale.real=0", "world.domain_scale.real"),
     ("world.num_heldout=16", "world.num_heldout"),
     ("world.num_classes=1", "world.num_classes"),
-    ("world.render_px=16", "world.render_px"),
+    ("world.render_px=4", "world.render_px"),
+    ("world.image_format=gif", "world.image_format"),
     ("world.train_per_class=0", "world.train_per_class"),
 ])
 def test_bad_config_raises(tmp_path, override, needle):

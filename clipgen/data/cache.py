@@ -9,6 +9,11 @@ read again. Only a reader's full success is cached, so its errors (a malformed s
 time. A cache file that cannot be read is reported and rebuilt. The cache holds no pixels and only reflects the
 inputs it names: an image file deleted from a DomainNet folder after the first read is noticed when a recipe
 build reads that image, not here. ``data.index_cache=false`` turns the cache off.
+
+The reader's existence check of every listed image is part of the cached read, so it runs once per set of split
+files, not once per recipe. Within one process (a Hydra multirun of ``clipgen-recipe``, a study planning its
+recipes) the decoded index is also kept in memory under the same key, with values derived from it (its hash,
+its grouping for the planner; ``derived``), so each job after the first only stats the input files.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import gzip
 import json
 import logging
 import os
+from collections import OrderedDict
 from dataclasses import fields
 from pathlib import Path
 from typing import Callable, Iterable
@@ -26,6 +32,50 @@ from clipgen.utils import atomic_write_bytes, stable_hash
 log = logging.getLogger("clipgen.data")
 INDEX_CACHE_VERSION = 1
 _FIELDS = tuple(f.name for f in fields(Sample))
+_MEMO_ENTRIES = 4  # indexes kept in memory per process (DomainNet + a base corpus, each ~0.3 GB at full size)
+# cache file path (it carries the key of parameters and inputs) -> (samples, values derived from them, the cache
+# file's size and mtime when decoded)
+_MEMO: "OrderedDict[str, tuple[list[Sample], dict, tuple | None]]" = OrderedDict()
+
+
+def _file_stat(path: Path) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _remember(path: Path, samples: list[Sample]) -> list[Sample]:
+    _MEMO[str(path)] = (samples, {}, _file_stat(path))
+    _MEMO.move_to_end(str(path))
+    while len(_MEMO) > _MEMO_ENTRIES:
+        _MEMO.popitem(last=False)
+    return samples
+
+
+def _remembered(path: Path) -> list[Sample] | None:
+    """The index this process decoded from ``path``, while the file is the one it decoded (a cache file replaced
+    or damaged since is read again, and its damage reported)."""
+    entry = _MEMO.get(str(path))
+    if entry is None:
+        return None
+    if entry[2] is None or _file_stat(path) != entry[2]:
+        del _MEMO[str(path)]
+        return None
+    _MEMO.move_to_end(str(path))
+    return entry[0]
+
+
+def derived(samples: list[Sample], name: str, compute: Callable[[list[Sample]], object]):
+    """``compute(samples)``, computed once per process for an index this module returned from its memory (the
+    same list object), else every time."""
+    for held, values, _ in _MEMO.values():
+        if held is samples:
+            if name not in values:
+                values[name] = compute(samples)
+            return values[name]
+    return compute(samples)
 
 
 def _stats(inputs: Iterable[Path]) -> list | None:
@@ -63,9 +113,12 @@ def cached_index(cache_dir: Path | None, name: str, params: dict, inputs: Iterab
         return read()
     key = stable_hash({"name": name, "params": params, "inputs": stats, "version": INDEX_CACHE_VERSION}, 16)
     path = Path(cache_dir) / f"index-{name}-{key}.json.gz"
+    memo = _remembered(path)
+    if memo is not None:
+        return memo
     if path.is_file():
         try:
-            return _decode(path.read_bytes())
+            return _remember(path, _decode(path.read_bytes()))
         except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
             log.warning("index cache %s cannot be read (%s): reading the source again", path, e)
     samples = read()
@@ -73,4 +126,5 @@ def cached_index(cache_dir: Path | None, name: str, params: dict, inputs: Iterab
         atomic_write_bytes(path, _encode(samples))
     except OSError as e:  # a read-only root still works, just without the cache
         log.warning("index cache %s cannot be written (%s): continuing without it", path, e)
-    return samples
+        return samples
+    return _remember(path, samples)

@@ -13,9 +13,11 @@ from clipgen.data.imagenet_captions import read_imagenet_captions, read_imagenet
 from clipgen.data.index import Sample
 from clipgen.errors import ClipgenError
 from clipgen.facts import DOMAINS
+from clipgen.preflight import check_data_keys
 
 
 def domainnet_root(cfg: DictConfig) -> Path:
+    check_data_keys(cfg)  # a DomainNet root given while the source is the world is an error, not ignored
     if cfg.data.source == "world":
         return layout.world_dir(cfg) / "domainnet"
     if cfg.data.source == "domainnet":
@@ -60,6 +62,7 @@ def domainnet_index(cfg: DictConfig, check_files: bool = True) -> list[Sample]:
 
 
 def base_index(cfg: DictConfig) -> list[Sample]:
+    check_data_keys(cfg)
     base = cfg.data.base
     if base == "none":
         return []

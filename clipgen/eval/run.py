@@ -136,6 +136,13 @@ def run_eval(cfg: DictConfig) -> dict:
     classes, heldout = list(meta["classes"]), list(meta["heldout_classes"])
     image_px = int(meta.get("image_px") or run_cfg.model.image_px)
     templates = list(zeroshot_templates(cfg.eval.templates))
+    max_templates = int(cfg.eval.get("max_templates") or 0)
+    if max_templates < 0:
+        raise ClipgenError(f"eval.max_templates={max_templates}: expected 0 (every template) or a positive count")
+    if max_templates:
+        templates = templates[:max_templates]
+        log.warning("%s: eval.max_templates=%d: zero-shot head of the first %d of the %s templates (a rehearsal "
+                    "setting, not the paper's head)", run_dir.name, max_templates, len(templates), cfg.eval.templates)
     batch_size = int(cfg.eval.batch_size)
     if cfg.trainer.get("threads"):
         torch.set_num_threads(int(cfg.trainer.threads))
@@ -223,7 +230,8 @@ def run_eval(cfg: DictConfig) -> dict:
                        "checkpoint": str(path), "checkpoint_sha256": sha, "epoch": epoch, "step": ckpt.get("step"),
                        "samples_seen": ckpt.get("samples_seen"), "git_sha": meta.get("git_sha"),
                        "eval_git_sha": eval_sha, "model_kind": kind,
-                       "eval_config": {"templates": str(cfg.eval.templates), "batch_size": batch_size},
+                       "eval_config": {"templates": str(cfg.eval.templates), "max_templates": max_templates,
+                                       "batch_size": batch_size},
                        "model_name": name, "num_images": sizes[task], "logit_scale": scales[task],
                        "seconds": seconds}
                 append_result(results_path, rec)

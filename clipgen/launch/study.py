@@ -21,6 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig, open_dict
 
 from clipgen.errors import ClipgenError
+from clipgen.preflight import check_run_config
 from clipgen.recipes.naming import RECIPE_KINDS, recipe_spec
 
 
@@ -341,6 +342,7 @@ def run_study(cfg: DictConfig) -> dict:
     parallel = int(cfg.study.parallel)
     if parallel < 1:
         raise ClipgenError(f"invalid study.parallel {parallel}: expected 1 or more processes")
+    check_run_config(cfg)  # one clear line before any world, recipe or job (recipe keys are checked per job)
     jobs = study_jobs(cfg)
     subs = [job_config(cfg, job) for job in jobs]
     times: list[tuple[str, float]] = []

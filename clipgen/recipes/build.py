@@ -15,13 +15,14 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from clipgen import layout
+from clipgen.data.cache import derived
 from clipgen.data.index import Sample, index_hash, sample_ids_hash
 from clipgen.data.sources import base_index, domainnet_index, domainnet_root
 from clipgen.errors import ClipgenError
 from clipgen.facts import domainnet_label
 from clipgen.recipes.captions import make_caption
 from clipgen.recipes.naming import RecipeSpec, recipe_spec
-from clipgen.recipes.plan import Plan, check_no_leak, format_plan, plan_recipe
+from clipgen.recipes.plan import Plan, check_no_leak, format_plan, plan_recipe, train_index
 from clipgen.recipes.shards import count_shard_samples, write_shards
 from clipgen.utils import (atomic_write_json, git_sha, is_disk_error, read_json, stable_hash, sweep_stale_dirs,
                            write_error)
@@ -93,7 +94,7 @@ def ensure_base(cfg: DictConfig) -> dict | None:
     if not samples:
         return None
     r = cfg.recipe
-    src_hash = index_hash(samples)
+    src_hash = derived(samples, "index_hash", index_hash)
     spec = {"source_index_hash": src_hash, "image_px": r.image_px, "image_format": r.image_format,
             "shard_size": r.shard_size, "min_shards": r.min_shards, "version": RECIPE_FORMAT_VERSION}
     final = layout.recipes_root(cfg) / f"base-{stable_hash(spec, 10)}"
@@ -124,7 +125,7 @@ def plan_from_config(cfg: DictConfig) -> tuple[Plan, list[Sample]]:
     spec = recipe_spec(cfg.recipe)
     heldout = _check_heldout(cfg.heldout.classes)
     index = domainnet_index(cfg)
-    plan = plan_recipe(spec, index, heldout)
+    plan = plan_recipe(spec, derived(index, "train_index", train_index), heldout)
     check_no_leak(plan)
     return plan, index
 
@@ -138,7 +139,7 @@ def build_recipe(cfg: DictConfig) -> dict:
     t0 = time.time()
     plan, index = plan_from_config(cfg)
     spec = plan.spec
-    src_hash = index_hash(index)
+    src_hash = derived(index, "index_hash", index_hash)
     spec_dict = _recipe_spec_dict(spec, cfg, src_hash, list(plan.heldout))
     final = layout.recipes_root(cfg) / f"{spec.recipe_id}-{stable_hash(spec_dict, 10)}"
     summary = {"recipe_id": spec.recipe_id, "recipe_dir": str(final), "num_samples": plan.size,

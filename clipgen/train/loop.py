@@ -40,6 +40,7 @@ from omegaconf import DictConfig
 from clipgen import rundir, runlock
 from clipgen.errors import ClipgenError
 from clipgen.eval.during_training import subset_evaluator
+from clipgen.preflight import check_run_config
 from clipgen.train import checkpoint as ckpt
 from clipgen.train import dist
 from clipgen.train.data import check_data_config
@@ -68,6 +69,7 @@ def _check_config(cfg: DictConfig) -> tuple[torch.device, dict]:
     device = resolve_device(tc.device)
     autocast(tc.precision, device)
     check_logger_config(cfg)
+    check_run_config(cfg)  # image sizes and dataset keys agree, before the recipe is built
     check_data_config(cfg.data)
     check_objective_name(tc.objective)
     check_optim_config(cfg.optim)

@@ -31,9 +31,10 @@ def make_contact_sheet(path: Path, rows: list[str], classes: list[str], cells: d
                        image_px: int, heldout: list[str] = (), cell_px: int | None = None) -> Path:
     """Write the sheet to ``path``. ``cells[(row, class)]`` is the image shown in that cell (missing = blank).
 
-    The upscale factor is an integer so every stored pixel stays a crisp square."""
-    scale = max(1, (cell_px or 64) // image_px)
-    cell = image_px * scale
+    Small images are upscaled by an integer factor so every stored pixel stays a crisp square; images larger than
+    a cell (224 px worlds) are shrunk to it, so a 345-class sheet stays a few megapixels."""
+    cell_px = cell_px or 64
+    cell = image_px * max(1, cell_px // image_px) if image_px <= cell_px else cell_px
     gap = 4
     font = _font()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -61,7 +62,7 @@ def make_contact_sheet(path: Path, rows: list[str], classes: list[str], cells: d
             if src is None or not Path(src).is_file():
                 continue
             with Image.open(src) as im:
-                tile = im.convert("RGB").resize((cell, cell), Image.NEAREST)
+                tile = im.convert("RGB").resize((cell, cell), Image.NEAREST if cell >= im.width else Image.BOX)
             sheet.paste(tile, (label_w + gap + j * (cell + gap), y))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

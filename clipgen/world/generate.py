@@ -2,10 +2,10 @@
 
     {world_dir}/world.json                      spec, hash, classes, counts ... (written last: marks completeness)
     {world_dir}/contact_sheet.png               one sample per domain x class
-    {world_dir}/domainnet/{domain}/{ClassFolder}/{domain}_{label:03d}_{i:06d}.png
+    {world_dir}/domainnet/{domain}/{ClassFolder}/{domain}_{label:03d}_{i:06d}.png   (.jpg: world.image_format=jpg)
     {world_dir}/domainnet/{domain}_{train,test}.txt
     {world_dir}/natural/imagenet_captions.json  [{filename, wnid, title, tags, description}, ...]
-    {world_dir}/natural/train/{wnid}/{wnid}_{i:06d}.png
+    {world_dir}/natural/train/{wnid}/{wnid}_{i:06d}.png                             (.JPEG: world.image_format=jpg)
 
 Generation is idempotent and crash-safe: a complete world (world.json with a matching spec hash) is returned
 untouched; otherwise the world is built in ``<world_dir>.tmp-<pid>`` and renamed into place in one step, so a
@@ -39,6 +39,8 @@ BASE_STREAM = len(DOMAINS)  # rng stream id of the natural base corpus (domains 
 SALT_IMAGE, SALT_CAPTION, SALT_CLASSES = 1, 2, 3
 CHUNK = 64  # images per work item: large enough to amortise IPC, small enough to balance two workers
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+# world.image_format -> (DomainNet file suffix, natural-corpus suffix, PIL format): the real data's suffixes
+IMAGE_FORMATS = {"png": (".png", ".png", "PNG"), "jpg": (".jpg", ".JPEG", "JPEG")}
 
 
 def world_hash(cfg: DictConfig) -> str:
@@ -65,10 +67,11 @@ def check_world_config(cfg: DictConfig) -> None:
         _int(cfg, key, 1)
     for key in ("num_heldout", "num_distractors"):
         _int(cfg, key, 0)
-    image_px, render_px = _int(cfg, "image_px", 8), _int(cfg, "render_px", 8)
-    if render_px < image_px:
-        raise ClipgenError(f"invalid world.render_px={render_px}: expected >= world.image_px={image_px} "
-                           "(images are drawn large and box-downsampled)")
+    if w.get("image_format", "png") not in IMAGE_FORMATS:
+        raise ClipgenError(f"invalid world.image_format={w.get('image_format')!r}: expected one of "
+                           f"{', '.join(IMAGE_FORMATS)}")
+    for key in ("image_px", "render_px"):  # any pair: drawn larger is downsampled, drawn smaller upscaled
+        _int(cfg, key, 8)
     scale = w.get("domain_scale") or {}
     for key in scale:
         if key not in DOMAINS:
@@ -184,14 +187,20 @@ def _render_chunk(jobs: list[tuple]) -> int:
 
     from clipgen.world.styles import render
 
-    seed, px, out_px, root, shapes = (_CTX[k] for k in ("seed", "render_px", "image_px", "root", "shapes"))
+    seed, px, out_px, root, shapes, fmt = (_CTX[k] for k in ("seed", "render_px", "image_px", "root", "shapes",
+                                                             "pil_format"))
     for style, name, stream, label, split_id, j, rel in jobs:
         rng = np.random.default_rng([seed, stream, label, split_id, j, SALT_IMAGE])
         img = render(style, shapes[name], rng, px)
-        if px != out_px:
+        if px > out_px:
             img = img.reduce(px // out_px) if px % out_px == 0 else img.resize((out_px, out_px), Image.BOX)
+        elif px < out_px:  # drawn small, stored large (the rehearsal world: 224 px files at a fraction of the cost)
+            img = img.resize((out_px, out_px), Image.BILINEAR)
         with open(os.path.join(root, rel), "wb") as f:
-            img.save(f, format="PNG", compress_level=6)  # no metadata chunks: identical bytes every run
+            if fmt == "PNG":
+                img.save(f, format="PNG", compress_level=6)  # no metadata chunks: identical bytes every run
+            else:
+                img.save(f, format="JPEG", quality=90)  # baseline JPEG, no EXIF: identical bytes every run
     return len(jobs)
 
 
@@ -222,6 +231,7 @@ def _build(cfg: DictConfig, out: Path, started: float) -> dict:
     shapes = make_class_shapes(world + distractors, cfg.world.seed)
     labels = {c: i for i, c in enumerate(domainnet_classes())}
     sizes = split_sizes(cfg)
+    dn_ext, nat_ext, pil_format = IMAGE_FORMATS[cfg.world.get("image_format", "png")]
     jobs, sheet_cells = [], {}
     dn = out / "domainnet"
     for d_id, domain in enumerate(DOMAINS):
@@ -232,7 +242,7 @@ def _build(cfg: DictConfig, out: Path, started: float) -> dict:
             i = 0
             for split_id, split in enumerate(SPLITS):
                 for j in range(sizes[domain][split]):
-                    rel = f"{domain}/{folder}/{domain}_{label:03d}_{i:06d}.png"
+                    rel = f"{domain}/{folder}/{domain}_{label:03d}_{i:06d}{dn_ext}"
                     jobs.append((domain, name, d_id, label, split_id, j, "domainnet/" + rel))
                     lines[split].append(f"{rel} {label}\n")
                     if split == "test" and j == 0:
@@ -242,11 +252,13 @@ def _build(cfg: DictConfig, out: Path, started: float) -> dict:
             (dn / f"{domain}_{split}.txt").write_text("".join(lines[split]), encoding="utf-8")
     entries, wnids = [], {}
     for name in world + distractors:
+        if cfg.world.get("base_imagenet_only") and not domainnet_to_imagenet()[name]:
+            continue  # ImageNet-Captions holds only ImageNet classes
         label, wnid = labels[name], base_wnid(name)
         wnids[name] = wnid
         (out / "natural" / "train" / wnid).mkdir(parents=True)
         for i in range(cfg.world.base_per_class):
-            fname = f"{wnid}_{i:06d}.png"
+            fname = f"{wnid}_{i:06d}{nat_ext}"
             jobs.append((NATURAL_DOMAIN, name, BASE_STREAM, label, 0, i, f"natural/train/{wnid}/{fname}"))
             rng = np.random.default_rng([cfg.world.seed, BASE_STREAM, label, 0, i, SALT_CAPTION])
             entries.append({"filename": fname, "wnid": wnid, **caption(name, rng)})
@@ -254,7 +266,7 @@ def _build(cfg: DictConfig, out: Path, started: float) -> dict:
                 sheet_cells[("natural", name)] = out / "natural" / "train" / wnid / fname
     (out / "natural" / "imagenet_captions.json").write_text(json.dumps(entries, indent=1) + "\n", "utf-8")
     ctx = {"seed": cfg.world.seed, "render_px": cfg.world.render_px, "image_px": cfg.world.image_px,
-           "root": str(out), "shapes": shapes}
+           "root": str(out), "shapes": shapes, "pil_format": pil_format}
     _run_jobs(jobs, ctx, int(cfg.world.workers or 0))
     make_contact_sheet(out / "contact_sheet.png", [*DOMAINS, "natural"], world, sheet_cells,
                        cfg.world.image_px, heldout)
