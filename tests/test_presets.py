@@ -13,7 +13,8 @@ from clipgen.facts import DOMAIN_LETTERS, TEST_DOMAINS, domainnet_classes, zeros
 from clipgen.launch.study import LAUNCHERS, job_config, study_jobs
 from clipgen.preflight import check_run_config, native_image_size, uses_world
 from clipgen.recipes.naming import recipe_spec
-from clipgen.train.objective import check_trainer_config
+from clipgen.train.objective import check_objective_name, objective_for
+from clipgen.train.optim import check_optim_config
 
 CONF = Path(__file__).resolve().parents[1] / "clipgen" / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -69,7 +70,9 @@ def test_preset_keys_agree(tmp_path, experiment, debug):
     assert set(cfg.heldout.classes) <= set(domainnet_classes())
 
     # Objective and optimiser belong together (SPEC §5: the supervised baseline is SGD + step schedule).
-    check_trainer_config(cfg.trainer, cfg.optim)
+    check_objective_name(cfg.trainer.objective)
+    check_optim_config(cfg.optim)
+    objective_for(cfg.trainer.objective).check(cfg)
     if cfg.trainer.objective == "supervised":
         assert (cfg.optim.name, cfg.optim.schedule) == ("sgd", "step")
         if debug is None:
