@@ -99,7 +99,7 @@ class RecipeConfig:
 class ModelConfig:
     # open_clip model name: a built-in config (RN50, ViT-B-32, ...) or one shipped in clipgen/resources/models
     name: str = MISSING
-    image_px: int = 32  # training/eval image size (must match the model config's image_size)
+    image_px: int = MISSING  # training/eval image size: each model preset states its own (its config's image_size)
 
 
 @dataclass
