@@ -68,7 +68,7 @@ def test_preset_keys_agree(tmp_path, experiment, debug):
             assert (DOMAIN_LETTERS[job.test_domain] in spec.recipe_id.split("-")[1]) == (spec.kind != "lod")
     assert set(cfg.heldout.classes) <= set(domainnet_classes())
 
-    # Objective and optimiser belong together (SPEC §5: the supervised baseline is SGD + step schedule).
+    # Objective and optimiser belong together (protocol §5: the supervised baseline is SGD + step schedule).
     check_trainer_config(cfg.trainer, cfg.optim)
     if cfg.trainer.objective == "supervised":
         assert (cfg.optim.name, cfg.optim.schedule) == ("sgd", "step")
