@@ -2,7 +2,7 @@
 
     python benchmarks/index_cache.py [--scale 1.0] [--repeats 3]
 
-Writes a DomainNet layout with cleaned DomainNet's per-domain train/test totals (SPEC §2.2) x ``--scale`` over its
+Writes a DomainNet layout with cleaned DomainNet's per-domain train/test totals (protocol §2.2) x ``--scale`` over its
 345 classes (empty image files: only names matter to the index) into a temporary directory, then times, side by
 side, ``domainnet_index`` with ``data.index_cache=false`` (parse 12 split files, list every class folder, check
 every listed file, carve the validation split) and with the cache warm (one gzip JSON read). Prints both times,

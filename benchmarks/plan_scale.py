@@ -2,7 +2,7 @@
 
     python benchmarks/plan_scale.py [--base 425000] [--seed 0] [--val-fraction 0.05]
 
-Builds in memory an index with DomainNet's cleaned train/test totals per domain (SPEC §2.2) over its 345 classes,
+Builds in memory an index with DomainNet's cleaned train/test totals per domain (protocol §2.2) over its 345 classes,
 with uneven per-class counts, plus a base corpus of 425k ImageNet-Captions-style entries; then plans every recipe
 of the paper family (``clipgen.recipes.plan.paper_family``) for the five test domains with ``plan_recipe`` and
 runs ``check_no_leak`` on each. Prints the time of each phase, the number of recipes and samples, and the peak
@@ -16,7 +16,7 @@ import resource
 import sys
 import time
 
-# SPEC §2.2: cleaned DomainNet totals (train, test).
+# protocol §2.2: cleaned DomainNet totals (train, test).
 DOMAINNET_TOTALS = {
     "clipart": (33_525, 14_604), "infograph": (36_023, 15_582), "painting": (50_416, 21_850),
     "quickdraw": (120_750, 51_750), "real": (120_906, 52_041), "sketch": (48_212, 20_916),

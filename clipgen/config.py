@@ -99,7 +99,7 @@ class RecipeConfig:
 class ModelConfig:
     # open_clip model name: a built-in config (RN50, ViT-B-32, ...) or one shipped in clipgen/resources/models
     name: str = MISSING
-    image_px: int = 32  # training/eval image size (must match the model config's image_size)
+    image_px: int = MISSING  # training/eval image size: each model preset states its own (its config's image_size)
 
 
 @dataclass
@@ -132,7 +132,7 @@ class TrainerConfig:
     max_steps: int = -1  # stop after this many steps (debugging); -1 = the full schedule
     sync_bn: bool = False  # DDP on CUDA: SyncBatchNorm, so ResNets' batch statistics span the global batch
     requeue: bool = True  # in a SLURM job: after SIGUSR1/SIGUSR2 and saving latest.pt, requeue it (scontrol requeue)
-    objective: str = "clip"  # clip (contrastive, open_clip's ClipLoss) | supervised (SPEC §5 baseline, 1345-way)
+    objective: str = "clip"  # clip (contrastive, open_clip's ClipLoss) | supervised (protocol §5 baseline, 1345-way)
     save_every_epochs: int = 1  # epoch checkpoints every this many epochs (and after the last); epoch 0 always
     # Memory/speed options that leave the result unchanged (up to float rounding):
     accum_steps: int = 1  # split each (per-rank) batch into this many micro-batches; the loss is still the full batch's
@@ -172,7 +172,7 @@ class AnalysisConfig:
     batch_size: int = 256  # images per forward pass
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads (0 = torch's default)
-    # SAE feature sharing (SPEC §7): SAE on L2-normalised final image embeddings
+    # SAE feature sharing (protocol §7): SAE on L2-normalised final image embeddings
     sae_expansion: int = 4  # features = expansion x embedding dim (paper: 4096 on RN50's 1024)
     sae_l1: float = 1e-4  # L1 coefficient of the loss
     sae_lr: float = 1e-4  # Adam learning rate
@@ -201,7 +201,7 @@ class AnalysisConfig:
 
 @dataclass
 class DiffConfig:
-    # clipgen-diff (clipgen.diff): explain how run B behaves differently from run A (SPEC §8).
+    # clipgen-diff (clipgen.diff): explain how run B behaves differently from run A (protocol §8).
     epoch: int = -1  # checkpoint whose evaluation outputs are compared (-1 = last epoch both runs evaluated)
     alpha: float = 0.01  # acceptance margin: predicted side's share must exceed the other's by this much
     seed: int = 0  # discovery/verification split and every other random choice

@@ -17,7 +17,7 @@ TEST_DOMAINS: tuple[str, ...] = tuple(d for d in DOMAINS if d != NATURAL_DOMAIN)
 # Domain label of base-corpus samples (ImageNet-Captions / CC pairs); not a DomainNet domain.
 BASE_DOMAIN = "natural"
 
-# Caption terms (SPEC §3): neutral terms every caption may use, plus each domain's own pair.
+# Caption terms (protocol §3): neutral terms every caption may use, plus each domain's own pair.
 NEUTRAL_TERMS: tuple[str, ...] = ("image", "picture")
 DOMAIN_TERMS: dict[str, tuple[str, str]] = {
     "clipart": ("clipart", "illustration"),
@@ -102,7 +102,7 @@ def check_test_domain(name: str, where: str = "test domain") -> str:
     return name
 
 
-# --- zero-shot templates (SPEC §6) -------------------------------------------------------------------------
+# --- zero-shot templates (protocol §6) -------------------------------------------------------------------------
 def _openai_imagenet_templates() -> tuple[str, ...]:
     # The 80 templates of OpenAI's ImageNet zero-shot evaluation, as shipped by open_clip.
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES

@@ -88,7 +88,8 @@ def _default_values(objective: str) -> dict:
         optim.update({k: v for k, v in OmegaConf.to_container(OmegaConf.load(conf / "optim" / "sgd_step.yaml")).items()
                       if k != "defaults"})
     base = OmegaConf.structured(Config)
-    with_groups = OmegaConf.merge(base, {"world": OmegaConf.load(conf / "world" / "default.yaml"),
+    with_groups = OmegaConf.merge(base, {"model": OmegaConf.load(conf / "model" / "tiny_rn.yaml"),
+                                         "world": OmegaConf.load(conf / "world" / "default.yaml"),
                                          "heldout": OmegaConf.load(conf / "heldout" / "paper.yaml"),
                                          "recipe": {"kind": "cg_high"}, "data": {"source": "world", "base": "world"}})
     out = {f"trainer.{k}": v for k, v in trainer.items()}

@@ -1,4 +1,4 @@
-"""clipgen-analyze (SPEC §7): CKA / HSIC against direct formulas, the SAE on a planted dictionary, feature sharing
+"""clipgen-analyze (protocol §7): CKA / HSIC against direct formulas, the SAE on a planted dictionary, feature sharing
 on hand-built histograms, integrated-gradient completeness, circuit structure, one-pass activation hooks, and
 every analysis end to end on trained synthetic-world runs (plus the report section)."""
 from __future__ import annotations

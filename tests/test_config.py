@@ -76,3 +76,46 @@ def test_facts():
     for t in free:
         for w in ("sketch", "photo", "painting", "drawing", "clipart", "infograph", "quickdraw", "doodle"):
             assert w not in t
+
+
+def _schema_default(node, key):
+    from omegaconf import OmegaConf
+
+    return (OmegaConf.to_container(node[key], resolve=False) if OmegaConf.is_config(node[key])
+            else node._get_node(key)._value())
+
+
+def test_every_default_is_written_once():
+    """A group file holds only what that group member changes: no key restates the schema's default
+    (clipgen/config.py holds each default once), so a default changed there is changed everywhere."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    import clipgen
+    from clipgen.config import Config
+
+    schema = OmegaConf.structured(Config)
+    conf = Path(clipgen.__file__).parent / "conf"
+    repeated = []
+    for f in sorted(conf.rglob("*.yaml")):
+        group = f.relative_to(conf).parts[0]
+        if group in ("experiment", "debug", "hydra") or f.name == "config.yaml" or "@package _global_" in f.read_text():
+            continue
+        for key, value in (OmegaConf.to_container(OmegaConf.load(f)) or {}).items():
+            if key in schema[group] and _schema_default(schema[group], key) == value:
+                repeated.append(f"{f.relative_to(conf)}: {key}")
+    assert not repeated, repeated
+
+
+def test_slurm_launcher_presets_ask_for_the_studys_job_shape():
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="clipgen.conf", version_base="1.3"):
+        for stage in ("train", "eval"):
+            cfg = compose(config_name="config", return_hydra_config=True,
+                          overrides=[f"hydra/launcher=slurm_{stage}", f"study.slurm.{stage}.partition=gpu"])
+            launcher, study = cfg.hydra.launcher, cfg.study.slurm[stage]
+            assert launcher.partition == "gpu"
+            assert all(launcher[k] == study[k] for k in ("timeout_min", "tasks_per_node", "gpus_per_node",
+                                                        "cpus_per_task", "mem_gb", "max_num_timeout"))

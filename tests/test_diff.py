@@ -1,4 +1,4 @@
-"""clipgen-diff (SPEC §8): metrics against hand counts, the verifier, the split, planted differences, controls,
+"""clipgen-diff (protocol §8): metrics against hand counts, the verifier, the split, planted differences, controls,
 rerun skipping, the report section, and a diff of two real trained runs."""
 from __future__ import annotations
 

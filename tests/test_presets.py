@@ -69,7 +69,7 @@ def test_preset_keys_agree(tmp_path, experiment, debug):
             assert (DOMAIN_LETTERS[job.test_domain] in spec.recipe_id.split("-")[1]) == (spec.kind != "lod")
     assert set(cfg.heldout.classes) <= set(domainnet_classes())
 
-    # Objective and optimiser belong together (SPEC §5: the supervised baseline is SGD + step schedule).
+    # Objective and optimiser belong together (protocol §5: the supervised baseline is SGD + step schedule).
     check_objective_name(cfg.trainer.objective)
     check_optim_config(cfg.optim)
     objective_for(cfg.trainer.objective).check(cfg)

@@ -1,4 +1,4 @@
-"""The size-matching rule of SPEC §4 on hand-computed cases and as a property over random counts."""
+"""The size-matching rule of protocol §4 on hand-computed cases and as a property over random counts."""
 from __future__ import annotations
 
 import math

@@ -225,7 +225,7 @@ def test_imagenet_sketch_joins_sketch_candidates_only(tiny_root, tmp_path):
 # --- the paper family at reduced scale ---------------------------------------------------------------------------
 
 def synthetic_index(scale: int = 40, n_classes: int = 40, seed: int = 0) -> list[Sample]:
-    """A DomainNet-like index without pixels: SPEC §2.2's totals divided by ``scale``, uneven per class."""
+    """A DomainNet-like index without pixels: protocol §2.2's totals divided by ``scale``, uneven per class."""
     totals = {"clipart": 33_525, "infograph": 36_023, "painting": 50_416, "quickdraw": 120_750, "real": 120_906,
               "sketch": 48_212}
     rng = random.Random(seed)

@@ -1,1 +1,1 @@
-"""Mechanistic analyses of trained runs (SPEC §7): clipgen-analyze (clipgen.analyze.run.run_analyze)."""
+"""Mechanistic analyses of trained runs (protocol §7): clipgen-analyze (clipgen.analyze.run.run_analyze)."""

@@ -1,4 +1,4 @@
-"""Circuits (SPEC §7): integrated-gradient node and edge attributions in the visual tower, kept nodes, circuits,
+"""Circuits (protocol §7): integrated-gradient node and edge attributions in the visual tower, kept nodes, circuits,
 and their Jaccard similarity between domains.
 
 - Metric: the zero-shot classifier's true-class logit, logit_scale * cos(embedding, class_embedding[label]), with

@@ -1,4 +1,4 @@
-"""Representational similarity (SPEC §7): linear and RBF CKA with the unbiased HSIC estimator (Song et al. 2012),
+"""Representational similarity (protocol §7): linear and RBF CKA with the unbiased HSIC estimator (Song et al. 2012),
 in float64, on per-class mean activations of each layer, for every pair of domains and each class subset.
 
 CKA(K, L) = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)); rows of X and Y are the same classes (in the same order)

@@ -1,4 +1,4 @@
-"""Embedding geometry (SPEC §7): L2 distance between domain means (and its class-conditional version),
+"""Embedding geometry (protocol §7): L2 distance between domain means (and its class-conditional version),
 per-dimension mean differences, and seeded UMAP plots of the test embeddings coloured by domain.
 
 Embeddings are the L2-normalised image embeddings. umap is imported only inside :func:`umap_plot` (its first

@@ -150,7 +150,7 @@ def report_section(root: Path, report_dir: Path) -> str:
         return ""
     fig_dir = Path(report_dir) / "analysis"
     parts = ["<h2>Mechanistic analyses</h2>",
-             "<p class=muted>clipgen-analyze (SPEC §7) at each run's analysed epoch; D = the test domain. Cells: "
+             "<p class=muted>clipgen-analyze (protocol §7) at each run's analysed epoch; D = the test domain. Cells: "
              "mean ± std over seeds (n runs). SAE sharing: mean overlap of D's most frequent SAE features with the "
              "other domains'; CKA: linear CKA of per-class mean activations; Jaccard: kept nodes / circuits of the "
              "same class in D and real.</p>"]

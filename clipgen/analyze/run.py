@@ -1,4 +1,4 @@
-"""``run_analyze(cfg)``: mechanistic analyses of trained runs (SPEC §7), one JSON + figures per analysis.
+"""``run_analyze(cfg)``: mechanistic analyses of trained runs (protocol §7), one JSON + figures per analysis.
 
     {run}/analysis/sae.json        SAE fit summary, domain x domain feature sharing (C2 and other classes), each
                                    domain's score and the test domain's, named top features

@@ -1,4 +1,4 @@
-"""Sparse autoencoder on L2-normalised image embeddings (SPEC §7).
+"""Sparse autoencoder on L2-normalised image embeddings (protocol §7).
 
 f = ReLU(W_enc (x - b_dec) + b_enc),  x_hat = W_dec f + b_dec  (b_dec: the tied pre-encoder / post-decoder bias),
 loss = mean over the batch of ||x - x_hat||^2 + l1 * ||f||_1; Adam; decoder columns renormalised to unit norm

@@ -1,4 +1,4 @@
-"""SAE feature sharing between domains (SPEC §7, Alg. 1/2 of the paper) and concept naming of SAE features.
+"""SAE feature sharing between domains (protocol §7, Alg. 1/2 of the paper) and concept naming of SAE features.
 
 Alg. 1 (histograms): for class c and domain d, H[c, d, f] counts the images of (c, d) whose top-``top_active``
 active SAE features include f.

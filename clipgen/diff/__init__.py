@@ -1,4 +1,4 @@
-"""Model diffing of two trained runs (SPEC §8): testable hypotheses about how run B behaves differently from run A.
+"""Model diffing of two trained runs (protocol §8): testable hypotheses about how run B behaves differently from run A.
 
     records.py     per-image behaviour records of two runs (aligned eval outputs + exposure from the manifests)
     split.py       stable, stratified discovery / verification split

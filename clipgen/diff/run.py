@@ -1,4 +1,4 @@
-"""``run_diff(cfg)``: how run B behaves differently from run A (SPEC §8), as accepted/rejected hypotheses.
+"""``run_diff(cfg)``: how run B behaves differently from run A (protocol §8), as accepted/rejected hypotheses.
 
     clipgen-diff run_a=<run dir or name> run_b=<...> [null_run=<another seed of A's config>] [diff.alpha=0.01]
 

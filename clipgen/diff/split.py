@@ -1,4 +1,4 @@
-"""Stable discovery / verification split (SPEC §8): 2/3 discovery, 1/3 verification, stratified by domain x class.
+"""Stable discovery / verification split (protocol §8): 2/3 discovery, 1/3 verification, stratified by domain x class.
 
 Within each domain x class stratum, images are ordered by a sha256 of ``(seed, sample_id)`` and every third one
 (ranks 2, 5, 8, ...) goes to verification, so each stratum contributes floor(n/3) verification images and the

@@ -1,4 +1,4 @@
-"""Metric functions on numpy arrays (SPEC §6), free of torch so they can be checked against confusion matrices
+"""Metric functions on numpy arrays (protocol §6), free of torch so they can be checked against confusion matrices
 computed by hand.
 
 Conventions:
@@ -97,7 +97,7 @@ def macro_f1(preds: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
 
 def lso_metrics(logits: np.ndarray, labels: np.ndarray, domains: Sequence[str], classnames: Sequence[str],
                 heldout: Sequence[str], report_domains: Sequence[str], topk: int = 5) -> dict:
-    """The DomainNet leave-some-out metrics (SPEC §6) for every domain in ``report_domains``.
+    """The DomainNet leave-some-out metrics (protocol §6) for every domain in ``report_domains``.
 
     ``logits``/``labels`` cover all images of the task (e.g. the test split of real and D), ``domains[i]`` is
     image i's domain, ``classnames`` the run's class list in label order and ``heldout`` the held-out classes

@@ -6,7 +6,7 @@ builds the model and picks the head:
 - ``clip``: the zero-shot head of clipgen.eval.zeroshot (class embeddings from the templates; logits =
   logit_scale x cosine).
 - ``supervised`` (clipgen.train.supervised_model): the head's DomainNet columns restricted to the run's classes,
-  column 1000 + DomainNet label of each class (SPEC §5); logits are the raw linear outputs (logit_scale 1).
+  column 1000 + DomainNet label of each class (protocol §5); logits are the raw linear outputs (logit_scale 1).
 
 Both give ``{"logits", "preds", "image_embeddings", "logit_scale"}``, so every metric key is the same.
 """

@@ -1,4 +1,4 @@
-"""``eval/results.jsonl``: one JSON line per (checkpoint, task), appended and fsynced (SPEC §9).
+"""``eval/results.jsonl``: one JSON line per (checkpoint, task), appended and fsynced (protocol §9).
 
 A pair is finished when a line with the same checkpoint file name, checkpoint sha256 and task exists, so a
 killed evaluation resumes where it stopped and a retrained checkpoint is evaluated again. A truncated last

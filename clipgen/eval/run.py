@@ -1,4 +1,4 @@
-"""``run_eval(cfg)``: evaluation of every checkpoint of one run (SPEC §6, §9).
+"""``run_eval(cfg)``: evaluation of every checkpoint of one run (protocol §6, §9).
 
 Task ``domainnet-{D}``: the test split of real and the run's test domain D, classified over all of the run's
 classes (``meta["classes"]``; label = index in that list); a natural-only run gets one task per test domain.

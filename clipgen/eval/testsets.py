@@ -1,6 +1,6 @@
 """The images every evaluation task classifies, decoded once per evaluation and shared by all checkpoints.
 
-- ``domainnet-{D}``: the test split of real and the run's test domain D, over the run's classes (SPEC §6). A
+- ``domainnet-{D}``: the test split of real and the run's test domain D, over the run's classes (protocol §6). A
   natural-only run does not depend on D, so it gets one task per test domain; tasks are masks over one set.
 - a fixed per-(domain, class) subset of those images for the cheap evaluation during training
   (:func:`subset_indices`: at most k images per group, picked by a stable hash of the sample id).

@@ -1,7 +1,7 @@
 """Zero-shot classification as pure functions, in the style of CLIP_benchmark:
 ``evaluate(model, images, labels, tokenizer, classnames, templates, device) -> dict``.
 
-The head (SPEC §6): every class name is put into every template, the normalised text embeddings of one class
+The head (protocol §6): every class name is put into every template, the normalised text embeddings of one class
 are averaged and the mean renormalised; an image is assigned the class of highest cosine similarity.
 
 Images travel as uint8 ``[n, 3, px, px]`` arrays (resized and centre-cropped once, like open_clip's eval

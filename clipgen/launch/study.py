@@ -91,7 +91,7 @@ def study_jobs(cfg: DictConfig) -> list[Job]:
     for d in cfg.study.test_domains:
         for r in cfg.study.recipes:
             entries = [r]
-            if str(r) == "interpolation:paper":  # the paper's list for this test domain (SPEC §4)
+            if str(r) == "interpolation:paper":  # the paper's list for this test domain (protocol §4)
                 if d not in PAPER_INTERPOLATIONS:
                     raise ClipgenError(f"study.recipes entry 'interpolation:paper' has no paper list for test "
                                        f"domain {d!r}: expected one of {', '.join(PAPER_INTERPOLATIONS)}")

@@ -1,4 +1,4 @@
-"""Captions for DomainNet-layout images (SPEC §3).
+"""Captions for DomainNet-layout images (protocol §3).
 
 Each caption is a pure function of (caption seed, sample id, domain, class): a sample gets the same caption in
 every recipe that contains it, and a recipe's captions are reproducible from its seed. Aligned captions draw the

@@ -1,4 +1,4 @@
-"""Recipe kinds, their domain sets and the paper's recipe ids (SPEC §4). The one place recipe naming lives."""
+"""Recipe kinds, their domain sets and the paper's recipe ids (protocol §4). The one place recipe naming lives."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""Which samples a recipe contains: domain/class filtering and the exact size-matching rule of SPEC §4.
+"""Which samples a recipe contains: domain/class filtering and the exact size-matching rule of protocol §4.
 
 Pure functions over the source index; nothing here touches pixels or disk, so every rule is testable on
 hand-made counts and the whole paper family plans in seconds on a DomainNet-sized index.
@@ -183,7 +183,7 @@ def plan_recipe(spec: RecipeSpec, index: "list[Sample] | TrainIndex", heldout_cl
 
 
 def paper_family(test_domains=TEST_DOMAINS) -> list[RecipeSpec]:
-    """Every recipe of the paper's family (SPEC §4) for the given test domains: natural-only (once), CG-low/high,
+    """Every recipe of the paper's family (protocol §4) for the given test domains: natural-only (once), CG-low/high,
     LOD, both pseudo upper bounds, allow-p for every p on both bases, the paper's interpolation lists and
     CG-high with aligned captions."""
     specs = [_spec("natural_only", TEST_DOMAINS[-1])]

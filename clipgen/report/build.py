@@ -71,7 +71,7 @@ def _fmt(mean: float, low: float, high: float, n: int, metric: str) -> str:
 
 
 def _metric_order(metric: str, d: str) -> tuple:
-    """D's metrics before real's; within a domain the SPEC §6 order, then the per-class ones alphabetically."""
+    """D's metrics before real's; within a domain the protocol §6 order, then the per-class ones alphabetically."""
     dom, _, rest = metric.partition("-")
     rank = _METRIC_ORDER.index(rest) if rest in _METRIC_ORDER else len(_METRIC_ORDER)
     return (dom != d, dom, rank, metric)

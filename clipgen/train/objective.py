@@ -1,5 +1,5 @@
 """What the trainer optimises, one :class:`Objective` per ``trainer.objective``: the contrastive CLIP loss or
-the supervised baseline's cross-entropy (SPEC §5). An objective owns everything that differs between the two:
+the supervised baseline's cross-entropy (protocol §5). An objective owns everything that differs between the two:
 the model it builds, what its batches need (tokens or labels), the forward + backward of one batch, the
 statistic logged every step, the checkpoint payload and the evaluation head. The trainer and the evaluation
 ask it (``objective_for(name)``) instead of branching on the name.

@@ -1,4 +1,4 @@
-"""The supervised baseline (SPEC §5): CLIP's own visual tower (random init) -> ReLU -> Linear(embed_dim, 1345).
+"""The supervised baseline (protocol §5): CLIP's own visual tower (random init) -> ReLU -> Linear(embed_dim, 1345).
 
 Output columns: 0..999 are ImageNet's classes (open_clip's order, ``clipgen.facts.imagenet_class_index``) and
 1000 + l is DomainNet class l (``clipgen.facts.domainnet_label``). ImageNet images whose class maps to DomainNet
@@ -76,7 +76,7 @@ def domainnet_columns(classnames: Sequence[str]) -> list[int]:
 
 
 def supervised_labels(meta: dict[str, list[str]], where) -> torch.Tensor:
-    """Training targets (SPEC §5) from the shards' metadata: 1000 + DomainNet label for every sample of a
+    """Training targets (protocol §5) from the shards' metadata: 1000 + DomainNet label for every sample of a
     DomainNet class (DomainNet images, and base images whose ImageNet class maps to DomainNet), else the ImageNet
     index of the base image's wnid (``base/{wnid}/...``). A sample with neither (CC pairs have no class) is a
     ClipgenError naming it."""
