@@ -285,7 +285,8 @@ def _train(cfg, denv, device, mcfg, recipe_dir, manifest, manifest_sha, name, ru
     run_dir.mkdir(parents=True, exist_ok=True)
     latest = ckpt.load_latest(run_dir)
     if latest is not None:
-        if latest.get("train_spec", spec) != spec or latest.get("manifest_sha256", manifest_sha) != manifest_sha:
+        if (latest.get("train_spec", spec) != spec or latest.get("manifest_sha256", manifest_sha) != manifest_sha
+                or latest.get("model_cfg", mcfg) != mcfg):  # e.g. saved before the tiny models' compact vocabulary
             raise ClipgenError(f"{str(ckpt.latest_path(run_dir))!r} belongs to a run with other settings or data: "
                                "pick another run_name=... or paths.root=...")
         if latest.get("num_samples", len(data)) != len(data):  # e.g. another number of bad samples skipped now
@@ -306,7 +307,8 @@ def _train(cfg, denv, device, mcfg, recipe_dir, manifest, manifest_sha, name, ru
         wandb_id, prior_seconds, last_loss = None, 0.0, None
         if main:
             atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-            ckpt.save_epoch(run_dir, payload_fn(model, epoch=0, step=0, samples_seen=0, **common))
+            ckpt.save_epoch(run_dir, payload_fn(model, epoch=0, step=0, samples_seen=0, **common),
+                            str(tc.checkpoint_dtype))
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if tc.grad_checkpointing:
@@ -438,7 +440,7 @@ def _train(cfg, denv, device, mcfg, recipe_dir, manifest, manifest_sha, name, ru
                 # Epoch end: the epoch checkpoint first, then latest.pt pointing at the next epoch.
                 if main and ((e + 1) % int(tc.save_every_epochs) == 0 or e + 1 == epochs):
                     ckpt.save_epoch(run_dir, payload_fn(model, epoch=e + 1, step=step, samples_seen=samples_seen,
-                                                        **common))
+                                                        **common), str(tc.checkpoint_dtype))
                 save_latest({"epoch": e + 1, "batch": 0})
                 if subset_eval is not None:  # after the saves; leaves RNG, weights and train mode as they were
                     subset_eval(ckpt.unwrap(model), epoch=e + 1, step=step, logger=logger)

@@ -37,6 +37,11 @@ def check_trainer_config(tc, oc) -> None:
     for key in ("accum_steps", "save_every_epochs"):
         if int(tc[key]) < 1:
             raise ClipgenError(f"trainer.{key}={tc[key]}: expected a positive integer")
+    from clipgen.train.checkpoint import CHECKPOINT_DTYPES
+
+    if tc.checkpoint_dtype not in CHECKPOINT_DTYPES:
+        raise ClipgenError(f"unknown trainer.checkpoint_dtype {tc.checkpoint_dtype!r}: expected one of "
+                           f"{', '.join(CHECKPOINT_DTYPES)}")
     if int(oc.warmup_steps) < 0:
         raise ClipgenError(f"optim.warmup_steps={oc.warmup_steps}: expected 0 or more")
 
