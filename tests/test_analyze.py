@@ -17,7 +17,7 @@ from clipgen.analyze import sharing as S
 from clipgen.errors import ClipgenError
 from clipgen.facts import DOMAINS
 
-from conftest import make_cfg
+from conftest import make_cfg, scratch_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -319,10 +319,10 @@ def trained_root(tmp_path_factory):
     """Two seeds of CG-high on a tiny world with four held-out classes (so CKA over C2 has >= 4 classes)."""
     from clipgen.launch.study import run_study
 
-    root = tmp_path_factory.mktemp("analyze_root")
-    run_study(make_cfg(root, "debug=smoke", "world.num_heldout=4", "study.name=an", "study.recipes=[cg_high]",
-                       "study.seeds=[0,1]", "trainer.epochs=1"))
-    return root
+    with scratch_dir(tmp_path_factory, "analyze_root") as root:
+        run_study(make_cfg(root, "debug=smoke", "world.num_heldout=4", "study.name=an", "study.recipes=[cg_high]",
+                           "study.seeds=[0,1]", "trainer.epochs=1"))
+        yield root
 
 
 def test_all_analyses_run_on_synthetic_world_runs_and_reruns_skip(trained_root, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_cfg
+from conftest import make_cfg, scratch_dir
 
 from clipgen.errors import ClipgenError
 from clipgen.train import dist
@@ -40,10 +40,11 @@ def _state(root: Path, name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def single(tiny_root, tmp_path_factory):
-    root = _root(tiny_root, tmp_path_factory.mktemp("one"))
-    out = subprocess.run(["clipgen-train", f"paths.root={root}", *OVER], env=ENV, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return root
+    with scratch_dir(tmp_path_factory, "one") as scratch:
+        root = _root(tiny_root, scratch)
+        out = subprocess.run(["clipgen-train", f"paths.root={root}", *OVER], env=ENV, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        yield root
 
 
 def test_torchrun_two_process_gloo_matches_one_process(single, tiny_root, tmp_path):
