@@ -112,3 +112,18 @@ def test_fp16_checkpoints_load_in_open_clip_and_evaluate_like_fp32(tiny_root):
     agree = float(np.mean(from_fp16["preds"] == from_fp32["preds"]))
     gap = float(np.abs(from_fp16["logits"].astype(np.float32) - from_fp32["logits"].astype(np.float32)).max())
     assert agree >= 0.98 and gap < 0.5, (agree, gap)
+
+
+def test_run_saved_with_the_full_vocabulary_is_not_resumed(tmp_path):
+    """A run directory from before the compact vocabulary (its latest.pt records another model config) is refused
+    with one line instead of a tensor-shape stack trace."""
+    from clipgen.train.loop import run_train
+    from clipgen.utils import atomic_torch_save
+
+    over = ("debug=smoke", "recipe=cg_low", "trainer.max_steps=2")
+    run = Path(run_train(make_cfg(tmp_path, *over))["run_dir"])
+    latest = torch.load(run / "latest.pt", weights_only=True)
+    latest["model_cfg"]["text_cfg"]["vocab_size"] = 49408
+    atomic_torch_save(latest, run / "latest.pt")
+    with pytest.raises(ClipgenError, match="latest.pt.*belongs to a run with other settings"):
+        run_train(make_cfg(tmp_path, *over[:2]))
