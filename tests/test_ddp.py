@@ -47,6 +47,7 @@ def single(tiny_root, tmp_path_factory):
         yield root
 
 
+@pytest.mark.slow
 def test_torchrun_two_process_gloo_matches_one_process(single, tiny_root, tmp_path):
     root = _root(tiny_root, tmp_path)
     out = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "--no-python", "clipgen-train",
@@ -87,6 +88,7 @@ def _outputs(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         return model.encode_image(images, normalize=True), model.encode_text(tokens, normalize=True)
 
 
+@pytest.mark.slow
 def test_srun_environment_gives_ddp_and_resumes(single, tiny_root, tmp_path):
     """Two tasks as srun starts them (SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID): stopped after 3 steps,
     then resumed as a single process to the end, matching the single-process run."""

@@ -464,6 +464,7 @@ def real_runs(tmp_path_factory, one_torch_thread):
         yield root
 
 
+@pytest.mark.slow
 def test_real_runs_top_hypothesis_names_heldout_classes_in_test_domain(real_runs):
     res = _diff(real_runs, REAL_A, REAL_B)
     meta = json.loads((real_runs / "runs" / REAL_A / "meta.json").read_text())
