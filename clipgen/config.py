@@ -134,6 +134,7 @@ class TrainerConfig:
     requeue: bool = True  # in a SLURM job: after SIGUSR1/SIGUSR2 and saving latest.pt, requeue it (scontrol requeue)
     objective: str = "clip"  # clip (contrastive, open_clip's ClipLoss) | supervised (protocol §5 baseline, 1345-way)
     save_every_epochs: int = 1  # epoch checkpoints every this many epochs (and after the last); epoch 0 always
+    checkpoint_dtype: str = "fp32"  # fp32 | fp16: epoch checkpoints' stored weights (latest.pt stays fp32)
     # Memory/speed options that leave the result unchanged (up to float rounding):
     accum_steps: int = 1  # split each (per-rank) batch into this many micro-batches; the loss is still the full batch's
     grad_checkpointing: bool = False  # recompute activations in backward (transformer blocks, ResNet bottlenecks)

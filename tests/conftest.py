@@ -1,7 +1,9 @@
 """Shared fixtures: compose the real config tree with Hydra's compose API into a temporary paths.root."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 
 import pytest
 from omegaconf import DictConfig
@@ -20,14 +22,25 @@ def make_cfg(root, *overrides: str) -> DictConfig:
     return compose_config([f"paths.root={root}", *overrides])
 
 
+@contextlib.contextmanager
+def scratch_dir(tmp_path_factory, name: str):
+    """A module or session fixture's directory, deleted when the fixture ends. pytest itself deletes only the
+    tmp_path of passed tests (tmp_path_retention_policy in pyproject.toml); trained runs would otherwise stay."""
+    path = tmp_path_factory.mktemp(name)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory):
     """A paths.root shared by the session, holding the tiny world (generated once)."""
-    root = tmp_path_factory.mktemp("clipgen_root")
     from clipgen.world.generate import generate_world
 
-    generate_world(make_cfg(root, "debug=smoke"))
-    return root
+    with scratch_dir(tmp_path_factory, "clipgen_root") as root:
+        generate_world(make_cfg(root, "debug=smoke"))
+        yield root
 
 
 @pytest.fixture(scope="module")

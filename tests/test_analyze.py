@@ -17,7 +17,7 @@ from clipgen.analyze import sharing as S
 from clipgen.errors import ClipgenError
 from clipgen.facts import DOMAINS
 
-from conftest import make_cfg
+from conftest import make_cfg, scratch_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -77,6 +77,7 @@ def test_cka_matrix_uses_the_class_list_it_is_given():
 
 
 # --- SAE and feature sharing ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sae_recovers_a_planted_sparse_dictionary():
     from clipgen.analyze.sae import train_sae
 
@@ -175,6 +176,7 @@ def _images(n, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
 
 
+@pytest.mark.slow
 def test_one_pass_extraction_equals_one_pass_per_layer_and_stages_compose(tiny_rn):
     from clipgen.eval.zeroshot import normalize_images
     from clipgen.train.model import create_clip
@@ -214,6 +216,7 @@ def test_activation_cache_is_keyed_by_checkpoint_images_and_layers(tmp_path):
     assert len(calls) == 3
 
 
+@pytest.mark.slow
 def test_integrated_gradients_are_complete_on_a_tiny_model(tiny_rn):
     from clipgen.eval.zeroshot import normalize_images
 
@@ -319,12 +322,13 @@ def trained_root(tmp_path_factory):
     """Two seeds of CG-high on a tiny world with four held-out classes (so CKA over C2 has >= 4 classes)."""
     from clipgen.launch.study import run_study
 
-    root = tmp_path_factory.mktemp("analyze_root")
-    run_study(make_cfg(root, "debug=smoke", "world.num_heldout=4", "study.name=an", "study.recipes=[cg_high]",
-                       "study.seeds=[0,1]", "trainer.epochs=1"))
-    return root
+    with scratch_dir(tmp_path_factory, "analyze_root") as root:
+        run_study(make_cfg(root, "debug=smoke", "world.num_heldout=4", "study.name=an", "study.recipes=[cg_high]",
+                           "study.seeds=[0,1]", "trainer.epochs=1"))
+        yield root
 
 
+@pytest.mark.slow
 def test_all_analyses_run_on_synthetic_world_runs_and_reruns_skip(trained_root, tmp_path):
     from clipgen.analyze.report import report_section
     from clipgen.analyze.run import run_analyze
@@ -371,6 +375,7 @@ def test_all_analyses_run_on_synthetic_world_runs_and_reruns_skip(trained_root, 
     assert report_section(tmp_path / "empty", tmp_path / "report2") == ""
 
 
+@pytest.mark.slow
 def test_bad_analysis_settings_fail_with_one_line(trained_root):
     from clipgen.analyze.run import run_analyze
 

@@ -83,6 +83,7 @@ def _wait(pred, timeout: float, what: str, poll: float = 0.5):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+@pytest.mark.slow
 def test_hydra_submitit_sweep_of_two_runs(slurm_cluster, tiny_root, tmp_path):
     root = _root(tiny_root, tmp_path)
     out = subprocess.run(["clipgen-train", "-m", "hydra/launcher=slurm_cpu", "hydra.launcher.partition=debug",
@@ -101,6 +102,7 @@ def test_hydra_submitit_sweep_of_two_runs(slurm_cluster, tiny_root, tmp_path):
     assert "sweep: 2 jobs" in out.stdout and out.stdout.count("  done") == 2  # the job table, from SLURM jobs too
 
 
+@pytest.mark.slow
 def test_templates_and_preemption_requeue_resume(slurm_cluster, tiny_root, tmp_path):
     from clipgen.train.loop import run_train
 
@@ -146,6 +148,7 @@ def test_templates_and_preemption_requeue_resume(slurm_cluster, tiny_root, tmp_p
     assert [json.loads(x)["epoch"] for x in lines] == list(range(17))
 
 
+@pytest.mark.slow
 def test_world_study_on_slurm_and_relaunch_submits_nothing(slurm_cluster, tiny_root, tmp_path):
     root = _root(tiny_root, tmp_path)
     over = [f"paths.root={root}", "debug=smoke", "study.name=cluster", "study.recipes=[cg_high,lod]",

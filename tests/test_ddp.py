@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_cfg
+from conftest import make_cfg, scratch_dir
 
 from clipgen.errors import ClipgenError
 from clipgen.train import dist
@@ -40,12 +40,14 @@ def _state(root: Path, name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def single(tiny_root, tmp_path_factory):
-    root = _root(tiny_root, tmp_path_factory.mktemp("one"))
-    out = subprocess.run(["clipgen-train", f"paths.root={root}", *OVER], env=ENV, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return root
+    with scratch_dir(tmp_path_factory, "one") as scratch:
+        root = _root(tiny_root, scratch)
+        out = subprocess.run(["clipgen-train", f"paths.root={root}", *OVER], env=ENV, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        yield root
 
 
+@pytest.mark.slow
 def test_torchrun_two_process_gloo_matches_one_process(single, tiny_root, tmp_path):
     root = _root(tiny_root, tmp_path)
     out = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "--no-python", "clipgen-train",
@@ -86,6 +88,7 @@ def _outputs(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         return model.encode_image(images, normalize=True), model.encode_text(tokens, normalize=True)
 
 
+@pytest.mark.slow
 def test_srun_environment_gives_ddp_and_resumes(single, tiny_root, tmp_path):
     """Two tasks as srun starts them (SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID): stopped after 3 steps,
     then resumed as a single process to the end, matching the single-process run."""

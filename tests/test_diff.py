@@ -10,7 +10,7 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 
-from conftest import make_cfg, run_name_of
+from conftest import make_cfg, run_name_of, scratch_dir
 from clipgen.diff import metrics as M
 from clipgen.diff import synthetic as syn
 from clipgen.diff.split import split_mask
@@ -458,12 +458,13 @@ def real_runs(tmp_path_factory, one_torch_thread):
     (~1-2 minutes, depending on the machine's load). latest.pt is saved at epoch ends only."""
     from clipgen.launch.study import run_study
 
-    root = tmp_path_factory.mktemp("diff_real")
-    run_study(make_cfg(root, *REAL_OVER, "study.name=diffreal", "study.recipes=[cg_low,cg_low_pseudo]",
-                       "study.seeds=[0]", "study.parallel=2"))
-    return root
+    with scratch_dir(tmp_path_factory, "diff_real") as root:
+        run_study(make_cfg(root, *REAL_OVER, "study.name=diffreal", "study.recipes=[cg_low,cg_low_pseudo]",
+                           "study.seeds=[0]", "study.parallel=2"))
+        yield root
 
 
+@pytest.mark.slow
 def test_real_runs_top_hypothesis_names_heldout_classes_in_test_domain(real_runs):
     res = _diff(real_runs, REAL_A, REAL_B)
     meta = json.loads((real_runs / "runs" / REAL_A / "meta.json").read_text())

@@ -16,7 +16,7 @@ from clipgen.errors import ClipgenError
 from clipgen.eval import metrics as M
 from clipgen.facts import DOMAINS, class_folder, domainnet_label
 
-from conftest import make_cfg
+from conftest import make_cfg, scratch_dir
 
 # Six DomainNet classes, two of them in the paper's C2 (axe, banana), in DomainNet label order.
 FAKE_CLASSES = sorted(["axe", "banana", "bicycle", "cat", "dog", "house"], key=domainnet_label)
@@ -88,7 +88,8 @@ def make_fake_run(root, data_root, kind="cg_low", seed=0, epochs=2, model_name="
 
 @pytest.fixture(scope="module")
 def fake_data(tmp_path_factory):
-    return write_fake_domainnet(tmp_path_factory.mktemp("fake_dn") / "domainnet")
+    with scratch_dir(tmp_path_factory, "fake_dn") as root:
+        yield write_fake_domainnet(root / "domainnet")
 
 
 # --- metrics -------------------------------------------------------------------------------------------------

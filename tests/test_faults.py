@@ -198,9 +198,9 @@ def small_disk(tmp_path):
 
 @pytest.mark.slow
 def test_disk_full_during_a_save_is_one_line_and_loses_nothing(own_root, small_disk):
-    """runs/ on a 100 MB disk: epoch_000 (18 MB) and the first latest.pt (55 MB) fit, a later save does not.
+    """runs/ on a 30 MiB disk: epoch_000 (6 MB) and the first latest.pt (19 MB) fit, a later save does not.
     Before: a raw '[enforce fail at inline_container.cc]' traceback that named neither the path nor the disk."""
-    runs = small_disk("runs", "100m")
+    runs = small_disk("runs", "30m")
     proc = _start_trainer(own_root, "run_name=full")
     out = proc.communicate(timeout=300)[0].decode()
     assert proc.returncode == 2, out[-3000:]

@@ -122,6 +122,7 @@ def test_fast_tar_reader_matches_tarfile(tiny_recipe, tmp_path):
                 assert f.read(len(data)) == data
 
 
+@pytest.mark.slow
 def test_corrupt_image_and_missing_parts(recipe_copy, tokenizer):
     rdir, base_dir, manifest = recipe_copy
     shards = [rdir / name for name in sorted(manifest["shards"])]
@@ -148,6 +149,7 @@ def test_corrupt_image_and_missing_parts(recipe_copy, tokenizer):
                         on_bad_sample="skip")
 
 
+@pytest.mark.slow
 def test_truncated_tars(recipe_copy, tokenizer):
     rdir, base_dir, manifest = recipe_copy
     shard = rdir / sorted(manifest["shards"])[1]
@@ -254,6 +256,7 @@ def _equal(xs, ys) -> bool:
                                       for x, y in zip(xs, ys))
 
 
+@pytest.mark.slow
 def test_stream_loader_gives_the_in_memory_batches(tiny_recipe, tiny_data, tokenizer):
     from clipgen.train.stream import StreamLoader, load_stream_data
 

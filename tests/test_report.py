@@ -16,7 +16,7 @@ import pytest
 from clipgen.errors import ClipgenError
 from clipgen.facts import DOMAINS
 
-from conftest import make_cfg
+from conftest import make_cfg, scratch_dir
 
 try:
     from test_eval import FAKE_CLASSES, FAKE_HELDOUT, make_fake_run, write_fake_domainnet
@@ -62,11 +62,15 @@ def _recipe_files(run_dir, kind, domains):
 
 @pytest.fixture(scope="module")
 def study_root(tmp_path_factory):
+    with scratch_dir(tmp_path_factory, "study") as root:
+        yield _study_runs(root)
+
+
+def _study_runs(root):
     """Five evaluated fake runs (CG-low and CG-high x seeds 0/1, natural-only seed 0) plus results-only
     interpolation and allow-p runs."""
     from clipgen.eval.run import run_eval
 
-    root = tmp_path_factory.mktemp("study")
     data = write_fake_domainnet(root / "domainnet")
     for kind, doms in (("cg_low", ["real", "sketch"]), ("cg_high", DOMAINS)):
         for seed in (0, 1):

@@ -8,11 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-
+import pytest
 from conftest import make_cfg
 from clipgen.recipes.build import ensure_recipe
 
 
+@pytest.mark.slow
 def test_study_end_to_end_on_tiny_world(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     out = subprocess.run(["clipgen-study", "debug=smoke", f"paths.root={tmp_path}", "study.parallel=2",
@@ -47,6 +48,7 @@ def test_study_end_to_end_on_tiny_world(tmp_path):
     assert not changed, changed
 
 
+@pytest.mark.slow
 def test_open_clip_trainer_reads_recipe_shards(tiny_root, tmp_path):
     """open_clip's own trainer trains a few steps on a recipe's shards (the interoperability promise)."""
     recipe = ensure_recipe(make_cfg(tiny_root, "debug=smoke", "recipe=cg_high"))

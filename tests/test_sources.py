@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_cfg
+from conftest import make_cfg, scratch_dir
 from clipgen import layout
 from clipgen.data.cc import expand_shards, read_cc_shards, read_shard_member
 from clipgen.data.imagenet_captions import read_imagenet_captions, wnid_table
@@ -62,11 +62,15 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 
 @pytest.fixture(scope="module")
 def cc_shards(tiny_root, tmp_path_factory):
+    with scratch_dir(tmp_path_factory, "cc") as out:
+        yield _cc_shards(tiny_root, out)
+
+
+def _cc_shards(tiny_root, out):
     """img2dataset-style shards (jpg + txt + json) made from the tiny world's base images; every third image is
     enlarged to 40x48 so that the shard writer has to resize it. Returns (dir, {sample_id: (caption, jpg)})."""
     nat = layout.world_dir(make_cfg(tiny_root, "debug=smoke")) / "natural"
     base = read_imagenet_captions(nat / "imagenet_captions.json", nat / "train")
-    out = tmp_path_factory.mktemp("cc")
     expected = {}
     per_shard = (len(base) + 1) // 2
     for si in range(2):

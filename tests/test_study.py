@@ -84,6 +84,7 @@ def test_cfg_job_prints_the_grid(tmp_path):
     assert "cg_high_pseudo" in out.stdout and "name: RN50" in out.stdout
 
 
+@pytest.mark.slow
 def test_world_study_on_submitit_local_then_relaunch_does_nothing(tiny_root, tmp_path):
     import shutil
 

@@ -202,6 +202,7 @@ def test_leak_guard_rejects_test_split_and_heldout_classes(recipe_copy):
         load_train_data(rdir, tok, 64, {**manifest, "kind": "cg_high_pseudo"})
 
 
+@pytest.mark.slow
 def test_killed_streaming_run_resumes_bitwise(full_run, tiny_root, tmp_path):
     """kill -9 (no chance to save) of a run on the streaming loader with 2 DataLoader workers, at whatever step
     it has reached after its first latest.pt; the restarted run redoes the lost steps and ends with exactly the

@@ -43,13 +43,33 @@ def epoch_payload(model: torch.nn.Module, *, model_name: str, model_cfg: dict, e
             "recipe_id": recipe_id, "seed": int(seed)}
 
 
-def save_epoch(run_dir: str | Path, payload: dict) -> Path | None:
-    """Write ``checkpoints/epoch_NNN.pt``. Epoch 0 (the untrained model) is never overwritten: a resumed or
+CHECKPOINT_DTYPES = {"fp32": None, "fp16": torch.float16}  # trainer.checkpoint_dtype
+
+
+def stored_state(state: dict, dtype: str) -> dict:
+    """``state`` with its float32 tensors stored as ``dtype``. A tensor fp16 cannot hold (a value beyond its
+    range) stays float32; integers (BatchNorm's batch counters) are never touched. Loading casts back to the
+    model's float32, so an fp16 checkpoint loads anywhere an fp32 one does."""
+    target = CHECKPOINT_DTYPES[dtype]
+    if target is None:
+        return state
+    out = {}
+    for k, v in state.items():
+        if v.dtype == torch.float32:
+            small = v.to(target)
+            v = small if bool(torch.isfinite(small).all()) or not bool(torch.isfinite(v).all()) else v
+        out[k] = v
+    return out
+
+
+def save_epoch(run_dir: str | Path, payload: dict, dtype: str = "fp32") -> Path | None:
+    """Write ``checkpoints/epoch_NNN.pt`` with its weights stored as ``dtype`` (trainer.checkpoint_dtype; latest.pt
+    always keeps float32 for an exact resume). Epoch 0 (the untrained model) is never overwritten: a resumed or
     restarted run leaves the original in place. Returns the path written, or None when it was left alone."""
     path = epoch_path(run_dir, payload["epoch"])
     if payload["epoch"] == 0 and path.exists():
         return None
-    atomic_torch_save(payload, path)
+    atomic_torch_save({**payload, "state_dict": stored_state(payload["state_dict"], dtype)}, path)
     return path
 
 

@@ -66,6 +66,9 @@ def _check_config(cfg: DictConfig) -> tuple[torch.device, dict]:
     for key in ("epochs", "batch_size", "log_every", "save_every_steps", "accum_steps", "save_every_epochs"):
         if int(tc[key]) < 1:
             raise ClipgenError(f"trainer.{key}={tc[key]}: expected a positive integer")
+    if tc.checkpoint_dtype not in ckpt.CHECKPOINT_DTYPES:
+        raise ClipgenError(f"unknown trainer.checkpoint_dtype {tc.checkpoint_dtype!r}: expected one of "
+                           f"{', '.join(ckpt.CHECKPOINT_DTYPES)}")
     device = resolve_device(tc.device)
     autocast(tc.precision, device)
     check_logger_config(cfg)

@@ -2,24 +2,37 @@
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
+import os
 from importlib import resources
 
 from clipgen.errors import ClipgenError
 
 
-@lru_cache(maxsize=None)
 def register_clipgen_models() -> str:
-    """Make open_clip know clipgen's model configs (``clipgen-tiny-rn`` ...). Returns the config folder, which is
-    what a user passes to ``open_clip.add_model_config`` before loading a clipgen checkpoint elsewhere."""
-    import open_clip
+    """Make open_clip know clipgen's model configs (``clipgen-tiny-rn`` ...) and their tokenizers. Call it before
+    ``open_clip.create_model_and_transforms(name, pretrained=path)`` or ``open_clip.get_tokenizer(name)`` on a
+    clipgen model elsewhere. Returns the config folder.
 
-    folder = str(resources.files("clipgen.resources").joinpath("models"))
-    open_clip.add_model_config(folder)
-    return folder
+    The tiny models' configs name their compact vocabulary by file name (``text_cfg.tokenizer_kwargs.bpe_path``,
+    see clipgen.train.vocab); open_clip's tokenizer opens that path as given, so it is made absolute here (again
+    after anything rescans open_clip's registry)."""
+    import open_clip
+    from open_clip import factory
+
+    folder = resources.files("clipgen.resources").joinpath("models")
+    names = [p.name[:-len(".json")] for p in folder.iterdir() if p.name.endswith(".json")]
+    if any(n not in factory._MODEL_CONFIGS for n in names):
+        open_clip.add_model_config(str(folder))
+    for n in names:
+        kwargs = factory._MODEL_CONFIGS[n]["text_cfg"].get("tokenizer_kwargs") or {}
+        if "bpe_path" in kwargs and not os.path.isabs(kwargs["bpe_path"]):
+            kwargs["bpe_path"] = str(resources.files("clipgen.resources").joinpath(kwargs["bpe_path"]))
+    return str(folder)
 
 
 def model_config(name: str) -> dict:
+    """open_clip's config of ``name``, as shipped (a compact vocabulary named by file name, so the copy a
+    checkpoint and meta.json record is the same on every machine)."""
     import open_clip
 
     register_clipgen_models()
@@ -27,6 +40,9 @@ def model_config(name: str) -> dict:
     if cfg is None:
         raise ClipgenError(f"unknown model.name {name!r}: expected an open_clip model config such as RN50, "
                            f"ViT-B-32 or one of clipgen's tiny models (clipgen-tiny-rn, clipgen-tiny-vit)")
+    kwargs = cfg["text_cfg"].get("tokenizer_kwargs") or {}
+    if "bpe_path" in kwargs:
+        kwargs["bpe_path"] = os.path.basename(kwargs["bpe_path"])
     return cfg
 
 

@@ -143,7 +143,8 @@ def setup(t: Target) -> Session:
 
 def _check_latest(s: Session, latest: dict) -> None:
     t, where = s.target, str(ckpt.latest_path(s.target.run_dir))
-    if latest.get("train_spec", t.spec) != t.spec or latest.get("manifest_sha256", t.manifest_sha) != t.manifest_sha:
+    if (latest.get("train_spec", t.spec) != t.spec or latest.get("manifest_sha256", t.manifest_sha) != t.manifest_sha
+            or latest.get("model_cfg", t.model_cfg) != t.model_cfg):  # e.g. saved before the compact vocabulary
         raise ClipgenError(f"{where!r} belongs to a run with other settings or data: pick another run_name=... or "
                            "paths.root=...")
     if latest.get("num_samples", len(s.data)) != len(s.data):  # e.g. another number of bad samples skipped now
@@ -186,7 +187,7 @@ def _payload(s: Session, epoch: int) -> dict:
 def save_epoch(s: Session, epoch: int) -> None:
     """``checkpoints/epoch_NNN.pt`` of the model as it is now."""
     if s.main:
-        ckpt.save_epoch(s.target.run_dir, _payload(s, epoch))
+        ckpt.save_epoch(s.target.run_dir, _payload(s, epoch), str(s.target.cfg.trainer.checkpoint_dtype))
 
 
 def save_latest(s: Session, position: dict) -> None:
