@@ -97,10 +97,12 @@ class ImageSet:
 def select_images(info: RunInfo, split: str, per_group: int, seed: int) -> ImageSet:
     """Images of ``split`` of all six domains over the run's classes, at most ``per_group`` per domain x class."""
     from clipgen.data.sources import domainnet_index
+    from clipgen.world.generate import ensure_world
 
     if per_group < 1:
         raise ClipgenError(f"analysis images per group = {per_group}: expected a positive number")
     classes = {c: i for i, c in enumerate(info.classes)}
+    ensure_world(info.run_cfg)
     index = domainnet_index(info.run_cfg)
     groups: dict[tuple[str, int], list[tuple[str, int]]] = {}
     picked = [s for s in index if s.split == split and s.class_name in classes and s.domain in DOMAINS]

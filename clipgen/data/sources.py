@@ -31,19 +31,11 @@ def _cache_dir(cfg: DictConfig) -> Path | None:
     return layout.cache_dir(cfg) if cfg.data.index_cache else None
 
 
-def ensure_world(cfg: DictConfig) -> None:
-    """Generate the synthetic world if the config reads from it and it is not there yet."""
-    if cfg.data.source == "world" or cfg.data.base == "world":
-        from clipgen.world.generate import generate_world
-
-        generate_world(cfg)
-
-
 def domainnet_index(cfg: DictConfig, check_files: bool = True) -> list[Sample]:
     """DomainNet-layout samples (train, val, test), plus ImageNet-Sketch's train sketches when
     data.use_imagenet_sketch=true. Real DomainNet must hold every class in every domain unless
-    data.allow_missing_classes=true (the world may be any subset)."""
-    ensure_world(cfg)
+    data.allow_missing_classes=true (the world may be any subset). Reads only: a synthetic world must exist
+    (clipgen.world.generate.ensure_world, called by whoever needs it built)."""
     strict = cfg.data.source == "domainnet" and not cfg.data.allow_missing_classes
     root = domainnet_root(cfg)
     params = {"root": str(root), "val_fraction": float(cfg.data.val_fraction), "val_seed": int(cfg.data.val_seed),
@@ -67,7 +59,6 @@ def base_index(cfg: DictConfig) -> list[Sample]:
     if base == "none":
         return []
     if base == "world":
-        ensure_world(cfg)
         nat = layout.world_dir(cfg) / "natural"
         return _captions_index(cfg, nat / "imagenet_captions.json", nat / "train", "world_base")
     if base == "imagenet_captions":

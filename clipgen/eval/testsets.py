@@ -57,8 +57,10 @@ def task_domains(meta: dict) -> list[str]:
 def select_test_samples(run_cfg: DictConfig, meta: dict, meta_path: Path | str, domains: list[str]):
     """Index samples of the test split of real and ``domains`` over the run's classes, in index order."""
     from clipgen.data.sources import domainnet_index
+    from clipgen.world.generate import ensure_world
 
     classes = list(meta["classes"])
+    ensure_world(run_cfg)  # a run of the synthetic world evaluated where its world is not (yet) generated
     index = domainnet_index(run_cfg)
     available = {s.class_name for s in index}
     missing = [c for c in classes if c not in available]

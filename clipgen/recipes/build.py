@@ -24,6 +24,7 @@ from clipgen.recipes.captions import make_caption
 from clipgen.recipes.naming import RecipeSpec, recipe_spec
 from clipgen.recipes.plan import Plan, check_no_leak, format_plan, plan_recipe, train_index
 from clipgen.recipes.shards import count_shard_samples, write_shards
+from clipgen.world.generate import ensure_world
 from clipgen.utils import (atomic_write_json, git_sha, is_disk_error, read_json, stable_hash, sweep_stale_dirs,
                            write_error)
 
@@ -124,6 +125,7 @@ def _recipe_spec_dict(spec: RecipeSpec, cfg: DictConfig, src_hash: str, heldout:
 def plan_from_config(cfg: DictConfig) -> tuple[Plan, list[Sample]]:
     spec = recipe_spec(cfg.recipe)
     heldout = _check_heldout(cfg.heldout.classes)
+    ensure_world(cfg)  # the recipe stage builds the world it reads (readers never do)
     index = domainnet_index(cfg)
     plan = plan_recipe(spec, derived(index, "train_index", train_index), heldout)
     check_no_leak(plan)

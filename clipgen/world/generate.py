@@ -313,6 +313,13 @@ def _generate(cfg: DictConfig) -> tuple[Path, bool]:
     return final, True
 
 
+def ensure_world(cfg: DictConfig) -> None:
+    """Generate the synthetic world if the config reads from it and it is not there yet (a no-op otherwise: the
+    world is keyed by its spec hash). Stages call this explicitly before reading; readers never build."""
+    if cfg.data.source == "world" or cfg.data.base == "world":
+        generate_world(cfg)
+
+
 def generate_world(cfg: DictConfig) -> Path:
     """Build the world the config describes if it is not there yet; return its directory."""
     return _generate(cfg)[0]
