@@ -60,3 +60,11 @@ def run_name_of(root, recipe_id: str, *overrides: str) -> str:
     from clipgen.rundir import run_name
 
     return run_name(make_cfg(root, *overrides), recipe_id)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The tiny models' tokenizer (open_clip's, over clipgen's compact vocabulary)."""
+    from clipgen.train.model import create_clip
+
+    return create_clip("clipgen-tiny-rn", 32)[1]

@@ -16,23 +16,12 @@ from clipgen.errors import ClipgenError
 from clipgen.train.crop import CROP_TOLERANCE, SEPARABLE_MIN_PX, apply_crop, crop_normalize, normalize
 from clipgen.train.data import EpochLoader, crop_theta, load_train_data
 from clipgen.train.decode import decode_rgb, read_shard
-from clipgen.train.model import create_clip
 from clipgen.train.stream import StreamLoader, load_stream_data
 
 PX = 96  # above SEPARABLE_MIN_PX: the separable path; small enough for CI
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return create_clip("clipgen-tiny-rn", 32)[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: small ops run fastest on one thread
 
 
 @pytest.fixture(scope="module")

@@ -16,23 +16,11 @@ from clipgen.errors import ClipgenError
 from clipgen.train import decode
 from clipgen.train.data import EpochLoader, bad_samples_report, load_train_data
 from clipgen.train.loop import run_train
-from clipgen.train.model import create_clip
 
 SMOKE = ("debug=smoke", "recipe=cg_high", "trainer.threads=1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensor ops: one torch thread is faster and immune to a busy shared machine (as trainer.threads=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return create_clip("clipgen-tiny-rn", 32)[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: small ops run fastest on one thread
 
 
 @pytest.fixture(scope="module")
