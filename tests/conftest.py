@@ -68,3 +68,16 @@ def tokenizer():
     from clipgen.train.model import create_clip
 
     return create_clip("clipgen-tiny-rn", 32)[1]
+
+
+def loader_batches(loader, epochs=((0, 0), (1, 0))):
+    """(epoch, index, sample indices, images, tokens) of every batch a loader gives for (epoch, start batch) pairs."""
+    return [(b.epoch, b.index, b.indices, b.images, b.tokens) for e, start in epochs for b in loader.batches(e, start)]
+
+
+def same_batches(xs, ys) -> bool:
+    """Two loader_batches() lists are equal bit for bit."""
+    import torch
+
+    return len(xs) == len(ys) and all(x[:2] == y[:2] and all(torch.equal(a, b) for a, b in zip(x[2:], y[2:]))
+                                      for x, y in zip(xs, ys))

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_cfg
+from conftest import loader_batches, same_batches, make_cfg
 from PIL import Image
 
 from clipgen.errors import ClipgenError
@@ -85,19 +85,10 @@ def test_decoder_gives_pil_pixels(jpeg_recipe):
         assert got.dtype == np.uint8 and got.shape == (3, PX, PX) and np.array_equal(got, want)
 
 
-def _batches(loader, epochs=((0, 0), (1, 0))):
-    return [(b.epoch, b.index, b.indices, b.images, b.tokens) for e, start in epochs for b in loader.batches(e, start)]
-
-
-def _equal(xs, ys) -> bool:
-    return len(xs) == len(ys) and all(x[:2] == y[:2] and all(torch.equal(a, b) for a, b in zip(x[2:], y[2:]))
-                                      for x, y in zip(xs, ys))
-
-
 @pytest.mark.slow
 def test_jpeg_batches_identical_across_loaders_workers_and_resume(jpeg_recipe, jpeg_data, tokenizer):
     memory = EpochLoader(jpeg_data, 32, seed=7, image_px=PX)
-    want = _batches(memory)
+    want = loader_batches(memory)
     assert want and want[0][3].shape == (32, 3, PX, PX)
     # the batch is the reference crop of the decoded images, up to CROP_TOLERANCE
     e, i, idx, images, _ = want[1]
@@ -105,10 +96,10 @@ def test_jpeg_batches_identical_across_loaders_workers_and_resume(jpeg_recipe, j
     assert (images - _reference(jpeg_data.images[idx], theta, PX)).abs().max().item() <= CROP_TOLERANCE
     stream = load_stream_data(jpeg_recipe[0], PX, workers=2)
     for workers in (0, 2):
-        assert _equal(_batches(StreamLoader(stream, 32, 7, PX, tokenizer, workers=workers)), want)
+        assert same_batches(loader_batches(StreamLoader(stream, 32, 7, PX, tokenizer, workers=workers)), want)
     k = 2  # a resumed run, from (epoch 0, batch k)
-    assert _equal(_batches(StreamLoader(stream, 32, 7, PX, tokenizer, workers=2), ((0, k), (1, 0))), want[k:])
-    assert _equal(_batches(EpochLoader(jpeg_data, 32, seed=7, image_px=PX), ((0, k), (1, 0))), want[k:])
+    assert same_batches(loader_batches(StreamLoader(stream, 32, 7, PX, tokenizer, workers=2), ((0, k), (1, 0))), want[k:])
+    assert same_batches(loader_batches(EpochLoader(jpeg_data, 32, seed=7, image_px=PX), ((0, k), (1, 0))), want[k:])
 
 
 def _aug_seed(seed: int, epoch: int, index: int) -> int:

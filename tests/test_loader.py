@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_cfg
+from conftest import loader_batches, same_batches, make_cfg
 
 from clipgen.errors import ClipgenError
 from clipgen.train import decode
@@ -235,15 +235,6 @@ def test_sample_level_mixing_and_exact_mid_epoch_resume(tiny_recipe, tiny_data, 
 
 # --- streaming loader (clipgen.train.stream): the same batches, read from the shards as they are needed ---
 
-def _batches(loader, epochs=((0, 0), (1, 0))):
-    return [(b.epoch, b.index, b.indices, b.images, b.tokens) for e, start in epochs for b in loader.batches(e, start)]
-
-
-def _equal(xs, ys) -> bool:
-    return len(xs) == len(ys) and all(x[:2] == y[:2] and all(torch.equal(a, b) for a, b in zip(x[2:], y[2:]))
-                                      for x, y in zip(xs, ys))
-
-
 @pytest.mark.slow
 def test_stream_loader_gives_the_in_memory_batches(tiny_recipe, tiny_data, tokenizer):
     from clipgen.train.stream import StreamLoader, load_stream_data
@@ -252,16 +243,16 @@ def test_stream_loader_gives_the_in_memory_batches(tiny_recipe, tiny_data, token
     assert (len(stream), stream.num_recipe, stream.num_base) == (len(tiny_data), tiny_data.num_recipe,
                                                                  tiny_data.num_base)
     assert stream.meta == tiny_data.meta and stream.bad_samples == []
-    want = _batches(EpochLoader(tiny_data, 32, seed=5, image_px=32))
+    want = loader_batches(EpochLoader(tiny_data, 32, seed=5, image_px=32))
     for workers in (0, 2):  # DataLoader workers or in-process: the data are identical, bit for bit
-        assert _equal(_batches(StreamLoader(stream, 32, 5, 32, tokenizer, workers=workers)), want)
+        assert same_batches(loader_batches(StreamLoader(stream, 32, 5, 32, tokenizer, workers=workers)), want)
     # exact mid-epoch resume and disjoint rank shares, as the in-memory loader
     k = 3
-    tail = _batches(StreamLoader(stream, 32, 5, 32, tokenizer, workers=2), ((0, k), (1, 0)))
-    assert _equal(tail, want[k:])
-    rank1 = _batches(StreamLoader(stream, 32, 5, 32, tokenizer, rank=1, world_size=2, workers=2))
-    mem1 = _batches(EpochLoader(tiny_data, 32, 5, 32, rank=1, world_size=2))
-    assert _equal(rank1, mem1) and all(torch.equal(r[2], w[2][16:]) for r, w in zip(rank1, want))
+    tail = loader_batches(StreamLoader(stream, 32, 5, 32, tokenizer, workers=2), ((0, k), (1, 0)))
+    assert same_batches(tail, want[k:])
+    rank1 = loader_batches(StreamLoader(stream, 32, 5, 32, tokenizer, rank=1, world_size=2, workers=2))
+    mem1 = loader_batches(EpochLoader(tiny_data, 32, 5, 32, rank=1, world_size=2))
+    assert same_batches(rank1, mem1) and all(torch.equal(r[2], w[2][16:]) for r, w in zip(rank1, want))
 
 
 def test_stream_loader_bad_samples_and_changed_shards(recipe_copy, tokenizer):
@@ -276,13 +267,13 @@ def test_stream_loader_bad_samples_and_changed_shards(recipe_copy, tokenizer):
     stream = load_stream_data(rdir, 32, workers=2, on_bad_sample="skip")
     memory = load_train_data(rdir, tokenizer, 32, workers=0, on_bad_sample="skip")
     assert stream.bad_samples == memory.bad_samples and stream.meta == memory.meta
-    assert _equal(_batches(StreamLoader(stream, 32, 0, 32, tokenizer, workers=0), ((0, 0),)),
-                  _batches(EpochLoader(memory, 32, 0, 32), ((0, 0),)))
+    assert same_batches(loader_batches(StreamLoader(stream, 32, 0, 32, tokenizer, workers=0), ((0, 0),)),
+                  loader_batches(EpochLoader(memory, 32, 0, 32), ((0, 0),)))
     # A shard overwritten after the check: the batch that reads it fails naming the shard and the sample.
     raw = shards[0].read_bytes()
     shards[0].write_bytes(raw[:4096])
     with pytest.raises(ClipgenError, match=r"shard-00000\.tar.*changed while training"):
-        _batches(StreamLoader(stream, 32, 0, 32, tokenizer, workers=2), ((0, 0),))
+        loader_batches(StreamLoader(stream, 32, 0, 32, tokenizer, workers=2), ((0, 0),))
 
 
 def test_auto_loader_streams_what_does_not_fit(tiny_recipe, tiny_root):
