@@ -14,6 +14,8 @@ share of the batch. Under DDP, micro-batches before the last skip the gradient a
 """
 from __future__ import annotations
 
+import abc
+
 import contextlib
 import functools
 import math
@@ -31,7 +33,7 @@ def _no_sync(model, last: bool):
     return model.no_sync() if (not last and hasattr(model, "no_sync")) else contextlib.nullcontext()
 
 
-class Objective:
+class Objective(abc.ABC):
     """The interface; see the module docstring. ``stat`` names the per-step statistic (logged as
     ``train/{stat}``); ``text_head`` says whether evaluation uses CLIP's zero-shot text head (prompt templates,
     ImageNet's 1000 classes) rather than a classifier's columns."""
@@ -46,6 +48,7 @@ class Objective:
     def check(self, cfg) -> None:
         """Settings this objective cannot train with: a one-line ClipgenError."""
 
+    @abc.abstractmethod
     def create_model(self, model_name: str, image_px: int | None, checkpoint: dict | None = None):
         """``(randomly initialised model, its tokenizer or None)``, shaped like ``checkpoint`` when given."""
         raise NotImplementedError
@@ -53,6 +56,7 @@ class Objective:
     def prepare_data(self, data, recipe_dir) -> None:
         """Give the training data what this objective's batches need beyond images and tokens."""
 
+    @abc.abstractmethod
     def backward(self, model, images, batch, accum: int, amp_ctx, scale_loss) -> tuple[float, float]:
         """Forward + backward over the batch in ``accum`` micro-batches; returns (loss, statistic)."""
         raise NotImplementedError
@@ -64,6 +68,7 @@ class Objective:
         """An epoch checkpoint (clipgen/FORMATS.md); ``fields`` are those of checkpoint.epoch_payload."""
         return ckpt.epoch_payload(model, **fields)
 
+    @abc.abstractmethod
     def outputs(self, model, tokenizer, images, classnames, templates, device="cpu", batch_size: int = 512,
                 tokens=None) -> dict:
         """Evaluation: ``{"logits", "preds", "image_embeddings", "logit_scale"}`` over ``classnames``."""
