@@ -182,20 +182,26 @@ def _init_worker(ctx: dict) -> None:
     _CTX.update(ctx)
 
 
-def _render_chunk(jobs: list[tuple]) -> int:
+def render_image(style: str, shape, key: tuple[int, int, int, int, int], px: int, out_px: int):
+    """One world image: ``key`` = (world seed, stream, DomainNet label, split id, index) seeds its rng, so the
+    pixels depend on nothing else. Drawn at ``px``, stored at ``out_px``."""
     from PIL import Image
 
     from clipgen.world.styles import render
 
+    img = render(style, shape, np.random.default_rng([*key, SALT_IMAGE]), px)
+    if px > out_px:
+        img = img.reduce(px // out_px) if px % out_px == 0 else img.resize((out_px, out_px), Image.BOX)
+    elif px < out_px:  # drawn small, stored large (the rehearsal world: 224 px files at a fraction of the cost)
+        img = img.resize((out_px, out_px), Image.BILINEAR)
+    return img
+
+
+def _render_chunk(jobs: list[tuple]) -> int:
     seed, px, out_px, root, shapes, fmt = (_CTX[k] for k in ("seed", "render_px", "image_px", "root", "shapes",
                                                              "pil_format"))
     for style, name, stream, label, split_id, j, rel in jobs:
-        rng = np.random.default_rng([seed, stream, label, split_id, j, SALT_IMAGE])
-        img = render(style, shapes[name], rng, px)
-        if px > out_px:
-            img = img.reduce(px // out_px) if px % out_px == 0 else img.resize((out_px, out_px), Image.BOX)
-        elif px < out_px:  # drawn small, stored large (the rehearsal world: 224 px files at a fraction of the cost)
-            img = img.resize((out_px, out_px), Image.BILINEAR)
+        img = render_image(style, shapes[name], (seed, stream, label, split_id, j), px, out_px)
         with open(os.path.join(root, rel), "wb") as f:
             if fmt == "PNG":
                 img.save(f, format="PNG", compress_level=6)  # no metadata chunks: identical bytes every run

@@ -189,6 +189,9 @@ def draw_sketch(polys, rng, px):
         ImageDraw.Draw(shadow).ellipse([*(c - r), *(c + r)], fill=255)
         m = np.asarray(shadow, np.float32)[..., None] / 255
         arr -= _hatch(px, base_angle + 0.8, rng.uniform(3, 5) * k, lw) * m * rng.uniform(40, 90)
+    if rng.random() < 0.8:  # smudged graphite tone: each part shaded a little darker or lighter
+        for p in polys:
+            arr -= _mask([p], px)[..., None] * rng.uniform(30, 150)
     for p in polys:
         if rng.random() < 0.7:
             h = _hatch(px, base_angle + rng.normal(0, 0.3), rng.uniform(3, 5) * k, lw)
@@ -215,14 +218,17 @@ def draw_quickdraw(polys, rng, px):
     img = Image.new("RGB", (px, px), (255, 255, 255))
     draw = ImageDraw.Draw(img)
     width = int(round(2 * k))
-    skip = int(rng.integers(len(polys))) if rng.random() < 0.3 else -1
+    skip = int(rng.integers(len(polys))) if rng.random() < 0.6 else -1
+    drop = int(rng.integers(len(polys))) if len(polys) > 1 and rng.random() < 0.25 else -1
     for j, p in enumerate(polys):
+        if j == drop and j != skip:  # a part never drawn at all
+            continue
         pts = densify(p, 3 * k)
-        walk = np.cumsum(rng.normal(0, 0.45 * k, pts.shape), axis=0)  # drifting hand
-        pts = pts + walk - walk.mean(0) + rng.normal(0, 0.4 * k, pts.shape)
+        walk = np.cumsum(rng.normal(0, 0.9 * k, pts.shape), axis=0)  # drifting hand
+        pts = pts + walk - walk.mean(0) + rng.normal(0, 0.7 * k, pts.shape)
         if j == skip:  # an unfinished doodle: part of one outline is missing
             n = len(pts)
-            start, length = int(rng.integers(n)), int(n * rng.uniform(0.2, 0.4))
+            start, length = int(rng.integers(n)), int(n * rng.uniform(0.3, 0.6))
             pts = np.roll(pts, -start, axis=0)[length:]
             draw.line(_flat(pts), fill=(0, 0, 0), width=width, joint="curve")
         else:
@@ -244,13 +250,22 @@ def draw_clipart(polys, rng, px):
         off = 2.5 * k
         for p in polys:
             draw.polygon(_flat(p + off), fill=(150, 150, 150))
-    width = int(round(rng.choice([3, 3, 4]) * k))
+    width = int(round(rng.choice([2, 3, 3]) * k))
+    fill = _vivid if rng.random() < 0.4 else _natural  # bright flat colours, or the object's own colours
     for p in polys:
-        draw.polygon(_flat(p), fill=_tup(_vivid(rng)))
+        draw.polygon(_flat(p), fill=_tup(fill(rng)))
         if rng.random() < 0.35:  # flat highlight
             c = p.mean(0)
             draw.polygon(_flat((p - c) * 0.45 + c - [2 * k, 2 * k]), fill=(255, 255, 255))
-        draw.line(_closed(p), fill=(0, 0, 0), width=width, joint="curve")
+    if rng.random() < 0.5:  # soft shading across the object, as many cliparts have
+        arr = np.asarray(img, np.float32)
+        shade = _gradient(rng, px, rng.uniform(0.6, 0.8), rng.uniform(1.0, 1.15))
+        arr = np.where(_mask(polys, px)[..., None] > 0.5, arr * shade, arr)
+        img = _to_img(arr)
+        draw = ImageDraw.Draw(img)
+    if rng.random() < 0.45:  # many cliparts are outlined in black; the rest are bare flat shapes
+        for p in polys:
+            draw.line(_closed(p), fill=(0, 0, 0), width=width, joint="curve")
     return img
 
 
@@ -290,6 +305,10 @@ def draw_painting(polys, rng, px):
         mask = Image.new("L", (px, px), 0)
         ImageDraw.Draw(mask).polygon(_flat(p), fill=255)
         img = Image.composite(layer, img, mask)
+        # Loose strokes in the object's colour across its outline: painted edges are ragged, not crisp.
+        edge = densify(p, 6 * k)
+        edge = edge[rng.choice(len(edge), size=min(len(edge), int(rng.integers(2, 6))), replace=False)]
+        _strokes(ImageDraw.Draw(img), rng, k, edge, colour, rng.uniform(0, math.pi), 4, 8, (2, 3))
     img = img.filter(ImageFilter.GaussianBlur(0.6 * k))  # wet, soft edges
     arr = np.asarray(img, np.float32)
     grey = arr.mean(2, keepdims=True)
@@ -308,39 +327,40 @@ def draw_infograph(polys, rng, px):
     draw = ImageDraw.Draw(img)
     allp = np.concatenate(polys)
     lo, hi = allp.min(0) - 2 * k, allp.max(0) + 2 * k
-    for _ in range(int(rng.integers(1, 4))):  # layout blocks / panels
+    for _ in range(int(rng.integers(0, 3))):  # layout blocks / panels
         x0, y0 = rng.uniform(0, px * 0.7, 2)
         w, h = rng.uniform(12, 40, 2) * k
         draw.rectangle([x0, y0, x0 + w, y0 + h], fill=_tup(_hsv(hue + rng.uniform(-0.3, 0.3),
                                                                     rng.uniform(0.2, 0.8), rng.uniform(0.5, 1))))
-    if rng.random() < 0.6:  # header bar
+    if rng.random() < 0.4:  # header bar
         draw.rectangle([0, 0, px, rng.uniform(5, 9) * k], fill=_tup(_hsv(hue + 0.5, 0.7, 0.45)))
     bg_col = np.asarray(img.getpixel((px // 2, px - 1)), float)
     text = _tup([np.full(3, 30.0), np.full(3, 250.0), bg_col * 0.7][int(rng.choice(3, p=[0.5, 0.25, 0.25]))])
+    density = rng.choice([0.0, 0.2, 0.5])  # some layouts are mostly picture, some mostly text
     y = rng.uniform(3, 8) * k
     while y < px - 3 * k:  # rows of "words" left and right of the object
         x = rng.uniform(1, 5) * k
         while x < px - 4 * k:
             w = rng.uniform(3, 11) * k
             inside = lo[0] - w < x < hi[0] and lo[1] - 3 * k < y < hi[1]
-            if not inside and rng.random() < 0.8:
+            if not inside and rng.random() < density:
                 draw.rectangle([x, y, x + w, y + 1.6 * k], fill=text)
             x += w + rng.uniform(1.5, 3) * k
         y += rng.uniform(4.5, 7) * k
     names = sorted(PRIMITIVES)
-    for _ in range(int(rng.integers(2, 7))):  # small icons (any primitive) and chart bits away from the object
+    for _ in range(int(rng.integers(0, 4))):  # small icons (any primitive) and chart bits away from the object
         c = rng.uniform(3, px - 3, 2)
         if lo[0] - 4 * k < c[0] < hi[0] + 4 * k and lo[1] - 4 * k < c[1] < hi[1] + 4 * k:
             continue
         verts = PRIMITIVES[names[int(rng.integers(len(names)))]]
         draw.polygon(_flat(verts * rng.uniform(2.5, 6) * k + c), fill=_tup(_vivid(rng)))
-    if rng.random() < 0.35:  # a light backing disc makes the object pop like an infographic icon
+    if rng.random() < 0.5:  # a light backing disc makes the object pop like an infographic icon
         c, r = (lo + hi) / 2, (hi - lo).max() / 2 + 2 * k
         draw.ellipse([c[0] - r, c[1] - r, c[0] + r, c[1] + r], fill=_tup(_hsv(hue, 0.1, 1.0)))
     # Infographics mix flat icons (vivid, one or several colours) with pictures in natural colours.
-    palette = [_vivid, lambda r: _vivid(r) * 0.85, _natural][int(rng.integers(3))]
+    palette = _natural
     one = palette(rng) if rng.random() < 0.5 else None
-    outline = rng.random() < 0.5
+    outline = rng.random() < 0.3
     for p in polys:
         draw.polygon(_flat(p), fill=_tup(one if one is not None else palette(rng)))
         if outline:
@@ -354,7 +374,7 @@ def _pose_center(rng, px, jitter):
 
 def _infograph_pose(shape, rng, px):
     k = px / 64
-    half = rng.uniform(15, 19) * k  # >= 30 px of 64, i.e. >= 15 px after downsampling to 32
+    half = rng.uniform(19, 25) * k  # the picture: about as large as a photo's subject
     side = rng.uniform(-1.0, 1.0)  # anywhere from the left edge to the right edge of the layout
     cx = px / 2 + side * (px / 2 - half - 3 * k) + rng.uniform(-3, 3) * k
     cy = rng.uniform(half + 4 * k, px - half - 2 * k)
@@ -367,7 +387,7 @@ STYLES: dict[str, tuple[Callable, Callable]] = {
     "sketch": (lambda s, r, px: pose(s, r, _pose_center(r, px, 5), r.uniform(18, 25) * px / 64,
                                      vertex_jitter=0.3 * px / 64), draw_sketch),
     "quickdraw": (lambda s, r, px: pose(s, r, _pose_center(r, px, 4), r.uniform(20, 26) * px / 64,
-                                        rot_deg=30, part_jitter=0.1, stretch=0.2), draw_quickdraw),
+                                        rot_deg=45, part_jitter=0.15, stretch=0.35), draw_quickdraw),
     "clipart": (lambda s, r, px: pose(s, r, _pose_center(r, px, 4), r.uniform(19, 25) * px / 64, rot_deg=15),
                 draw_clipart),
     "painting": (lambda s, r, px: pose(s, r, _pose_center(r, px, 5), r.uniform(18, 25) * px / 64,
