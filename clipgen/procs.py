@@ -17,6 +17,7 @@ import signal
 import sys
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_parent_pid: int | None = None  # the parent a bound worker was started by
 
 
 def _set_parent_death_signal(sig: int) -> bool:
@@ -47,12 +48,28 @@ def _release_forkserver_alive_fd() -> None:
     server._forkserver_alive_fd = None
 
 
-def bind_to_parent() -> None:
-    """Call first thing in a worker process (a DataLoader ``worker_init_fn``, a pool ``initializer``): it is
-    killed when its parent dies, does not keep a fork server alive, and leaves Ctrl-C to its parent (a terminal
-    sends SIGINT to the whole process group; the parent finishes what it must, then stops its workers)."""
-    parent = os.getppid()
+def bind_to_parent(death_signal: int = signal.SIGKILL, leave_ctrl_c_to_parent: bool = True) -> None:
+    """Call first thing in a worker process (a DataLoader ``worker_init_fn``, a pool ``initializer``): it gets
+    ``death_signal`` when its parent dies, does not keep a fork server alive, and by default leaves Ctrl-C to its
+    parent (a terminal sends SIGINT to the whole process group; the parent finishes what it must, then stops its
+    workers)."""
+    global _parent_pid
+    parent = _parent_pid = os.getppid()
     _release_forkserver_alive_fd()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if _set_parent_death_signal(signal.SIGKILL) and os.getppid() != parent:
+    if leave_ctrl_c_to_parent:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if _set_parent_death_signal(death_signal) and os.getppid() != parent:
         os._exit(1)  # the parent died before the death signal was armed
+
+
+def orphaned() -> bool:
+    """True in a bound worker whose parent has died (it was re-parented)."""
+    return _parent_pid is not None and os.getppid() != _parent_pid
+
+
+def bind_stage_worker() -> None:
+    """Initializer of a study's stage processes (each trains or evaluates whole runs). When the study process
+    dies, even by kill -9, each gets SIGTERM: a trainer saves latest.pt and stops, so nothing trains on unseen
+    (before, the runs went on as orphans and a relaunch met them). Ctrl-C reaches them directly: the trainer's
+    own handler saves and stops at once rather than after the run."""
+    bind_to_parent(signal.SIGTERM, leave_ctrl_c_to_parent=False)

@@ -116,6 +116,44 @@ def test_kill_9_of_a_streaming_run_with_wandb_leaves_no_process(own_root):
 
 
 @pytest.mark.slow
+def test_kill_9_of_a_study_stops_its_trainers_and_each_saves(own_root):
+    """A study trains two runs at a time in its own processes. Before the fix a killed study left them training
+    as orphans (a relaunch then met a run still held by its orphan); now each gets SIGTERM, saves latest.pt and
+    exits, and a relaunch resumes from there."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    over = [f"paths.root={own_root}", "debug=smoke", *LONG, "study.name=killed", "study.recipes=[cg_low,cg_high]",
+            "study.parallel=2", "trainer.save_every_steps=3"]
+    log = own_root / "study.log"  # a file, not a pipe: nobody reads a pipe while the study runs
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(["clipgen-study", *over], env=env, cwd=own_root, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    tree: set[int] = set()
+    try:
+        deadline = time.time() + 180
+        while len(list((own_root / "runs").glob("*/latest.pt"))) < 2 and proc.poll() is None \
+                and time.time() < deadline:
+            time.sleep(0.2)
+        assert len(list((own_root / "runs").glob("*/latest.pt"))) == 2, log.read_text()[-3000:]
+        tree = _descendants(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 30
+        while _alive(tree) and time.time() < deadline:
+            time.sleep(0.2)
+        left = _alive(tree)
+        assert not left, [f"{p}: {_cmdline(p)}" for p in left]
+        out = log.read_text()
+        saved = re.findall(r"received SIGTERM: saved (\S+)/latest.pt at step (\d+)", out)
+        assert len(saved) == 2, out[-3000:]
+        for run, step in saved:
+            assert torch.load(Path(run) / "latest.pt", weights_only=False)["step"] == int(step)
+    finally:
+        proc.kill()
+        for p in _alive(tree):  # only after a failure: the processes this test started
+            os.kill(p, signal.SIGKILL)
+
+
+@pytest.mark.slow
 def test_second_trainer_is_refused_and_a_dead_holder_releases_the_run(own_root):
     """Two clipgen-train on one run directory: the second fails with one line naming the holder. Once the holder
     is killed, the next trainer takes the run over, sweeps the dead one's temporary files and follows the umask

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import multiprocessing
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, open_dict
 
 from clipgen.errors import ClipgenError
 from clipgen.preflight import check_run_config
+from clipgen.procs import bind_stage_worker, orphaned
 from clipgen.recipes.naming import RECIPE_KINDS, recipe_spec
 
 
@@ -179,10 +181,18 @@ def format_runs(rows: list[tuple]) -> str:
 def _call(fn_name: str, cfg: DictConfig, quiet: bool = False) -> dict:
     """Run one stage function in a worker process (imported there, so nothing heavy crosses the pipe). ``quiet``:
     under the study's progress line, so no progress bar, INFO lines or prints (warnings and errors still show)."""
+    try:
+        return _run_stage(fn_name, cfg, quiet)
+    except SystemExit as e:  # a stop signal: the trainer saved and asks to exit
+        if orphaned():  # the study is gone, nobody collects this result: do not wait for more work
+            os._exit(e.code if isinstance(e.code, int) else 1)
+        raise
+
+
+def _run_stage(fn_name: str, cfg: DictConfig, quiet: bool) -> dict:
     import contextlib
     import importlib
     import logging
-    import os
 
     if not logging.getLogger().handlers:  # a spawned worker: show the stage's progress lines like Hydra would
         logging.basicConfig(level=logging.WARNING, format="[%(asctime)s][%(name)s] %(message)s", datefmt="%H:%M:%S")
@@ -223,7 +233,7 @@ def run_many(fn_name: str, cfgs: list[DictConfig], parallel: int, stage: str = "
                 progress.finished()
             return out
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=bind_stage_worker) as pool:
             futures = [pool.submit(_call, fn_name, c, progress.live) for c in cfgs]
             for f in as_completed(futures):
                 f.result()  # the first error stops the study, as before
