@@ -46,7 +46,7 @@ def test_paper_grid_is_the_papers_78_runs(tmp_path):
     ("paper_interpolation", 18, "lso-cpqrs-noclipartclasses"),
     ("paper_aligned", 1, "lso-cipqrs-noquickdrawclasses-aligned"),
     ("paper_supervised", 16, "lso-real-only"),
-    ("world_study", 33, "lso-cipqrs-noclipartclasses-pseudo"),
+    ("world_study", 25, "lso-cipqrs-nosketchclasses-pseudo"),
 ])
 def test_other_presets(tmp_path, experiment, n, example):
     cfg = make_cfg(tmp_path, f"experiment={experiment}", *DATA)
