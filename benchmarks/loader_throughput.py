@@ -139,8 +139,8 @@ def bench(args, root: str) -> int:
     import pandas as pd
     import torch
 
+    from clipgen.models.factory import register_clipgen_models
     from clipgen.recipes.build import ensure_recipe
-    from clipgen.train.model import register_clipgen_models
     from clipgen.world.generate import generate_world
 
     cfg = compose_config(["world=default", "recipe=cg_high", f"paths.root={root}", *args.overrides])

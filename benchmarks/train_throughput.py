@@ -41,7 +41,7 @@ _RUN = ("import resource, subprocess, sys, time, json; t = time.perf_counter(); 
         "s = time.perf_counter() - t; "
         "print(json.dumps({'rc': rc, 'seconds': s, "
         "'max_rss_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))")
-_OPEN_CLIP = ("import sys; from clipgen.train.model import register_clipgen_models; register_clipgen_models(); "
+_OPEN_CLIP = ("import sys; from clipgen.models.factory import register_clipgen_models; register_clipgen_models(); "
               "from open_clip_train.main import main; main(sys.argv[1:])")
 
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clipgen import rundir
 from clipgen.errors import ClipgenError
+from clipgen.models.checkpoint import unwrap
 from clipgen.train import checkpoint as ckpt
 from clipgen.train import dist
 from clipgen.train.data import EpochLoader, bad_samples_report, load_train_data
@@ -164,7 +165,7 @@ def resume(s: Session) -> None:
             save_epoch(s, 0)
         return
     _check_latest(s, latest)
-    ckpt.unwrap(s.model).load_state_dict(latest["state_dict"])
+    unwrap(s.model).load_state_dict(latest["state_dict"])
     s.optimizer.load_state_dict(latest["optimizer"])
     if s.scaler is not None and latest.get("scaler"):
         s.scaler.load_state_dict(latest["scaler"])
