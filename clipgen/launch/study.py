@@ -291,8 +291,8 @@ def slurm_executor(folder: str, stage: str, jc, cluster: str = "slurm"):
     return ex
 
 
-def run_on_slurm(stage: str, fn: Callable[[DictConfig], dict], cfgs: list[DictConfig], cfg: DictConfig, label: str | None = None
-                 ) -> list[dict]:
+def run_on_slurm(stage: str, fn: Callable[[DictConfig], dict], cfgs: list[DictConfig], cfg: DictConfig,
+                 label: str | None = None) -> list[dict]:
     """Submit one job per config with the resources of ``study.slurm.<stage>``, wait for all; returns per config
     {"job_id", "state", "log", "result"}."""
     if not cfgs:
