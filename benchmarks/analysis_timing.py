@@ -67,7 +67,7 @@ def extraction(run_dir: Path, repeats: int, threads: int, min_images: int) -> No
 
     from clipgen.analyze import activations as A
     from clipgen.analyze.data import load_run, select_images
-    from clipgen.eval.models import load_checkpoint
+    from clipgen.models.kinds import load_checkpoint
 
     info = load_run(run_dir)
     images = select_images(info, "test", 10_000, 0).decode(int(info.meta["image_px"])).images

@@ -22,8 +22,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from clipgen.models.checkpoint import model_state  # noqa: E402
+from clipgen.models.factory import create_clip  # noqa: E402
 from clipgen.train import checkpoint as ckpt  # noqa: E402
-from clipgen.train.model import create_clip  # noqa: E402
 from clipgen.train.optim import make_optimizer  # noqa: E402
 from clipgen.utils import atomic_torch_save  # noqa: E402
 
@@ -43,7 +44,7 @@ def payload(model_name: str) -> dict:
     opt = make_optimizer(model, compose_config(["debug=smoke"]).optim)
     model(torch.randn(2, 3, 32, 32), tokenizer(["a photo of an axe"] * 2))["image_features"].sum().backward()
     opt.step()  # optimizer state as in a real latest.pt
-    return {"state_dict": ckpt.model_state(model), "optimizer": opt.state_dict(), "rng": ckpt.rng_state()}
+    return {"state_dict": model_state(model), "optimizer": opt.state_dict(), "rng": ckpt.rng_state()}
 
 
 def best(fn, repeats: int) -> float:

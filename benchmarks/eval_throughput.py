@@ -79,7 +79,7 @@ def plain_open_clip(run_dir: Path, batch_size: int, workers: int) -> tuple[float
     from clipgen.eval.run import list_checkpoints
     from clipgen.eval.testsets import select_test_samples, task_domains
     from clipgen.facts import zeroshot_templates
-    from clipgen.train.model import register_clipgen_models
+    from clipgen.models.factory import register_clipgen_models
 
     register_clipgen_models()
     meta = json.loads((run_dir / "meta.json").read_text())

@@ -27,10 +27,7 @@ start. Floor: streaming >= 1.5x the webdataset pipeline
 """
 from __future__ import annotations
 
-import argparse
 import os
-import resource
-import shutil
 import sys
 import tempfile
 import time
@@ -38,65 +35,22 @@ from argparse import Namespace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loader_throughput import paper_csv, warm_cache  # noqa: E402  (sets HF_HUB_OFFLINE / WANDB_MODE too)
+from _common import (bench_parser, bench_root, batch_bytes, loader_config, num_samples, paper_csv,  # noqa: E402
+                     recipe_shards, run_clipgen, run_csv, timed, warm_cache, world_and_recipe)
 
-from clipgen.config import compose_config  # noqa: E402
+from clipgen.config import compose_config  # noqa: E402  (after _common set the environment)
 
 FLOOR = 1.5
 SHAPE = ("world=default", "recipe=cg_high", "world.render_px=320", "world.image_px=320", "recipe.image_px=224",
          "recipe.image_format=jpg", "model=rn50", "model.image_px=224")  # explicit: whatever the px defaults
 
 
-def _cpu_seconds() -> float:
-    """CPU time of this process and of its reaped children (DataLoader workers, decode pools)."""
-    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
-                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
-
-
-def _batch_bytes(*tensors) -> int:
-    return sum(t.element_size() * t.numel() for t in tensors)
-
-
-def _timed(run) -> dict:
-    import gc
-
-    gc.collect()
-    load, cpu0, t0 = os.getloadavg()[0], _cpu_seconds(), time.perf_counter()
-    out = run(t0)
-    gc.collect()  # the side's worker processes exit and are reaped inside its own time and CPU count
-    out.update(seconds=time.perf_counter() - t0, cpu=_cpu_seconds() - cpu0, load=load)
-    out["samples_per_s"] = out["samples"] / out["seconds"]
-    return out
-
-
-def run_clipgen(recipe_dir, tokenizer, px, batch, epochs, workers, seed, stream) -> dict:
-    from clipgen.train.data import EpochLoader, load_train_data
-    from clipgen.train.stream import StreamLoader, load_stream_data
-
-    def run(t0):
-        if stream:
-            data = load_stream_data(recipe_dir, px, workers=workers)
-            loader = StreamLoader(data, batch, seed, px, tokenizer, workers=workers, epochs=epochs)
-        else:
-            data = load_train_data(recipe_dir, tokenizer, px, workers=workers)
-            loader = EpochLoader(data, batch, seed, px)
-        start = time.perf_counter() - t0
-        n = moved = 0
-        for epoch in range(epochs):
-            for b in loader.batches(epoch):
-                n += b.images.shape[0]
-                moved += _batch_bytes(b.images, b.tokens, b.indices) if stream else 0
-        del loader, data
-        return {"samples": n, "start_seconds": start, "bytes_per_sample": moved / max(n, 1)}
-    return _timed(run)
-
-
-def run_wds(shards, num_samples, tokenizer, px, batch, epochs, workers, seed) -> dict:
+def run_wds(shards, n_samples, tokenizer, px, batch, epochs, workers, seed) -> dict:
     import open_clip
     from open_clip_train.data import get_wds_dataset
 
     def run(t0):
-        args = Namespace(train_data="::".join(map(str, shards)), train_num_samples=num_samples, seed=seed,
+        args = Namespace(train_data="::".join(map(str, shards)), train_num_samples=n_samples, seed=seed,
                          dataset_resampled=False, train_data_upsampling_factors=None, batch_size=batch,
                          workers=workers, world_size=1)
         info = get_wds_dataset(args, open_clip.image_transform(px, is_train=True), True, tokenizer=tokenizer)
@@ -105,31 +59,10 @@ def run_wds(shards, num_samples, tokenizer, px, batch, epochs, workers, seed) ->
             info.set_epoch(epoch)
             for images, texts in info.dataloader:
                 n += images.shape[0]
-                moved += _batch_bytes(images, texts)
+                moved += batch_bytes(images, texts)
         del info  # persistent workers: shut down inside the timed run
         return {"samples": n, "start_seconds": 0.0, "bytes_per_sample": moved / max(n, 1)}
-    return _timed(run)
-
-
-def run_csv(csv, tokenizer, px, batch, epochs, workers, seed) -> dict:
-    import open_clip
-    import torch
-    from open_clip_train.data import CsvDataset
-    from torch.utils.data import DataLoader
-
-    def run(t0):
-        dataset = CsvDataset(str(csv), open_clip.image_transform(px, is_train=True), img_key="filepath",
-                             caption_key="title", sep="\t", tokenizer=tokenizer)
-        loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-                            generator=torch.Generator().manual_seed(seed))
-        n = moved = 0
-        for _ in range(epochs):
-            for images, texts in loader:
-                n += images.shape[0]
-                moved += _batch_bytes(images, texts)
-        del loader
-        return {"samples": n, "start_seconds": 0.0, "bytes_per_sample": moved / max(n, 1)}
-    return _timed(run)
+    return timed(run)
 
 
 def _best_ms(fn, items: int, repeats: int = 3) -> float:
@@ -171,11 +104,7 @@ def kernel_costs(shards, px: int, limit: int = 256) -> dict[str, float]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", default=None, help="paths.root (default: a fresh temporary directory)")
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=128)
+    ap = bench_parser(__doc__)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sides", default="stream,memory,wds,csv", help="comma-separated subset of the sides")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides")
@@ -184,33 +113,18 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)  # the main process, every side (2 shared cores; workers use one thread each)
-    root = args.root or tempfile.mkdtemp(prefix="clipgen-jpeg224-")
-    try:
+    with bench_root(args.root, "clipgen-jpeg224-") as root:
         return bench(args, root)
-    finally:
-        if args.root is None:
-            shutil.rmtree(root, ignore_errors=True)
 
 
-def bench(args, root: str) -> int:
-    import json
-
+def bench(args, root: Path) -> int:
     import open_clip
     import pandas as pd
     import torch
 
-    from clipgen.recipes.build import ensure_recipe
-    from clipgen.world.generate import generate_world
-
     cfg = compose_config([*SHAPE, f"paths.root={root}", *args.overrides])
-    t0 = time.time()
-    generate_world(cfg)
-    recipe_dir = Path(ensure_recipe(cfg))
-    print(f"world + recipe ready in {time.time() - t0:.1f} s: {recipe_dir}", flush=True)
-    manifest = json.loads((recipe_dir / "manifest.json").read_text())
-    base = manifest["base"]
-    shards = sorted(recipe_dir.glob("shard-*.tar")) + sorted((recipe_dir / base["dir"]).glob("shard-*.tar"))
-    num_samples = int(manifest["num_samples"]) + int(base["num_samples"])
+    recipe_dir, manifest = world_and_recipe(cfg)
+    shards, n_samples = recipe_shards(recipe_dir, manifest), num_samples(manifest)
     tokenizer = open_clip.get_tokenizer(cfg.model.name)
     px, seed, batch, w, e = int(cfg.model.image_px), int(cfg.trainer.seed), args.batch_size, args.workers, args.epochs
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
@@ -218,9 +132,10 @@ def bench(args, root: str) -> int:
         csv, _ = paper_csv(cfg, Path(tmp))
         warm_cache(shards + (pd.read_csv(csv, sep="\t")["filepath"].tolist() if "csv" in sides else []))
         costs = kernel_costs(shards, px)
-        run = {"stream": lambda: run_clipgen(recipe_dir, tokenizer, px, batch, e, w, seed, True),
-               "memory": lambda: run_clipgen(recipe_dir, tokenizer, px, batch, e, w, seed, False),
-               "wds": lambda: run_wds(shards, num_samples, tokenizer, px, batch, e, w, seed),
+        stream_cfg, memory_cfg = (loader_config(cfg, kind, w, batch, e) for kind in ("stream", "memory"))
+        run = {"stream": lambda: run_clipgen(stream_cfg, recipe_dir, manifest, tokenizer),
+               "memory": lambda: run_clipgen(memory_cfg, recipe_dir, manifest, tokenizer),
+               "wds": lambda: run_wds(shards, n_samples, tokenizer, px, batch, e, w, seed),
                "csv": lambda: run_csv(csv, tokenizer, px, batch, e, w, seed)}
         runs = {s: [] for s in sides}
         for i in range(max(1, args.repeats)):
@@ -232,7 +147,7 @@ def bench(args, root: str) -> int:
     best = {s: max(rs, key=lambda r: r["samples_per_s"]) for s, rs in runs.items()}
     names = {"stream": "clipgen stream", "memory": "clipgen memory", "wds": "open_clip webdataset",
              "csv": "open_clip CsvDataset"}
-    print(f"\n== {num_samples} samples (recipe + base) as {px} px JPEG shards, batch {batch}, {e} epochs, {w} workers, "
+    print(f"\n== {n_samples} samples (recipe + base) as {px} px JPEG shards, batch {batch}, {e} epochs, {w} workers, "
           f"{os.cpu_count()} cores, torch {torch.__version__}, best of {args.repeats} ==")
     print(f"per image, 1 thread (load {costs['load']:.2f}): decode PIL {costs['decode PIL']:.3f} ms vs clipgen "
           f"{costs['decode clipgen']:.3f} ms ({costs['decode PIL'] / costs['decode clipgen']:.2f}x); crop + normalise "

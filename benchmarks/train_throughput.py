@@ -20,19 +20,18 @@ takes ~760 MB here, and the sides' peaks differ by a few MB from run to run); th
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import bench_parser, bench_root, num_samples, world_and_recipe  # noqa: E402
 
-from clipgen.config import compose_config  # noqa: E402  (after the environment is set)
+from clipgen.config import compose_config  # noqa: E402  (after _common set the environment)
+
 FLOOR = 1.0
 MEMORY_TOLERANCE = 1.01
 
@@ -41,7 +40,7 @@ _RUN = ("import resource, subprocess, sys, time, json; t = time.perf_counter(); 
         "s = time.perf_counter() - t; "
         "print(json.dumps({'rc': rc, 'seconds': s, "
         "'max_rss_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))")
-_OPEN_CLIP = ("import sys; from clipgen.train.model import register_clipgen_models; register_clipgen_models(); "
+_OPEN_CLIP = ("import sys; from clipgen.models.factory import register_clipgen_models; register_clipgen_models(); "
               "from open_clip_train.main import main; main(sys.argv[1:])")
 
 
@@ -57,11 +56,7 @@ def measure(cmd: list[str], env: dict) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", default=None, help="paths.root (default: a fresh temporary directory)")
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=128)
+    ap = bench_parser(__doc__)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="torch threads of the training process, both sides (default: every core, as torch does)")
     ap.add_argument("--repeats", type=int, default=2)
@@ -70,30 +65,19 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides (both sides' data), e.g. model=tiny_vit")
     args = ap.parse_args()
-    root = args.root or tempfile.mkdtemp(prefix="clipgen-train-bench-")
-    try:
-        return bench(args, Path(root))
-    finally:
-        if args.root is None:
-            shutil.rmtree(root, ignore_errors=True)
+    with bench_root(args.root, "clipgen-train-bench-") as root:
+        return bench(args, root)
 
 
 def bench(args, root: Path) -> int:
     import torch
 
-    from clipgen.recipes.build import ensure_recipe
-    from clipgen.world.generate import generate_world
-
     cfg = compose_config(["world=default", "recipe=cg_high", f"paths.root={root}", *args.overrides])
-    t0 = time.time()
-    generate_world(cfg)
-    recipe = Path(ensure_recipe(cfg))
-    manifest = json.loads((recipe / "manifest.json").read_text())
+    recipe, manifest = world_and_recipe(cfg)
     base = (recipe / manifest["base"]["dir"]).resolve()
-    n = manifest["num_samples"] + manifest["base"]["num_samples"]
+    n = num_samples(manifest)
     shards = "::".join(f"{d}/shard-{{00000..{len(s) - 1:05d}}}.tar"
                        for d, s in ((recipe, manifest["shards"]), (base, manifest["base"]["shards"])))
-    print(f"world + recipe ready in {time.time() - t0:.1f} s: {n} samples (recipe + base) in {recipe}")
     model, px = cfg.model.name, int(cfg.model.image_px)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "WANDB_MODE": "disabled"}
     ours_cmd = ["clipgen-train", f"paths.root={root}", "world=default", "recipe=cg_high", *args.overrides,

@@ -43,7 +43,7 @@ def uses_world(cfg: DictConfig) -> bool:
 @lru_cache(maxsize=None)
 def native_image_size(model_name: str) -> int | None:
     """The input size in open_clip's config of a model (an unknown name is a ClipgenError)."""
-    from clipgen.train.model import model_config
+    from clipgen.models.factory import model_config
 
     size = model_config(model_name).get("vision_cfg", {}).get("image_size")
     if size is None:

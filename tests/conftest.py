@@ -65,7 +65,7 @@ def run_name_of(root, recipe_id: str, *overrides: str) -> str:
 @pytest.fixture(scope="module")
 def tokenizer():
     """The tiny models' tokenizer (open_clip's, over clipgen's compact vocabulary)."""
-    from clipgen.train.model import create_clip
+    from clipgen.models.factory import create_clip
 
     return create_clip("clipgen-tiny-rn", 32)[1]
 

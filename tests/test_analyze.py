@@ -158,7 +158,7 @@ def test_concept_names_take_the_closest_vocabulary_entry(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_rn():
     """A tiny ModifiedResNet CLIP with random BN statistics and biases, so it is far from linear."""
-    from clipgen.train.model import create_clip
+    from clipgen.models.factory import create_clip
 
     torch.manual_seed(0)
     model, _ = create_clip("clipgen-tiny-rn", 32)
@@ -178,8 +178,8 @@ def _images(n, seed=0):
 
 @pytest.mark.slow
 def test_one_pass_extraction_equals_one_pass_per_layer_and_stages_compose(tiny_rn):
-    from clipgen.eval.zeroshot import normalize_images
-    from clipgen.train.model import create_clip
+    from clipgen.models.factory import create_clip
+    from clipgen.models.zeroshot import normalize_images
 
     imgs = _images(10)
     names = A.layer_names(tiny_rn.visual)
@@ -218,7 +218,7 @@ def test_activation_cache_is_keyed_by_checkpoint_images_and_layers(tmp_path):
 
 @pytest.mark.slow
 def test_integrated_gradients_are_complete_on_a_tiny_model(tiny_rn):
-    from clipgen.eval.zeroshot import normalize_images
+    from clipgen.models.zeroshot import normalize_images
 
     x = normalize_images(torch.from_numpy(_images(6, seed=3)))
     labels = torch.arange(6) % 4
@@ -278,8 +278,8 @@ def test_circuit_edges_join_consecutive_layers_only_and_rank_by_magnitude(tiny_r
 
 
 def test_vit_circuits_use_block_channels():
-    from clipgen.eval.zeroshot import normalize_images
-    from clipgen.train.model import create_clip
+    from clipgen.models.factory import create_clip
+    from clipgen.models.zeroshot import normalize_images
 
     torch.manual_seed(0)
     vit, _ = create_clip("clipgen-tiny-vit", 32)

@@ -76,7 +76,7 @@ def _outputs(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     of either sign, so such weights differ between any two summation orders without changing the model."""
     import open_clip
 
-    from clipgen.train.model import register_clipgen_models
+    from clipgen.models.factory import register_clipgen_models
 
     register_clipgen_models()
     model, _, _ = open_clip.create_model_and_transforms("clipgen-tiny-vit", pretrained=str(path))

@@ -56,8 +56,8 @@ def fake_run_cfg(root, data_root, kind="cg_low", seed=0, *extra):
 def make_fake_run(root, data_root, kind="cg_low", seed=0, epochs=2, model_name="clipgen-tiny-rn",
                   weights_of=None, classes=FAKE_CLASSES, heldout=FAKE_HELDOUT, manifest=None, extra=()):
     """A run directory as clipgen-train writes it (clipgen/FORMATS.md), with random weights per epoch."""
+    from clipgen.models.factory import create_clip, model_config
     from clipgen.recipes.naming import RECIPE_KINDS, recipe_spec
-    from clipgen.train.model import create_clip, model_config
 
     cfg = fake_run_cfg(root, data_root, kind, seed, *extra)
     rid = recipe_spec(cfg.recipe).recipe_id
@@ -156,8 +156,8 @@ def test_lso_metrics_by_hand():
 
 # --- zero-shot head ------------------------------------------------------------------------------------------
 def test_class_embeddings_are_normalised_means():
-    from clipgen.eval.zeroshot import class_embeddings, encode_images
-    from clipgen.train.model import create_clip
+    from clipgen.models.factory import create_clip
+    from clipgen.models.zeroshot import class_embeddings, encode_images
 
     torch.manual_seed(0)
     model, tok = create_clip("clipgen-tiny-rn", 32)
@@ -175,7 +175,8 @@ def test_class_embeddings_are_normalised_means():
 def test_load_image_resizes_the_short_side_and_centre_crops(tmp_path):
     from PIL import Image
 
-    from clipgen.eval.zeroshot import load_image, normalize_images
+    from clipgen.eval.zeroshot import load_image
+    from clipgen.models.zeroshot import normalize_images
 
     pix = np.zeros((32, 96, 3), dtype=np.uint8)  # h 32, w 96: thirds red | green | blue
     pix[:, :32, 0] = pix[:, 32:64, 1] = pix[:, 64:, 2] = 255
@@ -191,7 +192,7 @@ def test_random_tiny_model_scores_near_chance_on_tiny_world(tiny_root):
     from clipgen.data.sources import domainnet_index
     from clipgen.eval.zeroshot import decode_images, evaluate
     from clipgen.facts import zeroshot_templates
-    from clipgen.train.model import create_clip
+    from clipgen.models.factory import create_clip
 
     cfg = make_cfg(tiny_root, "debug=smoke")
     test = [s for s in domainnet_index(cfg) if s.split == "test" and s.domain in ("real", "sketch")]
@@ -325,7 +326,7 @@ def make_supervised_run(root, data_root, winners, decoy="zebra"):
     """A fake run of the supervised model whose epoch-e checkpoint predicts ``winners[e]`` for every image: its
     head is zero except a bias on that class's column 1000 + DomainNet label. Higher biases on a DomainNet class
     outside the run's classes (``decoy``) and on an ImageNet column must not matter."""
-    from clipgen.train.supervised_model import create_supervised, supervised_payload
+    from clipgen.models.supervised import create_supervised, supervised_payload
 
     cfg, run_dir = make_fake_run(root, data_root, epochs=len(winners))
     meta = json.loads((run_dir / "meta.json").read_text())
@@ -348,7 +349,7 @@ def make_supervised_run(root, data_root, winners, decoy="zebra"):
 
 
 def test_supervised_model_and_checkpoint_format(tmp_path):
-    from clipgen.train.supervised_model import NUM_CLASSES, create_supervised, domainnet_columns, supervised_payload
+    from clipgen.models.supervised import NUM_CLASSES, create_supervised, domainnet_columns, supervised_payload
 
     torch.manual_seed(0)
     model = create_supervised("clipgen-tiny-rn", 32).eval()  # eval: forwards leave BatchNorm statistics alone
@@ -366,7 +367,7 @@ def test_supervised_model_and_checkpoint_format(tmp_path):
     assert {"head.weight", "head.bias"} <= set(back["state_dict"]) and not any(
         k.startswith("module.") for k in back["state_dict"])
     torch.manual_seed(0)
-    from clipgen.train.model import create_clip
+    from clipgen.models.factory import create_clip
 
     clip, _ = create_clip("clipgen-tiny-rn", 32)  # same seed -> the same initial visual tower as CLIP's
     assert all(torch.equal(v, back["state_dict"][f"visual.{k}"]) for k, v in clip.visual.state_dict().items())
@@ -516,9 +517,10 @@ def test_trimmed_text_and_reused_models_match_plain_open_clip(tmp_path, fake_dat
     loaded into one reused model instead of a fresh one each."""
     from clipgen.eval.run import run_eval
     from clipgen.eval.testsets import select_test_samples
-    from clipgen.eval.zeroshot import _trimmable, class_embeddings, decode_images, normalize_images
+    from clipgen.eval.zeroshot import decode_images
     from clipgen.facts import zeroshot_templates
-    from clipgen.train.model import create_clip
+    from clipgen.models.factory import create_clip
+    from clipgen.models.zeroshot import _trimmable, class_embeddings, normalize_images
 
     long_name = "very " * 20 + "long class"  # longer than the tiny models' 16-token context: truncated
     classes, templates = ["axe", "cat", long_name], ["a photo of a {}.", "{}", "a rendering of the big {}."]

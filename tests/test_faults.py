@@ -20,10 +20,10 @@ from conftest import make_cfg
 
 from clipgen.errors import ClipgenError
 from clipgen.facts import class_folder
+from clipgen.models.factory import create_clip
 from clipgen.recipes.build import ensure_recipe
 from clipgen.train.data import load_train_data
 from clipgen.train.loop import run_train
-from clipgen.train.model import create_clip
 from clipgen.utils import STALE_TMP_S, WriteError, atomic_torch_save, atomic_write_json, sweep_stale_dirs
 from clipgen.world.generate import generate_world
 

@@ -10,7 +10,7 @@ import torch
 from conftest import make_cfg
 
 from clipgen.errors import ClipgenError
-from clipgen.train import vocab
+from clipgen.models import vocab
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TINY = ("clipgen-tiny-rn", "clipgen-tiny-vit")
@@ -23,15 +23,15 @@ def _pieces(tokenizer, text: str) -> list[str]:
 def test_shipped_vocabulary_is_the_one_clipgens_texts_need():
     shipped = gzip.open(vocab.bpe_path()).read().decode("utf-8")
     assert shipped == vocab.merges_text(vocab.used_merges(vocab.clipgen_texts())), \
-        "a fact changed: regenerate with python -m clipgen.train.vocab"
+        "a fact changed: regenerate with python -m clipgen.models.vocab"
 
 
 def test_compact_tokenizer_splits_like_open_clips_with_small_ids():
     import open_clip
     from open_clip.tokenizer import SimpleTokenizer
 
+    from clipgen.models.factory import model_config, register_clipgen_models
     from clipgen.recipes.captions import make_caption
-    from clipgen.train.model import model_config, register_clipgen_models
 
     register_clipgen_models()
     full = SimpleTokenizer()
@@ -50,7 +50,7 @@ def test_compact_tokenizer_splits_like_open_clips_with_small_ids():
 
 
 def test_tiny_model_is_three_times_smaller():
-    from clipgen.train.model import create_clip
+    from clipgen.models.factory import create_clip
 
     model, _ = create_clip("clipgen-tiny-rn", 32)
     assert model.token_embedding.weight.shape == (vocab.vocab_size(len(vocab.used_merges(vocab.clipgen_texts()))),
@@ -82,8 +82,8 @@ def test_fp16_checkpoints_load_in_open_clip_and_evaluate_like_fp32(tiny_root):
     import open_clip
 
     from clipgen.eval.run import run_eval
+    from clipgen.models.factory import register_clipgen_models
     from clipgen.train.loop import run_train
-    from clipgen.train.model import register_clipgen_models
 
     cfg = make_cfg(tiny_root, "debug=smoke", "recipe=cg_low", "trainer.checkpoint_dtype=fp16",
                    "run_name=test-lean-fp16")

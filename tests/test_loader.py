@@ -289,3 +289,19 @@ def test_auto_loader_streams_what_does_not_fit(tiny_recipe, tiny_root):
     data_cfg.loader = "disk"
     with pytest.raises(ClipgenError, match="data.loader 'disk'.*auto, memory, stream"):
         choose_loader(data_cfg, rdir, manifest, 32)
+
+
+def test_make_loader_builds_the_chosen_loader_the_trainer_and_benchmarks_share(tiny_recipe, tiny_root, tokenizer):
+    from clipgen.train.stream import StreamLoader, make_loader
+
+    rdir, manifest = tiny_recipe
+    cfg = make_cfg(tiny_root, *SMOKE)
+    need = _total(manifest) * 3 * 32 * 32 / 1e9
+    built = {}
+    for max_gb, kind, cls in ((need * 1.01, "memory", EpochLoader), (need / 2, "stream", StreamLoader)):
+        cfg.data.max_memory_gb = max_gb
+        got, data, loader = make_loader(cfg, rdir, manifest, tokenizer)
+        assert (got, type(loader), len(data)) == (kind, cls, _total(manifest))
+        assert loader.batch_size == cfg.trainer.batch_size
+        built[kind] = loader_batches(loader, ((0, 0),))
+    assert same_batches(built["memory"], built["stream"])  # either loader: the same training batches

@@ -65,7 +65,7 @@ def test_stages_under_the_line_run_quietly_with_the_same_results(tmp_path, monke
     term = _Terminal()
     monkeypatch.setattr("sys.stderr", term)
     level = logging.getLogger("clipgen").level
-    out = run_many(f"{__name__}._stage", cfgs, 1, "train")
+    out = run_many(_stage, cfgs, 1, "train")
     assert out == [{"seed": 0, "bar": False}, {"seed": 1, "bar": False}]
     assert "per-run" not in capsys.readouterr().out
     assert term.getvalue().rsplit("\r", 1)[-1].startswith("\033[Kstudy demo · train: 2/2 runs done · ")
@@ -75,7 +75,7 @@ def test_stages_under_the_line_run_quietly_with_the_same_results(tmp_path, monke
 
 def test_parallel_workers_without_terminal_keep_their_output(tmp_path, capfd):
     cfgs = _cfgs(tmp_path, (2, 3, 4))
-    out = run_many(f"{__name__}._stage", cfgs, 2, "eval")
+    out = run_many(_stage, cfgs, 2, "eval")
     assert out == [{"seed": s, "bar": True} for s in (2, 3, 4)]  # in config order whatever finished first
     captured = capfd.readouterr()
     assert captured.out.count("per-run table") == 3

@@ -55,7 +55,7 @@ def test_open_clip_trainer_reads_recipe_shards(tiny_root, tmp_path):
     sizes = json.loads((recipe / "sizes.json").read_text())
     n = len(sizes)
     shards = f"{recipe}/shard-{{00000..{n - 1:05d}}}.tar"
-    code = ("import sys; from clipgen.train.model import register_clipgen_models; register_clipgen_models(); "
+    code = ("import sys; from clipgen.models.factory import register_clipgen_models; register_clipgen_models(); "
             "from open_clip_train.main import main; main(sys.argv[1:])")
     logs = tmp_path / "oc_logs"
     out = subprocess.run([sys.executable, "-c", code, "--train-data", shards, "--dataset-type", "webdataset",

@@ -18,12 +18,12 @@ import torch
 from conftest import make_cfg
 
 from clipgen.errors import ClipgenError
+from clipgen.models.factory import create_clip, register_clipgen_models
 from clipgen.train import checkpoint as ckpt
 from clipgen.train import session
 from clipgen.train.data import EpochLoader, TrainData, load_train_data, random_resized_crop
 from clipgen.train.logger import stable_run_id
 from clipgen.train.loop import run_train
-from clipgen.train.model import create_clip, register_clipgen_models
 from clipgen.train.optim import lr_at, param_groups
 
 # One torch thread: on a shared 2-core machine, 2 OpenMP threads can stall badly when other jobs compete.

@@ -11,9 +11,10 @@ import torch
 from conftest import make_cfg
 
 from clipgen.errors import ClipgenError
+from clipgen.models.supervised import NUM_CLASSES
 from clipgen.train.loop import run_train
+from clipgen.train.objective import supervised_labels
 from clipgen.train.optim import step_lr_at
-from clipgen.train.supervised_model import NUM_CLASSES, supervised_labels
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SMOKE = ("debug=smoke", "recipe=cg_high", "trainer.threads=1")
@@ -79,7 +80,7 @@ def test_step_schedule_by_hand():
 def _outputs(path: Path, model_name: str):
     import open_clip
 
-    from clipgen.train.model import register_clipgen_models
+    from clipgen.models.factory import register_clipgen_models
 
     register_clipgen_models()
     model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=str(path))
@@ -122,14 +123,14 @@ def test_model_presets_build_offline_and_round_trip(preset, tmp_path):
     checkpoint loads back through plain open_clip.create_model_and_transforms."""
     import open_clip
 
-    from clipgen.train import checkpoint as ckpt
-    from clipgen.train.model import create_clip, model_config
+    from clipgen.models.checkpoint import epoch_payload
+    from clipgen.models.factory import create_clip, model_config
 
     cfg = make_cfg(tmp_path, f"model={preset}")
     model, tokenizer = create_clip(cfg.model.name, cfg.model.image_px)
     assert tokenizer(["a sketch of a cat"]).shape[0] == 1
-    payload = ckpt.epoch_payload(model, model_name=cfg.model.name, model_cfg=model_config(cfg.model.name), epoch=0,
-                                 step=0, samples_seen=0, run_name="r", recipe_id="x", seed=0)
+    payload = epoch_payload(model, model_name=cfg.model.name, model_cfg=model_config(cfg.model.name), epoch=0,
+                            step=0, samples_seen=0, run_name="r", recipe_id="x", seed=0)
     path = tmp_path / "epoch_000.pt"
     torch.save(payload, path)
     loaded, _, _ = open_clip.create_model_and_transforms(cfg.model.name, pretrained=str(path))

@@ -85,7 +85,7 @@ def extract(model, images, layers: Sequence[str] | None = None, batch_size: int 
             device: str | torch.device = "cpu") -> dict[str, np.ndarray]:
     """Per-channel activations ``{layer: float32 [n, channels]}`` of every requested layer, all recorded by hooks
     during ONE forward pass per batch. ``images`` is uint8 ``[n, 3, px, px]`` (normalised here per batch)."""
-    from clipgen.eval.zeroshot import normalize_images
+    from clipgen.models.zeroshot import normalize_images
 
     visual = model.visual if hasattr(model, "visual") else model
     visual = visual.to(device).eval()

@@ -152,7 +152,7 @@ def analyse_circuits(stage_list: Sequence[Stage], images: np.ndarray, labels: np
     Returns ``{"layers", "groups": {gid: {"nodes": {layer: [...]}, "edges": {layer: [[i, j], ...]},
     "node_attr": {layer: [...]}}}, "completeness"}`` where ``edges[layer]`` are the circuit edges into that layer
     (from the layer before it)."""
-    from clipgen.eval.zeroshot import normalize_images
+    from clipgen.models.zeroshot import normalize_images
 
     names = [n for n, _ in stage_list]
     n_img = len(images)

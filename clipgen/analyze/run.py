@@ -120,11 +120,10 @@ class _Context:
     @property
     def model(self):
         if self._model is None:
-            from clipgen.eval.models import load_checkpoint, model_kind
-            from clipgen.train.objective import objective_for
+            from clipgen.models.kinds import kind_for, load_checkpoint, model_kind
 
             kind = model_kind(self.info.meta, rundir.meta_path(self.info.run_dir))
-            if not objective_for(kind).text_head:
+            if not kind_for(kind).text_head:
                 raise ClipgenError(f"{self.info.run_dir}: model_kind {kind!r}; clipgen-analyze needs a CLIP run "
                                    "(its zero-shot head is the circuits' metric)")
             model, tok, _ = load_checkpoint(self.info.checkpoint, self.info.meta, self.image_px, kind)
@@ -165,8 +164,8 @@ class _Context:
     def head(self):
         """(class embeddings [classes, dim] torch, logit scale) of the run's zero-shot head."""
         if self._head is None:
-            from clipgen.eval.zeroshot import class_embeddings, model_logit_scale
             from clipgen.facts import zeroshot_templates
+            from clipgen.models.zeroshot import class_embeddings, model_logit_scale
 
             model, tok = self.model
             templates = list(zeroshot_templates(self.cfg.eval.templates))
@@ -290,8 +289,8 @@ def _sae(ctx: _Context) -> dict:
              list(dict.fromkeys(info.classes + [t for pair in DOMAIN_TERMS.values() for t in pair])))
     feats = sorted({f for fs in res.get("top_features", {}).values() for f in fs})
     if feats:
-        from clipgen.eval.zeroshot import class_embeddings
         from clipgen.facts import zeroshot_templates
+        from clipgen.models.zeroshot import class_embeddings
 
         model, tok = ctx.model
         with torch.no_grad():

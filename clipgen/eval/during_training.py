@@ -76,7 +76,7 @@ class SubsetEvaluator:
 
     def _prepare(self) -> None:
         from clipgen.eval.testsets import load_eval_set
-        from clipgen.eval.zeroshot import tokenize_prompts
+        from clipgen.models.zeroshot import tokenize_prompts
 
         self.evalset = load_eval_set(self.cfg, self.meta, "recipe manifest", self.image_px,
                                      per_group=self.per_class)
@@ -84,9 +84,9 @@ class SubsetEvaluator:
 
     def __call__(self, model, *, epoch: int, step: int, logger=None) -> dict:
         from clipgen.eval.metrics import lso_metrics
-        from clipgen.eval.models import clip_outputs
         from clipgen.eval.tracking import define_eval_axis, eval_keys
-        from clipgen.train.checkpoint import unwrap
+        from clipgen.models.checkpoint import unwrap
+        from clipgen.models.zeroshot import clip_outputs
 
         t0 = time.time()
         bare = unwrap(model)

@@ -5,7 +5,7 @@ classes (``meta["classes"]``; label = index in that list); a natural-only run ge
 With ``eval.imagenet_val_root`` a CLIP run also gets ``imagenet-val`` (1000-way, open_clip's class names, the
 same templates). Images are decoded once, every checkpoint embeds them once, text is tokenised once per run.
 ``meta.json["model_kind"]`` picks the head: CLIP's zero-shot head, or the supervised baseline's DomainNet columns
-(clipgen.eval.models); the metric keys are the same.
+(clipgen.models.kinds); the metric keys are the same.
 
     {run}/eval/results.jsonl         one line per (checkpoint, task), appended + fsynced; finished pairs skipped
                                      (clipgen.eval.results)
@@ -30,15 +30,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from clipgen import rundir
 from clipgen.errors import ClipgenError
-from clipgen.eval.models import load_checkpoint, model_kind
 from clipgen.eval.results import append_result, done_key, exclusive, read_results, rewrite_results
 from clipgen.eval.testsets import (IMAGENET_TASK, EvalSet, imagenet_classnames, imagenet_val_samples, load_eval_set,
                                    load_imagenet_set, task_domains, task_name)
 from clipgen.facts import NATURAL_DOMAIN, zeroshot_templates
+from clipgen.models.kinds import kind_for, load_checkpoint, model_kind
 from clipgen.utils import atomic_write_bytes, atomic_write_json, git_sha, read_json, sha256_file
 
 # Re-exported: the report and older callers import these from here.
-__all__ = ["run_eval", "read_results", "append_result", "load_checkpoint", "list_checkpoints", "resolve_run_dir",
+__all__ = ["run_eval", "read_results", "append_result", "list_checkpoints", "resolve_run_dir",
            "task_name", "task_domains", "EvalSet", "load_eval_set"]
 
 log = logging.getLogger("clipgen.eval")
@@ -124,15 +124,14 @@ def run_eval(cfg: DictConfig) -> dict:
     import torch
 
     from clipgen.eval.metrics import lso_metrics
-    from clipgen.eval.models import model_outputs
     from clipgen.eval.testsets import imagenet_metrics
     from clipgen.eval.tracking import EvalTracker
-    from clipgen.eval.zeroshot import tokenize_prompts
-    from clipgen.train.objective import objective_for
+    from clipgen.models.zeroshot import tokenize_prompts
 
     run_dir, meta_path, meta, run_cfg = _load_run(cfg)
     kind = model_kind(meta, meta_path)
-    text_head = objective_for(kind).text_head  # CLIP's zero-shot head (templates, ImageNet) or a classifier's
+    run_kind = kind_for(kind)
+    text_head = run_kind.text_head  # CLIP's zero-shot head (templates, ImageNet) or a classifier's
     classes, heldout = list(meta["classes"]), list(meta["heldout_classes"])
     image_px = int(meta.get("image_px") or run_cfg.model.image_px)
     templates = list(zeroshot_templates(cfg.eval.templates))
@@ -200,8 +199,8 @@ def run_eval(cfg: DictConfig) -> dict:
                 if text_head and (name, "dn") not in tokens:
                     tokens[(name, "dn")] = tokenize_prompts(tokenizer, classes, templates)
                 # Every image of every task is embedded once per checkpoint; tasks are subsets of them.
-                out = model_outputs(kind, model, tokenizer, evalset.images, classes, templates, device, batch_size,
-                                    tokens.get((name, "dn")))
+                out = run_kind.outputs(model, tokenizer, evalset.images, classes, templates, device, batch_size,
+                                      tokens.get((name, "dn")))
                 if cfg.eval.save_outputs:
                     _save_outputs(rundir.output_path(run_dir, epoch), evalset, out)
                 for task in dn_tasks:
@@ -214,8 +213,8 @@ def run_eval(cfg: DictConfig) -> dict:
                 names = head["imagenet_classes"]
                 if (name, "in") not in tokens:
                     tokens[(name, "in")] = tokenize_prompts(tokenizer, names, templates)
-                iout = model_outputs(kind, model, tokenizer, inset.images, names, templates, device, batch_size,
-                                     tokens[(name, "in")])
+                iout = run_kind.outputs(model, tokenizer, inset.images, names, templates, device, batch_size,
+                                       tokens[(name, "in")])
                 if cfg.eval.save_outputs:
                     _save_imagenet_outputs(rundir.output_path(run_dir, epoch, IMAGENET_TASK), inset,
                                            iout["logits"])

@@ -18,6 +18,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from omegaconf import DictConfig, open_dict
 
@@ -178,27 +179,25 @@ def format_runs(rows: list[tuple]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def _call(fn_name: str, cfg: DictConfig, quiet: bool = False) -> dict:
-    """Run one stage function in a worker process (imported there, so nothing heavy crosses the pipe). ``quiet``:
-    under the study's progress line, so no progress bar, INFO lines or prints (warnings and errors still show)."""
+def _call(fn: Callable[[DictConfig], dict], cfg: DictConfig, quiet: bool = False) -> dict:
+    """Run one stage function in a worker process (a module-level function travels by reference, its module and
+    name, so nothing heavy crosses the pipe). ``quiet``: under the study's progress line, so no progress bar, INFO
+    lines or prints (warnings and errors still show)."""
     try:
-        return _run_stage(fn_name, cfg, quiet)
+        return _run_stage(fn, cfg, quiet)
     except SystemExit as e:  # a stop signal: the trainer saved and asks to exit
         if orphaned():  # the study is gone, nobody collects this result: do not wait for more work
             os._exit(e.code if isinstance(e.code, int) else 1)
         raise
 
 
-def _run_stage(fn_name: str, cfg: DictConfig, quiet: bool) -> dict:
+def _run_stage(fn: Callable[[DictConfig], dict], cfg: DictConfig, quiet: bool) -> dict:
     import contextlib
-    import importlib
     import logging
 
     if not logging.getLogger().handlers:  # a spawned worker: show the stage's progress lines like Hydra would
         logging.basicConfig(level=logging.WARNING, format="[%(asctime)s][%(name)s] %(message)s", datefmt="%H:%M:%S")
         logging.getLogger("clipgen").setLevel(logging.INFO)
-    module, _, name = fn_name.rpartition(".")
-    fn = getattr(importlib.import_module(module), name)
     if not quiet:
         return fn(cfg)
     cfg = copy.deepcopy(cfg)
@@ -214,8 +213,9 @@ def _run_stage(fn_name: str, cfg: DictConfig, quiet: bool) -> dict:
         log.setLevel(level)
 
 
-def run_many(fn_name: str, cfgs: list[DictConfig], parallel: int, stage: str = "") -> list[dict]:
-    """Run ``fn_name(cfg)`` for every config, ``parallel`` at a time in fresh processes (in order if 1), under
+def run_many(fn: Callable[[DictConfig], dict], cfgs: list[DictConfig], parallel: int, stage: str = ""
+             ) -> list[dict]:
+    """Run ``fn(cfg)`` for every config, ``parallel`` at a time in fresh processes (in order if 1), under
     one study-level progress line (clipgen.launch.progress). Every run is independent and seeded by its own
     config, so the results do not depend on ``parallel``."""
     from clipgen.launch.progress import StudyProgress
@@ -223,18 +223,18 @@ def run_many(fn_name: str, cfgs: list[DictConfig], parallel: int, stage: str = "
     if not cfgs:
         return []
     workers = min(parallel, len(cfgs))
-    progress = StudyProgress(str(cfgs[0].study.name), stage or fn_name.rpartition(".")[2],
+    progress = StudyProgress(str(cfgs[0].study.name), stage or fn.__name__,
                              [run_dir_of(c) for c in cfgs], running=workers)
     with progress:
         if workers <= 1:
             out = []
             for c in cfgs:
-                out.append(_call(fn_name, c, progress.live))
+                out.append(_call(fn, c, progress.live))
                 progress.finished()
             return out
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=bind_stage_worker) as pool:
-            futures = [pool.submit(_call, fn_name, c, progress.live) for c in cfgs]
+            futures = [pool.submit(_call, fn, c, progress.live) for c in cfgs]
             for f in as_completed(futures):
                 f.result()  # the first error stops the study, as before
                 progress.finished()
@@ -261,20 +261,20 @@ LAUNCHERS = ("local", "submitit_local", "slurm")
 
 
 class StageCall:
-    """A study stage for one run as a submitit job: ``StageCall("clipgen.train.loop.run_train")(cfg)``. Being
+    """A study stage for one run as a submitit job: ``StageCall(run_train)(cfg)``. Being
     checkpointable, it is resubmitted with the same config when its job is preempted or times out (submitit
     requeues it up to ``max_num_timeout`` times); the stage then resumes from what is on disk."""
 
-    def __init__(self, fn_name: str):
-        self.fn_name = fn_name
+    def __init__(self, fn: Callable[[DictConfig], dict]):
+        self.fn = fn
 
     def __call__(self, cfg: DictConfig) -> dict:
-        return _call(self.fn_name, cfg)
+        return _call(self.fn, cfg)
 
     def checkpoint(self, cfg: DictConfig):
         import submitit
 
-        return submitit.helpers.DelayedSubmission(StageCall(self.fn_name), cfg)
+        return submitit.helpers.DelayedSubmission(StageCall(self.fn), cfg)
 
 
 def slurm_executor(folder: str, stage: str, jc, cluster: str = "slurm"):
@@ -301,8 +301,8 @@ def slurm_executor(folder: str, stage: str, jc, cluster: str = "slurm"):
     return ex
 
 
-def run_on_slurm(stage: str, fn_name: str, cfgs: list[DictConfig], cfg: DictConfig, label: str | None = None
-                 ) -> list[dict]:
+def run_on_slurm(stage: str, fn: Callable[[DictConfig], dict], cfgs: list[DictConfig], cfg: DictConfig,
+                 label: str | None = None) -> list[dict]:
     """Submit one job per config with the resources of ``study.slurm.<stage>``, wait for all; returns per config
     {"job_id", "state", "log", "result"}."""
     if not cfgs:
@@ -311,7 +311,7 @@ def run_on_slurm(stage: str, fn_name: str, cfgs: list[DictConfig], cfg: DictConf
     cluster = "local" if cfg.study.launcher == "submitit_local" else "slurm"
     ex = slurm_executor(str(cfg.study.slurm.folder), label, cfg.study.slurm[stage], cluster)
     with ex.batch():
-        jobs = [ex.submit(StageCall(fn_name), c) for c in cfgs]
+        jobs = [ex.submit(StageCall(fn), c) for c in cfgs]
     print(f"  submitted {len(jobs)} {label} jobs: {', '.join(j.job_id for j in jobs)}")
     out = []
     for job in jobs:
@@ -324,15 +324,15 @@ def run_on_slurm(stage: str, fn_name: str, cfgs: list[DictConfig], cfg: DictConf
     return out
 
 
-def run_stage(stage: str, resources: str, fn_name: str, cfgs: list[DictConfig], cfg: DictConfig,
+def run_stage(stage: str, resources: str, fn: Callable[[DictConfig], dict], cfgs: list[DictConfig], cfg: DictConfig,
               failed: dict[str, dict]) -> list[dict]:
     """Run one study stage for every config: here (``study.parallel`` processes; returns the results; an error
     stops the study) or as submitit jobs with the resources of ``study.slurm.<resources>`` (failed runs are
     recorded in ``failed`` under their run name; returns the results of the others)."""
     if cfg.study.launcher == "local":
-        return run_many(fn_name, cfgs, int(cfg.study.parallel), stage)
+        return run_many(fn, cfgs, int(cfg.study.parallel), stage)
     done = []
-    for sub, res in zip(cfgs, run_on_slurm(resources, fn_name, cfgs, cfg, label=stage)):
+    for sub, res in zip(cfgs, run_on_slurm(resources, fn, cfgs, cfg, label=stage)):
         if res["state"] == "done":
             done.append(res["result"])
         else:
@@ -342,8 +342,10 @@ def run_stage(stage: str, resources: str, fn_name: str, cfgs: list[DictConfig], 
 
 def run_study(cfg: DictConfig) -> dict:
     from clipgen import layout
+    from clipgen.eval.run import run_eval
     from clipgen.recipes.build import build_recipe
     from clipgen.report.build import run_report
+    from clipgen.train.loop import run_train
     from clipgen.world.generate import run_world
 
     launcher = str(cfg.study.launcher)
@@ -388,7 +390,7 @@ def run_study(cfg: DictConfig) -> dict:
     failed: dict[str, dict] = {}
     to_train = [sub for sub in subs if run_state(sub)[0] != "finished"]
     t0 = time.time()
-    for run in run_stage("train", "train", "clipgen.train.loop.run_train", to_train, cfg, failed):
+    for run in run_stage("train", "train", run_train, to_train, cfg, failed):
         print(f"  {run['run_dir']}: {run.get('status', '?')}, {run.get('seconds', 0):.0f} s, "
               f"{run.get('samples_per_s') or 0:.0f} samples/s")
     where = f"{launcher} jobs" if launcher != "local" else f"{parallel} at a time"
@@ -403,11 +405,11 @@ def run_study(cfg: DictConfig) -> dict:
             sub.eval.run_dir = str(run_dir_of(sub))
         to_eval.append(sub)
     t0 = time.time()
-    run_stage("eval", "eval", "clipgen.eval.run.run_eval", to_eval, cfg, failed)
+    run_stage("eval", "eval", run_eval, to_eval, cfg, failed)
     times.append((f"eval ({len(to_eval)} runs)", time.time() - t0))
 
     if cfg.study.analyze:  # clipgen-analyze on every run (skips analyses that are current)
-        from clipgen.analyze.run import pending_analyses
+        from clipgen.analyze.run import pending_analyses, run_analyze
 
         to_analyze = []
         for sub in subs:
@@ -418,7 +420,7 @@ def run_study(cfg: DictConfig) -> dict:
                 sub.analysis.run_dirs = [str(run_dir_of(sub))]
             to_analyze.append(sub)
         t0 = time.time()
-        run_stage("analyze", "eval", "clipgen.analyze.run.run_analyze", to_analyze, cfg, failed)
+        run_stage("analyze", "eval", run_analyze, to_analyze, cfg, failed)
         times.append((f"analyze ({len(to_analyze)} runs)", time.time() - t0))
     # The study's own report (its runs only) in reports/{study}; clipgen-report still aggregates every run.
     rcfg = copy.deepcopy(cfg)

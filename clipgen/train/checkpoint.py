@@ -1,46 +1,21 @@
-"""Epoch checkpoints and ``latest.pt`` (clipgen/FORMATS.md): every write atomic, every read ``weights_only=True``.
-
-An epoch checkpoint is what open_clip itself loads: ``{"state_dict": <open_clip key names, no "module.">,
-"model_name", "model_cfg", ...}``, so ``open_clip.create_model_and_transforms(name, pretrained=path)`` works
-(after ``clipgen.train.model.register_clipgen_models()`` for clipgen's tiny models). ``latest.pt`` adds what a
-resume needs to continue bit for bit: optimizer, scaler, RNG states and the loader position.
+"""Writing epoch checkpoints and ``latest.pt`` (clipgen/FORMATS.md), every write atomic; reading ``latest.pt``
+to resume. The epoch payload and reading any checkpoint are clipgen.models.checkpoint's, shared with the stages
+that load models. ``latest.pt`` adds what a resume needs to continue bit for bit: optimizer, scaler, RNG states
+and the loader position.
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
 
 from clipgen import rundir
-from clipgen.errors import ClipgenError
+from clipgen.models.checkpoint import load
 from clipgen.utils import atomic_torch_save
 
 # The run directory's file names live in clipgen.rundir.
 epoch_path = rundir.checkpoint_path
 latest_path = rundir.latest_path
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare open_clip model behind DDP (``.module``) or torch.compile (``._orig_mod``) wrappers, so saved
-    keys never carry their prefixes."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, torch.nn.Module):
-            return model
-        model = inner
-
-
-def model_state(model: torch.nn.Module) -> dict:
-    # Cloned to CPU so a later optimizer step cannot change what an in-flight save holds.
-    return {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
-
-
-def epoch_payload(model: torch.nn.Module, *, model_name: str, model_cfg: dict, epoch: int, step: int,
-                  samples_seen: int, run_name: str, recipe_id: str, seed: int) -> dict:
-    return {"state_dict": model_state(model), "model_name": model_name, "model_cfg": model_cfg,
-            "epoch": int(epoch), "step": int(step), "samples_seen": int(samples_seen), "run_name": run_name,
-            "recipe_id": recipe_id, "seed": int(seed)}
 
 
 CHECKPOINT_DTYPES = {"fp32": None, "fp16": torch.float16}  # trainer.checkpoint_dtype
@@ -97,22 +72,6 @@ def save_latest(run_dir: str | Path, payload: dict, *, optimizer: torch.optim.Op
     path = latest_path(run_dir)
     atomic_torch_save(state, path)
     return path
-
-
-def load(path: str | Path) -> dict:
-    """``torch.load(path, weights_only=True)`` with a one-line error naming the file."""
-    path = Path(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ClipgenError(f"checkpoint {str(path)!r} does not exist") from None
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ClipgenError(f"checkpoint {str(path)!r} cannot be loaded ({msg}): expected a clipgen checkpoint; "
-                           "delete it to start over") from None
-    if not isinstance(obj, dict) or "state_dict" not in obj:
-        raise ClipgenError(f"checkpoint {str(path)!r} has no 'state_dict': expected a clipgen checkpoint")
-    return obj
 
 
 def load_latest(run_dir: str | Path) -> dict | None:

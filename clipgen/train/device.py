@@ -8,7 +8,7 @@ import contextlib
 import torch
 
 from clipgen.errors import ClipgenError
-from clipgen.train import checkpoint as ckpt
+from clipgen.models.checkpoint import unwrap
 from clipgen.train import dist
 
 PRECISIONS = ("fp32", "bf16", "amp")
@@ -85,7 +85,7 @@ def enable_grad_checkpointing(model: torch.nn.Module) -> None:
     Parameter and buffer names are unchanged."""
     from open_clip.modified_resnet import Bottleneck
 
-    bare = ckpt.unwrap(model)
+    bare = unwrap(model)
     if hasattr(bare, "set_grad_checkpointing"):
         bare.set_grad_checkpointing(True)
     visual = getattr(bare, "visual", None)

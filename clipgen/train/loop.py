@@ -40,13 +40,14 @@ from omegaconf import DictConfig
 from clipgen import rundir, runlock
 from clipgen.errors import ClipgenError
 from clipgen.eval.during_training import subset_evaluator
+from clipgen.models.checkpoint import unwrap
+from clipgen.models.factory import model_config
 from clipgen.preflight import check_run_config
 from clipgen.train import checkpoint as ckpt
 from clipgen.train import dist
 from clipgen.train.data import check_data_config
 from clipgen.train.device import autocast, resolve_device, wrap_for_training
 from clipgen.train.logger import NullLogger, check_logger_config, make_logger
-from clipgen.train.model import model_config
 from clipgen.train.objective import check_objective_name, objective_for
 from clipgen.train.optim import check_optim_config
 from clipgen.train.session import Session, Target, resume, save_epoch, save_latest, setup, write_meta
@@ -320,7 +321,7 @@ def _end_epoch(s: Session, e: int, subset_eval) -> None:
         save_epoch(s, e + 1)
     save_latest(s, {"epoch": e + 1, "batch": 0})
     if subset_eval is not None:  # after the saves; leaves RNG, weights and train mode as they were
-        subset_eval(ckpt.unwrap(s.model), epoch=e + 1, step=s.step, logger=s.logger)
+        subset_eval(unwrap(s.model), epoch=e + 1, step=s.step, logger=s.logger)
 
 
 def _report(s: Session, stopped: str | None, previous_handler, steps_here: int, t_loop: float) -> dict:

@@ -1,8 +1,9 @@
 """What the trainer optimises, one :class:`Objective` per ``trainer.objective``: the contrastive CLIP loss or
-the supervised baseline's cross-entropy (protocol §5). An objective owns everything that differs between the two:
-the model it builds, what its batches need (tokens or labels), the forward + backward of one batch, the
-statistic logged every step, the checkpoint payload and the evaluation head. The trainer and the evaluation
-ask it (``objective_for(name)``) instead of branching on the name.
+the supervised baseline's cross-entropy (protocol §5). An objective is its model kind (clipgen.models.kinds: the
+model it builds, the checkpoint payload and the evaluation head, shared with the stages that load models) plus
+the training half that differs between the two: what its batches need (tokens or labels), the forward +
+backward of one batch and the statistic logged every step. The trainer asks it (``objective_for(name)``)
+instead of branching on the name.
 
 Micro-batches (``trainer.accum_steps``) keep the contrastive loss a loss over the whole batch (open_clip's
 ``accum_freq`` idea): the features of every micro-batch are first computed without gradients; then each
@@ -15,7 +16,6 @@ share of the batch. Under DDP, micro-batches before the last skip the gradient a
 from __future__ import annotations
 
 import abc
-
 import contextlib
 import functools
 import math
@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from clipgen.errors import ClipgenError
-from clipgen.train import checkpoint as ckpt
+from clipgen.models.checkpoint import unwrap
+from clipgen.models.kinds import ClipModel, ModelKind, SupervisedModel
+from clipgen.models.supervised import NUM_IMAGENET_CLASSES
 
 MAX_LOGIT_SCALE = math.log(100)  # open_clip clamps the learned temperature to at most 100
 
@@ -33,25 +35,18 @@ def _no_sync(model, last: bool):
     return model.no_sync() if (not last and hasattr(model, "no_sync")) else contextlib.nullcontext()
 
 
-class Objective(abc.ABC):
+class Objective(ModelKind):
     """The interface; see the module docstring. ``stat`` names the per-step statistic (logged as
-    ``train/{stat}``); ``text_head`` says whether evaluation uses CLIP's zero-shot text head (prompt templates,
-    ImageNet's 1000 classes) rather than a classifier's columns."""
+    ``train/{stat}``); ``name``, ``text_head``, ``create_model``, ``payload`` and ``outputs`` are the model
+    kind's."""
 
-    name = ""
     stat = ""
-    text_head = False
 
     def __init__(self, rank: int = 0, world_size: int = 1):
         self.rank, self.world_size = int(rank), int(world_size)
 
     def check(self, cfg) -> None:
         """Settings this objective cannot train with: a one-line ClipgenError."""
-
-    @abc.abstractmethod
-    def create_model(self, model_name: str, image_px: int | None, checkpoint: dict | None = None):
-        """``(randomly initialised model, its tokenizer or None)``, shaped like ``checkpoint`` when given."""
-        raise NotImplementedError
 
     def prepare_data(self, data, recipe_dir) -> None:
         """Give the training data what this objective's batches need beyond images and tokens."""
@@ -64,33 +59,18 @@ class Objective(abc.ABC):
     def after_step(self, model) -> None:
         """Called after every optimizer step."""
 
-    def payload(self, model, **fields) -> dict:
-        """An epoch checkpoint (clipgen/FORMATS.md); ``fields`` are those of checkpoint.epoch_payload."""
-        return ckpt.epoch_payload(model, **fields)
 
-    @abc.abstractmethod
-    def outputs(self, model, tokenizer, images, classnames, templates, device="cpu", batch_size: int = 512,
-                tokens=None) -> dict:
-        """Evaluation: ``{"logits", "preds", "image_embeddings", "logit_scale"}`` over ``classnames``."""
-        raise NotImplementedError
-
-
-class ClipObjective(Objective):
+class ClipObjective(ClipModel, Objective):
     """Contrastive loss of open_clip (paper: local loss with gather-with-grad, no-ops in one process)."""
 
-    name, stat, text_head = "clip", "logit_scale", True
+    stat = "logit_scale"
 
     @functools.cached_property
-    def loss_fn(self):  # built on first use: evaluation asks this objective for its head only
+    def loss_fn(self):  # built on first use: config checks build objectives that never train
         from open_clip.loss import ClipLoss
 
         return ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=self.rank,
                         world_size=self.world_size)
-
-    def create_model(self, model_name, image_px, checkpoint=None):
-        from clipgen.train.model import create_clip
-
-        return create_clip(model_name, image_px)
 
     def backward(self, model, images, batch, accum, amp_ctx, scale_loss):
         """Returns (loss, logit scale)."""
@@ -119,33 +99,20 @@ class ClipObjective(Objective):
 
     def after_step(self, model):
         with torch.no_grad():
-            ckpt.unwrap(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-
-    def outputs(self, model, tokenizer, images, classnames, templates, device="cpu", batch_size=512, tokens=None):
-        from clipgen.eval.models import clip_outputs
-
-        return clip_outputs(model, tokenizer, images, classnames, templates, device, batch_size, tokens)
+            unwrap(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
 
-class SupervisedObjective(Objective):
-    """Mean cross-entropy of clipgen.train.supervised_model's 1345-way classifier."""
+class SupervisedObjective(SupervisedModel, Objective):
+    """Mean cross-entropy of clipgen.models.supervised's 1345-way classifier."""
 
-    name, stat, text_head = "supervised", "acc", False
+    stat = "acc"
 
     def check(self, cfg):
         if cfg.eval.during_training:
             raise ClipgenError("eval.during_training=true is a zero-shot CLIP evaluation: expected it off for "
                                "trainer.objective=supervised (clipgen-eval evaluates supervised checkpoints)")
 
-    def create_model(self, model_name, image_px, checkpoint=None):
-        from clipgen.train.supervised_model import NUM_CLASSES, create_supervised
-
-        num_classes = int((checkpoint or {}).get("num_classes", NUM_CLASSES))
-        return create_supervised(model_name, image_px, num_classes), None
-
     def prepare_data(self, data, recipe_dir):
-        from clipgen.train.supervised_model import supervised_labels
-
         data.labels = supervised_labels(data.meta, recipe_dir)
 
     def backward(self, model, images, batch, accum, amp_ctx, scale_loss):
@@ -162,18 +129,32 @@ class SupervisedObjective(Objective):
             correct += int((logits.argmax(dim=1) == y).sum())
         return loss_sum, correct / n
 
-    def payload(self, model, **fields):
-        from clipgen.train.supervised_model import supervised_payload
 
-        return supervised_payload(model, **fields)
+def supervised_labels(meta: dict[str, list[str]], where) -> torch.Tensor:
+    """Training targets (protocol §5) from the shards' metadata: 1000 + DomainNet label for every sample of a
+    DomainNet class (DomainNet images, and base images whose ImageNet class maps to DomainNet), else the ImageNet
+    index of the base image's wnid (``base/{wnid}/...``). A sample with neither (CC pairs have no class) is a
+    ClipgenError naming it."""
+    from clipgen.facts import imagenet_class_index
 
-    def outputs(self, model, tokenizer, images, classnames, templates, device="cpu", batch_size=512, tokens=None):
-        from clipgen.eval.models import supervised_outputs
+    index = {wnid: i for i, (wnid, _) in imagenet_class_index().items()}
+    out = []
+    for sid, label, source in zip(meta["sample_id"], meta["label"], meta["source"]):
+        lab = int(label) if str(label).lstrip("-").isdigit() else -1
+        if lab >= 0:
+            out.append(NUM_IMAGENET_CLASSES + lab)
+            continue
+        parts = sid.split("/")
+        idx = index.get(parts[1]) if len(parts) > 2 and parts[0] == "base" else None
+        if idx is None:
+            raise ClipgenError(f"sample {sid!r} (source {source!r}) in {str(where)!r} has no supervised label: "
+                               "expected a DomainNet class or an ImageNet wnid (the supervised baseline needs a "
+                               "labelled base corpus: data.base=imagenet_captions or world, not cc)")
+        out.append(idx)
+    return torch.tensor(out, dtype=torch.int64)
 
-        return supervised_outputs(model, images, classnames, device, batch_size)
 
-
-OBJECTIVES = {o.name: o for o in (ClipObjective, SupervisedObjective)}  # trainer.objective / meta.json model_kind
+OBJECTIVES = {o.name: o for o in (ClipObjective, SupervisedObjective)}  # trainer.objective: the model kinds' names
 
 
 def check_objective_name(name: str, where: str = "trainer.objective") -> str:

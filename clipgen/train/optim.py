@@ -7,7 +7,7 @@ import math
 import torch
 
 from clipgen.errors import ClipgenError
-from clipgen.train import checkpoint as ckpt
+from clipgen.models.checkpoint import unwrap
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step")
@@ -26,7 +26,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """open_clip's rule: no weight decay on gains, biases, norms and the logit scale (ndim < 2 or a name with
     "bn", "ln", "bias" or "logit_scale"); decay on every other (>= 2-D) weight."""
     decay, no_decay = [], []
-    for name, p in ckpt.unwrap(model).named_parameters():
+    for name, p in unwrap(model).named_parameters():
         if not p.requires_grad:
             continue
         exclude = p.ndim < 2 or any(s in name for s in ("bn", "ln", "bias", "logit_scale"))

@@ -17,14 +17,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from clipgen import rundir
 from clipgen.errors import ClipgenError
+from clipgen.models.checkpoint import unwrap
 from clipgen.train import checkpoint as ckpt
 from clipgen.train import dist
-from clipgen.train.data import EpochLoader, bad_samples_report, load_train_data
+from clipgen.train.data import EpochLoader, bad_samples_report
 from clipgen.train.device import autocast
 from clipgen.train.logger import NullLogger
 from clipgen.train.objective import Objective, objective_for
 from clipgen.train.optim import make_optimizer, schedule
-from clipgen.train.stream import StreamLoader, choose_loader, load_stream_data
+from clipgen.train.stream import make_loader
 from clipgen.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -100,18 +101,8 @@ class Session:
 
 def _load_data(t: Target, tokenizer):
     """``(loader kind, data, loader)``: the recipe + base corpus in memory, or streamed from the shards."""
-    cfg, tc = t.cfg, t.cfg.trainer
-    px, workers, policy = int(cfg.model.image_px), int(cfg.data.workers), str(cfg.data.on_bad_sample)
-    kind = choose_loader(cfg.data, t.recipe_dir, t.manifest, px)
-    shard = dict(rank=t.denv.rank, world_size=t.denv.world_size)
-    if kind == "stream":
-        data = load_stream_data(t.recipe_dir, px, t.manifest, workers=workers, on_bad_sample=policy)
-        loader = StreamLoader(data, int(tc.batch_size), int(tc.seed), px, tokenizer, t.device, workers=workers,
-                              epochs=int(tc.epochs), **shard)
-    else:
-        data = load_train_data(t.recipe_dir, tokenizer, px, t.manifest, workers=workers, on_bad_sample=policy,
-                               max_memory_gb=float(cfg.data.max_memory_gb))
-        loader = EpochLoader(data, int(tc.batch_size), int(tc.seed), px, t.device, **shard)
+    kind, data, loader = make_loader(t.cfg, t.recipe_dir, t.manifest, tokenizer, device=t.device,
+                                     rank=t.denv.rank, world_size=t.denv.world_size)
     if data.bad_samples:
         log.warning("skipped %d bad samples (data.on_bad_sample=skip), first: %s", data.num_skipped,
                     data.bad_samples[0])
@@ -164,7 +155,7 @@ def resume(s: Session) -> None:
             save_epoch(s, 0)
         return
     _check_latest(s, latest)
-    ckpt.unwrap(s.model).load_state_dict(latest["state_dict"])
+    unwrap(s.model).load_state_dict(latest["state_dict"])
     s.optimizer.load_state_dict(latest["optimizer"])
     if s.scaler is not None and latest.get("scaler"):
         s.scaler.load_state_dict(latest["scaler"])

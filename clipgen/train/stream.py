@@ -33,7 +33,7 @@ import torch
 from clipgen.errors import ClipgenError
 from clipgen.procs import bind_to_parent
 from clipgen.train.data import (LOADERS, Batch, EpochLoader, canonical_order, data_sources, derive_seed,
-                                leak_guard, open_recipe, shard_tasks)
+                                leak_guard, load_train_data, open_recipe, shard_tasks)
 from clipgen.train.decode import META_FIELDS, decode_rgb, index_shards
 
 
@@ -251,4 +251,25 @@ def choose_loader(data_cfg, recipe_dir: Path, manifest: dict, image_px: int) -> 
     return "memory" if decoded_gb(n, image_px) <= float(data_cfg.max_memory_gb) else "stream"
 
 
-__all__ = ["StreamData", "StreamLoader", "load_stream_data", "choose_loader", "LOADERS", "derive_seed"]
+def make_loader(cfg, recipe_dir: str | Path, manifest: dict, tokenizer, *, device: torch.device | str = "cpu",
+                rank: int = 0, world_size: int = 1) -> tuple[str, object, EpochLoader]:
+    """``(kind, data, loader)``: the training loader ``cfg`` asks for over the recipe and its base corpus, the
+    in-memory one (TrainData, EpochLoader) or the streaming one (StreamData, StreamLoader), chosen by
+    :func:`choose_loader`; the trainer and the loader benchmarks build their loaders here. Reads
+    ``data.loader``, ``data.workers``, ``data.on_bad_sample``, ``data.max_memory_gb``, ``model.image_px`` and
+    ``trainer.batch_size``, ``trainer.seed``, ``trainer.epochs``."""
+    d, tc, px = cfg.data, cfg.trainer, int(cfg.model.image_px)
+    workers, policy, batch, seed = int(d.workers), str(d.on_bad_sample), int(tc.batch_size), int(tc.seed)
+    kind = choose_loader(d, Path(recipe_dir), manifest, px)
+    shard = dict(rank=rank, world_size=world_size)
+    if kind == "stream":
+        data = load_stream_data(recipe_dir, px, manifest, workers=workers, on_bad_sample=policy)
+        return kind, data, StreamLoader(data, batch, seed, px, tokenizer, device, workers=workers,
+                                        epochs=int(tc.epochs), **shard)
+    data = load_train_data(recipe_dir, tokenizer, px, manifest, workers=workers, on_bad_sample=policy,
+                           max_memory_gb=float(d.max_memory_gb))
+    return kind, data, EpochLoader(data, batch, seed, px, device, **shard)
+
+
+__all__ = ["StreamData", "StreamLoader", "load_stream_data", "choose_loader", "make_loader", "LOADERS",
+           "derive_seed"]

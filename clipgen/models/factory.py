@@ -14,7 +14,7 @@ def register_clipgen_models() -> str:
     clipgen model elsewhere. Returns the config folder.
 
     The tiny models' configs name their compact vocabulary by file name (``text_cfg.tokenizer_kwargs.bpe_path``,
-    see clipgen.train.vocab); open_clip's tokenizer opens that path as given, so it is made absolute here (again
+    see clipgen.models.vocab); open_clip's tokenizer opens that path as given, so it is made absolute here (again
     after anything rescans open_clip's registry)."""
     import open_clip
     from open_clip import factory

@@ -9,7 +9,7 @@ tokenizer, only with smaller ids. Any other text still tokenizes (into shorter p
 
 Regenerate after changing a fact the texts come from (a test fails until you do):
 
-    python -m clipgen.train.vocab
+    python -m clipgen.models.vocab
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ image is the argmax over ``logits[:, 1000:1345]``, restricted to the run's class
 
 Its checkpoints look like CLIP's (clipgen/FORMATS.md) plus ``"kind": "supervised"`` and ``num_classes``; the
 state dict keys are ``visual.*`` (open_clip's visual tower names) and ``head.weight`` / ``head.bias``. This module
-defines the model once for the supervised trainer and for evaluation.
+defines the model and its head once for the supervised trainer and for evaluation; the training targets are the
+trainer's (clipgen.train.objective.supervised_labels).
 """
 from __future__ import annotations
 
@@ -49,9 +50,9 @@ class SupervisedClassifier(nn.Module):
 def create_supervised(model_name: str, image_px: int | None = None,
                       num_classes: int = NUM_CLASSES) -> SupervisedClassifier:
     """A randomly initialised supervised model with the visual tower of open_clip model ``model_name`` (built by
-    :func:`clipgen.train.model.create_clip`, so a tiny clipgen model or RN50 alike). Under the same torch seed
+    :func:`clipgen.models.factory.create_clip`, so a tiny clipgen model or RN50 alike). Under the same torch seed
     its tower starts from the same weights as the CLIP run's (open_clip builds the visual tower first)."""
-    from clipgen.train.model import create_clip, model_config
+    from clipgen.models.factory import create_clip, model_config
 
     embed_dim = int(model_config(model_name)["embed_dim"])
     clip, _ = create_clip(model_name, image_px)
@@ -75,30 +76,6 @@ def domainnet_columns(classnames: Sequence[str]) -> list[int]:
     return cols
 
 
-def supervised_labels(meta: dict[str, list[str]], where) -> torch.Tensor:
-    """Training targets (protocol §5) from the shards' metadata: 1000 + DomainNet label for every sample of a
-    DomainNet class (DomainNet images, and base images whose ImageNet class maps to DomainNet), else the ImageNet
-    index of the base image's wnid (``base/{wnid}/...``). A sample with neither (CC pairs have no class) is a
-    ClipgenError naming it."""
-    from clipgen.facts import imagenet_class_index
-
-    index = {wnid: i for i, (wnid, _) in imagenet_class_index().items()}
-    out = []
-    for sid, label, source in zip(meta["sample_id"], meta["label"], meta["source"]):
-        lab = int(label) if str(label).lstrip("-").isdigit() else -1
-        if lab >= 0:
-            out.append(NUM_IMAGENET_CLASSES + lab)
-            continue
-        parts = sid.split("/")
-        idx = index.get(parts[1]) if len(parts) > 2 and parts[0] == "base" else None
-        if idx is None:
-            raise ClipgenError(f"sample {sid!r} (source {source!r}) in {str(where)!r} has no supervised label: "
-                               "expected a DomainNet class or an ImageNet wnid (the supervised baseline needs a "
-                               "labelled base corpus: data.base=imagenet_captions or world, not cc)")
-        out.append(idx)
-    return torch.tensor(out, dtype=torch.int64)
-
-
 @torch.no_grad()
 def restricted_logits(model: SupervisedClassifier, images: torch.Tensor, columns: Sequence[int]):
     """``(logits[:, columns], features)`` of normalised float ``images``: the zero-shot-equivalent logits over
@@ -108,11 +85,33 @@ def restricted_logits(model: SupervisedClassifier, images: torch.Tensor, columns
     return logits[:, list(columns)], features
 
 
+def supervised_outputs(model: SupervisedClassifier, images, classnames: Sequence[str], device="cpu",
+                       batch_size: int = 512) -> dict:
+    """The zero-shot-equivalent ``{"logits", "preds", "image_embeddings", "logit_scale"}`` over ``classnames``
+    (uint8 ``[n, 3, h, w]`` images): logits = head outputs at columns 1000 + DomainNet label, embeddings = the
+    normalised tower features."""
+    import numpy as np
+
+    from clipgen.models.zeroshot import as_batch
+
+    columns = domainnet_columns(classnames)
+    model = model.to(device).eval()
+    logits, feats = [], []
+    for start in range(0, len(images), batch_size):
+        lo, f = restricted_logits(model, as_batch(images, start, batch_size, device), columns)
+        logits.append(lo.float().cpu())
+        feats.append(F.normalize(f.float(), dim=-1).cpu())
+    logits = torch.cat(logits).numpy() if logits else np.zeros((0, len(columns)), dtype=np.float32)
+    emb = torch.cat(feats).numpy() if feats else np.zeros((0, model.embed_dim), dtype=np.float32)
+    preds = logits.argmax(axis=1) if len(logits) else np.zeros(0, dtype=np.int64)
+    return {"logits": logits, "preds": preds, "image_embeddings": emb, "logit_scale": 1.0}
+
+
 def supervised_payload(model: nn.Module, *, model_name: str, model_cfg: dict, epoch: int, step: int,
                        samples_seen: int, run_name: str, recipe_id: str, seed: int) -> dict:
     """An epoch checkpoint of the supervised model (clipgen/FORMATS.md); save it like CLIP's with
     ``clipgen.train.checkpoint.save_epoch``."""
-    from clipgen.train.checkpoint import epoch_payload, unwrap
+    from clipgen.models.checkpoint import epoch_payload, unwrap
 
     payload = epoch_payload(model, model_name=model_name, model_cfg=model_cfg, epoch=epoch, step=step,
                             samples_seen=samples_seen, run_name=run_name, recipe_id=recipe_id, seed=seed)
