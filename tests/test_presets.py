@@ -3,6 +3,7 @@ other: image sizes, test domains vs recipe ids, objective vs optimiser, launcher
 would build its recipes and then fail every training job fails here, in a second, instead."""
 from __future__ import annotations
 
+import copy
 import functools
 from pathlib import Path
 
@@ -31,8 +32,9 @@ DATA_PATHS = {"domainnet": ["data.domainnet_root=/data/domainnet", "data.imagene
 
 def compose_preset(root, experiment: str, debug: str | None, *extra: str):
     """The preset composed with the dataset paths its data preset requires. Composing is the costly part of these
-    tests (~0.2 CPU s each), so each distinct composition is made once per module (no test changes a config)."""
-    return _composed(root, experiment, debug, extra)
+    tests (~0.2 CPU s each), so each distinct composition is made once per module; each caller gets its own copy
+    (~0.02 s), so a test that changed its config could not change another test's."""
+    return copy.deepcopy(_composed(root, experiment, debug, extra))
 
 
 @functools.lru_cache(maxsize=None)
