@@ -40,10 +40,10 @@ def _state(root: Path, name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def single(tiny_root, tmp_path_factory):
+    """The single-process reference, trained here: the function clipgen-train calls, without a second torch start."""
     with scratch_dir(tmp_path_factory, "one") as scratch:
         root = _root(tiny_root, scratch)
-        out = subprocess.run(["clipgen-train", f"paths.root={root}", *OVER], env=ENV, capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr[-3000:]
+        assert run_train(make_cfg(root, *OVER))["status"] == "finished"
         yield root
 
 
@@ -106,8 +106,7 @@ def test_srun_environment_gives_ddp_and_resumes(single, tiny_root, tmp_path):
         assert p.returncode == 0, log[-3000:]
     latest = _state(root, "latest.pt")
     assert latest["step"] == 3 and json.loads((root / "runs" / "ddp" / "meta.json").read_text())["world_size"] == 2
-    out = subprocess.run(["clipgen-train", f"paths.root={root}", *OVER], env=ENV, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert run_train(make_cfg(root, *OVER))["status"] == "finished"  # resumed here, a single process
     gap = max(float((x - y).abs().max()) for x, y in zip(
         _outputs(single / "runs" / "ddp" / "checkpoints" / "epoch_002.pt"),
         _outputs(root / "runs" / "ddp" / "checkpoints" / "epoch_002.pt")))

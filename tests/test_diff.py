@@ -446,7 +446,8 @@ def test_nested_relation_rules():
 
 # --- two real trained runs ------------------------------------------------------------------------------------
 REAL_OVER = ("debug=smoke", "world=diff_small", "trainer.epochs=16", "trainer.batch_size=32",
-             "trainer.save_every_steps=1000", "optim.lr=2e-3", "optim.warmup_steps=20")
+             "trainer.save_every_steps=1000", "trainer.save_every_epochs=16",  # the diff reads the last epoch only
+             "optim.lr=2e-3", "optim.warmup_steps=20")
 REAL_A = run_name_of("unused", "lso-rs-nosketchclasses", *REAL_OVER)  # run names carry the settings
 REAL_B = run_name_of("unused", "lso-rs-nosketchclasses-pseudo", *REAL_OVER)
 
@@ -455,7 +456,8 @@ REAL_B = run_name_of("unused", "lso-rs-nosketchclasses-pseudo", *REAL_OVER)
 def real_runs(tmp_path_factory, one_torch_thread):
     """CG-low and its pseudo upper bound (the only designed difference: the held-out classes in sketch), trained
     on the diff_small world (4 classes) long enough to learn: ~9k samples per run, two one-thread processes
-    (~1-2 minutes, depending on the machine's load). latest.pt is saved at epoch ends only."""
+    (~1-2 minutes, depending on the machine's load). latest.pt is saved at epoch ends only; epoch checkpoints (each
+    one evaluated) at 0 and 16 only."""
     from clipgen.launch.study import run_study
 
     with scratch_dir(tmp_path_factory, "diff_real") as root:

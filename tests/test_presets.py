@@ -3,11 +3,13 @@ other: image sizes, test domains vs recipe ids, objective vs optimiser, launcher
 would build its recipes and then fail every training job fails here, in a second, instead."""
 from __future__ import annotations
 
+import copy
+import functools
 from pathlib import Path
 
 import pytest
 
-from conftest import make_cfg
+from conftest import make_cfg, scratch_dir
 from clipgen.errors import ClipgenError
 from clipgen.facts import DOMAIN_LETTERS, TEST_DOMAINS, domainnet_classes, zeroshot_templates
 from clipgen.launch.study import LAUNCHERS, job_config, study_jobs
@@ -29,15 +31,36 @@ DATA_PATHS = {"domainnet": ["data.domainnet_root=/data/domainnet", "data.imagene
 
 
 def compose_preset(root, experiment: str, debug: str | None, *extra: str):
-    cfg = make_cfg(root, f"experiment={experiment}", *([f"debug={debug}"] if debug else []), *extra)
-    paths = DATA_PATHS.get(_data_preset(cfg), [])
+    """The preset composed with the dataset paths its data preset requires. Composing is the costly part of these
+    tests (~0.2 CPU s each), so each distinct composition is made once per module; each caller gets its own copy
+    (~0.02 s), so a test that changed its config could not change another test's."""
+    return copy.deepcopy(_composed(root, experiment, debug, extra))
+
+
+@functools.lru_cache(maxsize=None)
+def _composed(root, experiment: str, debug: str | None, extra: tuple[str, ...]):
+    paths = DATA_PATHS.get(_data_preset(root, experiment), [])
     return make_cfg(root, f"experiment={experiment}", *([f"debug={debug}"] if debug else []), *paths, *extra)
 
 
-def _data_preset(cfg) -> str:
+@functools.lru_cache(maxsize=None)
+def _data_preset(root, experiment: str) -> str:
+    """Which data preset an experiment selects (the debug presets keep the experiment's data)."""
+    cfg = make_cfg(root, f"experiment={experiment}")
     if cfg.data.source == "world":
         return "world"
     return "domainnet_cc" if cfg.data.base == "cc" else "domainnet"
+
+
+@pytest.fixture(scope="module")
+def preset_root(tmp_path_factory):
+    """The paths.root of the composed presets: composing, checking and planning write nothing under it."""
+    with scratch_dir(tmp_path_factory, "presets") as root:
+        yield root
+        written = sorted(p.name for p in root.iterdir())
+    _composed.cache_clear()
+    _data_preset.cache_clear()
+    assert not written, f"composing, checking or planning a preset wrote {written} under paths.root"
 
 
 def test_every_experiment_has_an_expected_run_count():
@@ -46,8 +69,8 @@ def test_every_experiment_has_an_expected_run_count():
 
 @pytest.mark.parametrize("debug", DEBUGS)
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_preset_keys_agree(tmp_path, experiment, debug):
-    cfg = compose_preset(tmp_path, experiment, debug)
+def test_preset_keys_agree(preset_root, experiment, debug):
+    cfg = compose_preset(preset_root, experiment, debug)
     check_run_config(cfg)  # the checks every train / study call runs first
 
     # One image size from the model config to the disk.
@@ -100,9 +123,10 @@ def test_preset_keys_agree(tmp_path, experiment, debug):
     assert (cfg.eval.max_templates > 0) == (debug == "rehearsal")
 
 
-def test_rehearsal_keeps_the_presets_model_recipes_and_keys(tmp_path):
+def test_rehearsal_keeps_the_presets_model_recipes_and_keys(preset_root):
     for experiment in EXPERIMENTS:
-        full, rehearsal = compose_preset(tmp_path, experiment, None), compose_preset(tmp_path, experiment, "rehearsal")
+        full, rehearsal = compose_preset(preset_root, experiment, None), compose_preset(preset_root, experiment,
+                                                                                        "rehearsal")
         for key in ("model", "recipe", "heldout", "data.source", "data.base", "study.test_domains", "study.recipes",
                     "study.seeds", "trainer.objective", "trainer.accum_steps", "trainer.grad_checkpointing",
                     "optim.name", "optim.schedule", "eval.templates"):
@@ -116,8 +140,8 @@ def test_rehearsal_keeps_the_presets_model_recipes_and_keys(tmp_path):
     ("recipe.image_px=32", "recipe.image_px=32 does not match model.image_px=224"),
     ("model.image_px=32", "model.image_px=32 does not match model.name=RN50's input size 224"),
 ])
-def test_size_mismatch_refused_before_anything_is_built(tmp_path, override, needle):
-    cfg = compose_preset(tmp_path, "paper_grid", None, override)
+def test_size_mismatch_refused_before_anything_is_built(preset_root, override, needle):
+    cfg = compose_preset(preset_root, "paper_grid", None, override)
     with pytest.raises(ClipgenError, match=needle):
         check_run_config(cfg)
 

@@ -1,6 +1,8 @@
 """The paper path rehearsed end to end: the README's cluster commands, with the rehearsal world's paths swapped in
-for /data/..., plan every paper preset on DomainNet's full class list and run one run of every preset at its real
-model and image size (224 px RN50 / ViT-B-32 / Swin-T on CPU) through recipe -> train -> eval -> report."""
+for /data/..., plan every paper preset on DomainNet's full class list and run one run of every distinct training
+setup at its real model and image size (224 px RN50 / ViT-B-32 / Swin-T on CPU) through recipe -> train -> eval
+-> report. The presets that are paper_grid with other recipes (allow, interpolation, aligned) build their recipe
+and test set for real and are checked to train exactly as the paper_grid run does."""
 from __future__ import annotations
 
 import io
@@ -12,6 +14,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import make_cfg
 from clipgen.data.sources import base_index, domainnet_index
@@ -19,6 +22,7 @@ from clipgen.facts import domainnet_classes, domainnet_to_imagenet
 from clipgen.launch.study import job_config, run_study, study_jobs
 from clipgen.preflight import check_run_config
 from clipgen.recipes.build import build_recipe
+from clipgen.recipes.naming import recipe_spec
 from clipgen.world.generate import generate_world
 
 pytestmark = pytest.mark.slow
@@ -190,12 +194,64 @@ RUNS = [
      "ViT-B-32"),
     ("paper_grid", ["study.test_domains=[sketch]", "study.recipes=[cg_low]", "study.seeds=[0]", "model=swin_t"],
      "clipgen-swin-t"),
-    ("paper_allow", ["study.test_domains=[sketch]", "study.recipes=[allow:0.4:cg_low]"], "RN50"),
-    ("paper_interpolation", ["study.test_domains=[sketch]", "study.recipes=[interpolation:qrs]"], "RN50"),
-    ("paper_aligned", [], "RN50"),
     ("paper_supervised", ["study.test_domains=[sketch]", "study.recipes=[cg_low]"], "RN50"),
     ("paper_cc12m", ["study.test_domains=[sketch]", "study.recipes=[cg_low]"], "RN50"),
 ]
+
+
+# Presets whose YAML is paper_grid with other study keys (recipes, test domains): (preset, restriction to one run)
+RECIPE_ONLY = [
+    ("paper_allow", ["study.test_domains=[sketch]", "study.recipes=[allow:0.4:cg_low]"]),
+    ("paper_interpolation", ["study.test_domains=[sketch]", "study.recipes=[interpolation:qrs]"]),
+    ("paper_aligned", []),
+]
+
+
+def _one_run_config(root: Path, *args: str):
+    """The config of the single run a rehearsal command trains."""
+    cfg = make_cfg(root, *args, "debug=rehearsal", "trainer.threads=1")
+    check_run_config(cfg)
+    jobs = study_jobs(cfg)
+    assert len(jobs) == 1, jobs
+    return job_config(cfg, jobs[0])
+
+
+def _training_settings(sub) -> dict:
+    """Everything of a run's config but the recipe and the study / W&B labels that name it."""
+    out = OmegaConf.to_container(sub, resolve=True)
+    for key in ("recipe", "study", "logger"):
+        out.pop(key)
+    return out
+
+
+@pytest.mark.parametrize("experiment,restrict", RECIPE_ONLY, ids=[e for e, _ in RECIPE_ONLY])
+def test_rehearsal_of_each_recipe_only_preset_builds_its_data_for_the_paper_grid_run(small_world, experiment,
+                                                                                    restrict):
+    """The run of these presets trains exactly as paper_grid-RN50 (run end to end below) in every setting but the
+    recipe; what is their own is rehearsed for real: the recipe kind built from the DomainNet layout at 224 px and
+    read by the trainer's loader, and the evaluation set of its test domain."""
+    import open_clip
+
+    from clipgen.eval.testsets import load_eval_set, task_name
+    from clipgen.train.data import load_train_data
+
+    root, world, cc = small_world
+    sub = _one_run_config(root, *cluster_command(experiment, world, cc), *restrict)
+    grid = _one_run_config(root, *cluster_command("paper_grid", world, cc), *ONE_RUN)
+    assert _training_settings(sub) == _training_settings(grid)
+    assert sub.model.name == "RN50" and sub.recipe.image_px == sub.model.image_px == 224
+
+    plan = build_recipe(sub)
+    manifest = json.loads((Path(plan["recipe_dir"]) / "manifest.json").read_text())
+    assert plan["recipe_id"] == recipe_spec(sub.recipe).recipe_id and plan["num_samples"] > 0
+    assert manifest["aligned_captions"] == (experiment == "paper_aligned")
+    data = load_train_data(plan["recipe_dir"], open_clip.get_tokenizer(sub.model.name), 224)
+    assert data.num_recipe == plan["num_samples"] and tuple(data.images.shape[1:]) == (3, 224, 224)
+    assert len(data) >= sub.trainer.batch_size  # at least the one step per epoch the rehearsal trains
+    meta = {"classes": manifest["classes"], "test_domain": manifest["test_domain"], "recipe_kind": manifest["kind"]}
+    evalset = load_eval_set(sub, meta, "recipe manifest", 224)
+    assert list(evalset.tasks) == [task_name(sub.recipe.test_domain)]
+    assert tuple(evalset.images.shape[1:]) == (3, 224, 224) and len(set(evalset.domains)) == 2  # real + D
 
 
 @pytest.mark.parametrize("experiment,restrict,model", RUNS, ids=[f"{e}-{m}" for e, _, m in RUNS])
