@@ -43,9 +43,10 @@ def uses_world(cfg: DictConfig) -> bool:
 @lru_cache(maxsize=None)
 def native_image_size(model_name: str) -> int | None:
     """The input size in open_clip's config of a model (an unknown name is a ClipgenError)."""
-    from clipgen.models.factory import model_config
+    from clipgen.models.factory import model_config, shipped_config
 
-    size = model_config(model_name).get("vision_cfg", {}).get("image_size")
+    cfg = shipped_config(model_name) or model_config(model_name)  # the file when there is one: no open_clip import
+    size = cfg.get("vision_cfg", {}).get("image_size")
     if size is None:
         return None
     return int(size if isinstance(size, int) else size[0])

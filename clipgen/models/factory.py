@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 from importlib import resources
+from pathlib import Path
 
 from clipgen.errors import ClipgenError
 
@@ -28,6 +29,22 @@ def register_clipgen_models() -> str:
         if "bpe_path" in kwargs and not os.path.isabs(kwargs["bpe_path"]):
             kwargs["bpe_path"] = str(resources.files("clipgen.resources").joinpath(kwargs["bpe_path"]))
     return str(folder)
+
+
+def shipped_config(name: str) -> dict | None:
+    """A model config as shipped in a file (clipgen's resources, else open_clip's ``model_configs/``), read without
+    importing open_clip (~3 s): a preflight check can refuse a config at once. None when no such file exists."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.find_spec("open_clip")
+    folders = [resources.files("clipgen.resources").joinpath("models")]
+    folders += [Path(p) / "model_configs" for p in (spec.submodule_search_locations or [])] if spec else []
+    for folder in folders:
+        path = folder.joinpath(f"{name}.json")
+        if "/" not in name and path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))
+    return None
 
 
 def model_config(name: str) -> dict:
