@@ -61,9 +61,11 @@ def open_run(mode: str, run_dir: str | Path, run_id: str, ident: dict, config: d
     import wandb
 
     try:
+        # reinit: a run this process left open (a notebook, an earlier stage that raised) is finished first;
+        # W&B would otherwise hand that run back and this stage's records would land in it.
         return wandb.init(project=ident["project"], group=ident.get("group"), name=ident["name"], id=run_id,
                           resume="allow", dir=str(run_dir), mode=mode, job_type=ident.get("job_type"),
-                          tags=list(ident.get("tags") or []) or None, config=config)
+                          tags=list(ident.get("tags") or []) or None, config=config, reinit="finish_previous")
     except Exception as e:  # W&B raises its own error types (auth, network); report them as one line
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ClipgenError(f"wandb.init failed with logger.mode={mode!r} ({msg}): use logger.mode=offline (no key "

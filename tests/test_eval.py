@@ -481,7 +481,13 @@ def test_eval_logs_into_the_training_runs_wandb_run(tmp_path, fake_data, monkeyp
     (run_dir / "meta.json").write_text(json.dumps({**meta, "wandb_id": "trainrun00000001"}))
     cfg = make_cfg(tmp_path, "debug=smoke", f"eval.run_dir={run_dir}", "logger=wandb", "logger.mode=offline",
                    "eval.save_outputs=false")
+    # A run this process left open (a notebook cell, an earlier stage that raised): W&B would hand it back to
+    # wandb.init and the metrics would land in it, not in the training run.
+    import wandb
+
+    stray = wandb.init(mode="offline", dir=str(tmp_path), id="strayrun00000001", project="other")
     run_eval(cfg)
+    assert stray._is_finished
     got = read_offline_run(run_dir)
     assert got["run_ids"] == ["trainrun00000001"]
     assert ("eval/*", "eval/epoch") in got["metrics"]
