@@ -45,8 +45,12 @@ def read_offline_run(run_dir: str | Path) -> dict:
     the run ids of the run records, one dict per history row (key -> decoded value) and the define_metric
     records as ``(name or glob, step_metric)``; ``"runs"``: each run record's id, display name, group, job_type,
     tags and config (each segment of a resumed run writes one)."""
+    import wandb
     from wandb.proto import wandb_internal_pb2 as pb
 
+    # The files are written by W&B's service process, which may still be flushing a finished run on a busy
+    # machine: shutting the service down first puts every record on disk.
+    wandb.teardown()
     out = {"run_ids": [], "history": [], "metrics": [], "runs": []}
     for path in sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")):
         for raw in _payloads(path.read_bytes()):
