@@ -6,8 +6,11 @@ built to mirror how DomainNet's domains relate to each other, not to make any re
 - real / painting: filled, textured objects in natural colours on busy backgrounds (shared texture + colour);
 - sketch / quickdraw / clipart: the object is carried by dark outlines (shared line structure), with hatching
   on paper, bare wobbly strokes on white, or flat saturated fills respectively;
-- infograph: a smaller object (flat icon colours or natural ones) among text-like bars, small icons and
-  blocks on a coloured layout, placed anywhere from the left to the right edge.
+- infograph: the object (natural colours, sometimes outlined or on a backing disc) among text-like bars, small
+  icons and panels on a coloured layout, placed anywhere from the left to the right edge.
+
+How far each style is from real is calibrated against DomainNet's published transfer from real (docs/world.md,
+measured with clipgen.world.probe); changing a renderer changes the pixels, so bump layout's generator_version.
 
 Colours are drawn per image from the style's palette, never per class: a class must be recognised by shape.
 Line widths are given for a 64 px canvas and scaled with ``px``; outlines are >= 2 px there so that they
@@ -357,7 +360,7 @@ def draw_infograph(polys, rng, px):
     if rng.random() < 0.5:  # a light backing disc makes the object pop like an infographic icon
         c, r = (lo + hi) / 2, (hi - lo).max() / 2 + 2 * k
         draw.ellipse([c[0] - r, c[1] - r, c[0] + r, c[1] + r], fill=_tup(_hsv(hue, 0.1, 1.0)))
-    # Infographics mix flat icons (vivid, one or several colours) with pictures in natural colours.
+    # The picture in natural colours (vivid fills put it beyond what transfers from real, see docs/world.md).
     palette = _natural
     one = palette(rng) if rng.random() < 0.5 else None
     outline = rng.random() < 0.3
