@@ -11,14 +11,15 @@ the ratio and the cache file's size.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import bench_root  # noqa: E402
 from plan_scale import DOMAINNET_TOTALS, split_total  # noqa: E402
 
 
@@ -43,6 +44,17 @@ def write_layout(root: Path, scale: float) -> int:
     return n
 
 
+@contextlib.contextmanager
+def domainnet_layout(scale: float, prefix: str) -> Iterator[tuple[Path, int, float, list[str]]]:
+    """A temporary DomainNet layout at ``scale`` (removed afterwards): ``(directory, images, seconds to write,
+    the overrides that read it as data=domainnet with no base corpus and outputs under <directory>/out)``."""
+    with bench_root(None, prefix) as tmp:
+        t0 = time.time()
+        n = write_layout(tmp / "dn", scale)
+        yield tmp, n, time.time() - t0, ["data=domainnet", f"data.domainnet_root={tmp / 'dn'}", "data.base=none",
+                                         f"paths.root={tmp / 'out'}"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of DomainNet's size (default 1.0)")
@@ -51,12 +63,8 @@ def main() -> int:
     from clipgen.config import compose_config
     from clipgen.data.sources import domainnet_index
 
-    tmp = Path(tempfile.mkdtemp(prefix="clipgen-index-bench-"))
-    try:
-        t0 = time.time()
-        n = write_layout(tmp / "dn", args.scale)
-        print(f"DomainNet layout with {n} images written in {time.time() - t0:.1f} s")
-        over = ["data=domainnet", f"data.domainnet_root={tmp / 'dn'}", "data.base=none", f"paths.root={tmp / 'out'}"]
+    with domainnet_layout(args.scale, "clipgen-index-bench-") as (tmp, n, seconds, over):
+        print(f"DomainNet layout with {n} images written in {seconds:.1f} s")
         cold_cfg = compose_config([*over, "data.index_cache=false"])
         warm_cfg = compose_config(over)
         domainnet_index(warm_cfg)  # fills the cache
@@ -74,8 +82,6 @@ def main() -> int:
         print(f"read from split files + folders  {min(cold):7.2f} s")
         print(f"read from the cache              {min(warm):7.2f} s   (cache file {size / 1e6:.1f} MB)")
         print(f"ratio {min(cold) / min(warm):.2f}")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

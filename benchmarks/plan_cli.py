@@ -19,15 +19,13 @@ import argparse
 import contextlib
 import io
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from index_cache import write_layout  # noqa: E402
+from index_cache import domainnet_layout  # noqa: E402
 
 FLOOR_S = 2.0
 TEST_DOMAINS = "clipart,infograph,painting,quickdraw,sketch"
@@ -74,17 +72,13 @@ def main() -> int:
     from clipgen.data.sources import domainnet_index
     from clipgen.recipes.build import build_recipe
 
-    tmp = Path(tempfile.mkdtemp(prefix="clipgen-plan-cli-"))
-    try:
-        t0 = time.time()
-        n = write_layout(tmp / "dn", args.scale)
-        common = ["data=domainnet", f"data.domainnet_root={tmp / 'dn'}", "data.base=none",
-                  "data.imagenet_captions_json=null", "data.imagenet_train_root=null", "model=rn50",
-                  f"paths.root={tmp / 'out'}", "recipe.dry_run=true"]
+    with domainnet_layout(args.scale, "clipgen-plan-cli-") as (_, n, seconds, layout):
+        common = [*layout, "data.imagenet_captions_json=null", "data.imagenet_train_root=null", "model=rn50",
+                  "recipe.dry_run=true"]
         t = time.perf_counter()
         domainnet_index(compose_config(common))  # the first clipgen-recipe: reads and checks, fills the cache
         first_read = time.perf_counter() - t
-        print(f"DomainNet layout with {n:,} images written in {time.time() - t0:.1f} s; first read (split files, "
+        print(f"DomainNet layout with {n:,} images written in {seconds:.1f} s; first read (split files, "
               f"folder listings, existence check) {first_read:.1f} s, cached")
 
         plan = sweeps()
@@ -127,8 +121,6 @@ def main() -> int:
         print(f"ratio CLI / in-process per recipe: {per_cli / per_in:.2f}")
         print(f"CLI total for {total} recipes: {fixed + sum(T for *_, T in cli_times):.1f} s")
         return 0 if per_cli <= FLOOR_S else 1
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
