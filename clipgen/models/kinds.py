@@ -31,7 +31,6 @@ class ModelKind(abc.ABC):
     @abc.abstractmethod
     def create_model(self, model_name: str, image_px: int | None, checkpoint: dict | None = None):
         """``(randomly initialised model, its tokenizer or None)``, shaped like ``checkpoint`` when given."""
-        raise NotImplementedError
 
     def payload(self, model, **fields) -> dict:
         """An epoch checkpoint (clipgen/FORMATS.md); ``fields`` are those of checkpoint.epoch_payload."""
@@ -41,7 +40,6 @@ class ModelKind(abc.ABC):
     def outputs(self, model, tokenizer, images, classnames: Sequence[str], templates: Sequence[str], device="cpu",
                 batch_size: int = 512, tokens=None) -> dict:
         """Evaluation: ``{"logits", "preds", "image_embeddings", "logit_scale"}`` over ``classnames``."""
-        raise NotImplementedError
 
 
 class ClipModel(ModelKind):

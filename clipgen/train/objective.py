@@ -54,7 +54,6 @@ class Objective(ModelKind):
     @abc.abstractmethod
     def backward(self, model, images, batch, accum: int, amp_ctx, scale_loss) -> tuple[float, float]:
         """Forward + backward over the batch in ``accum`` micro-batches; returns (loss, statistic)."""
-        raise NotImplementedError
 
     def after_step(self, model) -> None:
         """Called after every optimizer step."""
