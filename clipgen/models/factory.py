@@ -37,12 +37,14 @@ def shipped_config(name: str) -> dict | None:
     import importlib.util
     import json
 
+    if "/" in name:  # hf-hub:org/model and the like: not a shipped file
+        return None
     spec = importlib.util.find_spec("open_clip")
     folders = [resources.files("clipgen.resources").joinpath("models")]
     folders += [Path(p) / "model_configs" for p in (spec.submodule_search_locations or [])] if spec else []
     for folder in folders:
         path = folder.joinpath(f"{name}.json")
-        if "/" not in name and path.is_file():
+        if path.is_file():
             return json.loads(path.read_text(encoding="utf-8"))
     return None
 
