@@ -77,6 +77,35 @@ def test_tiny_run_writes_the_run_directory(full_run):
     saved = torch.load(last, weights_only=True)["state_dict"]
     assert _same(model.state_dict(), saved) and not _same(saved, first["state_dict"])
 
+    # latest.pt of a finished run: the float32 weights and counters, no optimizer state (never resumed)
+    latest = torch.load(run_dir / "latest.pt", weights_only=True)
+    assert latest["optimizer"] is None and latest["scaler"] is None and latest["step"] == out["steps"]
+    assert latest["position"] == {"epoch": epochs, "batch": 0}
+    assert _same(latest["state_dict"], saved)  # smoke stores fp32 epoch checkpoints
+
+
+def test_run_killed_after_its_last_save_finishes_without_training(full_run):
+    """Killed between the final latest.pt and meta.json's "finished": the rerun resumes at the end, trains no
+    step and marks the run finished. A latest.pt without optimizer state that is not at the end is refused."""
+    cfg, out = full_run
+    run_dir = Path(out["run_dir"])
+    meta_path, latest_path = run_dir / "meta.json", run_dir / "latest.pt"
+    meta_bytes, latest_bytes = meta_path.read_bytes(), latest_path.read_bytes()
+    try:
+        meta = json.loads(meta_bytes)
+        meta_path.write_text(json.dumps({**meta, "status": "running"}))
+        again = run_train(cfg)
+        assert again["status"] == "finished" and not again.get("skipped") and again["steps"] == out["steps"]
+        assert json.loads(meta_path.read_text())["status"] == "finished"
+        latest = torch.load(latest_path, weights_only=True)
+        meta_path.write_text(json.dumps({**meta, "status": "running"}))
+        torch.save({**latest, "position": {"epoch": 0, "batch": 0}}, latest_path)
+        with pytest.raises(ClipgenError, match=r"latest\.pt' holds the end of a finished schedule .* epoch 0 of"):
+            run_train(cfg)
+    finally:
+        meta_path.write_bytes(meta_bytes)
+        latest_path.write_bytes(latest_bytes)
+
 
 def test_finished_run_reruns_as_a_noop(full_run):
     cfg, out = full_run

@@ -40,9 +40,6 @@ def test_supervised_baseline_trains_resumes_and_is_evaluated(tiny_root, tmp_path
     assert {k.split(".")[0] for k in last["state_dict"]} == {"visual", "head"}
     meta = json.loads((run / "meta.json").read_text())
     assert meta["model_kind"] == "supervised" and meta["status"] == "finished"
-    latest = _sd(run, "latest.pt")
-    group = latest["optimizer"]["param_groups"][0]
-    assert group["nesterov"] and group["momentum"] == 0.9  # SGD with Nesterov momentum (optim=sgd_step)
     first = _sd(run, "checkpoints/epoch_000.pt")["state_dict"]
     assert any(not torch.equal(first[k], last["state_dict"][k]) for k in first)
 
@@ -50,6 +47,8 @@ def test_supervised_baseline_trains_resumes_and_is_evaluated(tiny_root, tmp_path
     root = _copy_world(tiny_root, tmp_path)
     part = run_train(make_cfg(root, *over, "run_name=test-sup-full", "trainer.max_steps=4"))
     assert part["status"] == "running" and part["steps"] == 4
+    group = _sd(Path(part["run_dir"]), "latest.pt")["optimizer"]["param_groups"][0]
+    assert group["nesterov"] and group["momentum"] == 0.9  # SGD with Nesterov momentum (optim=sgd_step)
     done = run_train(make_cfg(root, *over, "run_name=test-sup-full"))
     assert done["status"] == "finished" and done["final_loss"] == full["final_loss"]
     resumed = _sd(Path(done["run_dir"]), "checkpoints/epoch_003.pt")["state_dict"]

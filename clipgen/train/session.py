@@ -156,7 +156,12 @@ def resume(s: Session) -> None:
         return
     _check_latest(s, latest)
     unwrap(s.model).load_state_dict(latest["state_dict"])
-    s.optimizer.load_state_dict(latest["optimizer"])
+    if latest.get("optimizer") is not None:
+        s.optimizer.load_state_dict(latest["optimizer"])
+    elif int(latest["position"]["epoch"]) < s.epochs:
+        raise ClipgenError(f"{str(ckpt.latest_path(t.run_dir))!r} holds the end of a finished schedule (no optimizer "
+                           f"state) but the run is at epoch {latest['position']['epoch']} of {s.epochs}: "
+                           "pick another run_name=... or paths.root=...")
     if s.scaler is not None and latest.get("scaler"):
         s.scaler.load_state_dict(latest["scaler"])
     ckpt.set_rng_state(latest["rng"])
@@ -182,11 +187,14 @@ def save_epoch(s: Session, epoch: int) -> None:
 
 
 def save_latest(s: Session, position: dict) -> None:
-    """latest.pt (everything a resume at ``position``, the next batch to train on, needs), then meta.json."""
+    """latest.pt (everything a resume at ``position``, the next batch to train on, needs), then meta.json. At the
+    end of the schedule nothing is left to resume, so the optimizer state is not kept (clipgen/FORMATS.md)."""
     if not s.main:
         return
     t = s.target
-    ckpt.save_latest(t.run_dir, _payload(s, position["epoch"]), optimizer=s.optimizer, scaler=s.scaler,
+    done = int(position["epoch"]) >= s.epochs
+    ckpt.save_latest(t.run_dir, _payload(s, position["epoch"]), optimizer=None if done else s.optimizer,
+                     scaler=None if done else s.scaler,
                      position=position, extra={
                          "wandb_id": s.logger.id, "train_seconds": s.train_seconds(), "last_loss": s.last_loss,
                          "train_spec": t.spec, "manifest_sha256": t.manifest_sha,
