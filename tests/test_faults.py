@@ -3,6 +3,7 @@ lie, collaborators who cannot read files, temporary files of killed writers. Eac
 real processes, signals, filesystems and shards."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -67,6 +68,31 @@ def _cmdline(pid: int) -> str:
         return "?"
 
 
+def _kill_9_and_expect_all_gone(proc: subprocess.Popen, tree: set[int], seconds: float) -> None:
+    """kill -9 of ``proc`` alone (as the OOM killer or a preemption would); every process of ``tree`` must be
+    gone within ``seconds``."""
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + seconds
+    while _alive(tree) and time.time() < deadline:
+        time.sleep(0.2)
+    left = _alive(tree)
+    assert not left, [f"{p}: {_cmdline(p)}" for p in left]
+
+
+@contextlib.contextmanager
+def _processes_of(proc: subprocess.Popen):
+    """The set to fill with ``proc``'s descendants; on the way out ``proc`` and any of them still alive are killed
+    (after a failure: the processes this test started)."""
+    tree: set[int] = set()
+    try:
+        yield tree
+    finally:
+        proc.kill()
+        for p in _alive(tree):
+            os.kill(p, signal.SIGKILL)
+
+
 def _start_trainer(root: Path, *overrides: str, umask: int | None = None) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     return subprocess.Popen(["clipgen-train", f"paths.root={root}", *SMOKE, *overrides], env=env, cwd=root,
@@ -96,23 +122,12 @@ def test_kill_9_of_a_streaming_run_with_wandb_leaves_no_process(own_root):
     workers (~0.5 GB each) and the resource tracker outlived a kill -9 of the trainer for hours."""
     proc = _start_trainer(own_root, *LONG, "run_name=orphans", "logger=wandb", "logger.mode=offline",
                           "data.loader=stream", "data.workers=2", "trainer.save_every_steps=3")
-    tree: set[int] = set()
-    try:
+    with _processes_of(proc) as tree:
         _wait_for(own_root / "runs" / "orphans" / "latest.pt", proc)
         time.sleep(1.0)  # the loader's workers are busy prefetching now
-        tree = _descendants(proc.pid)
+        tree.update(_descendants(proc.pid))
         assert sum("forkserver" in _cmdline(p) for p in tree) >= 3, [_cmdline(p) for p in tree]  # server + 2
-        os.kill(proc.pid, signal.SIGKILL)  # the trainer alone, as the OOM killer or a preemption would
-        proc.wait()
-        deadline = time.time() + 20  # W&B's own service notices within a few seconds; workers at once
-        while _alive(tree) and time.time() < deadline:
-            time.sleep(0.2)
-        left = _alive(tree)
-        assert not left, [f"{p}: {_cmdline(p)}" for p in left]
-    finally:
-        proc.kill()
-        for p in _alive(tree):  # only after a failure: the processes this test started
-            os.kill(p, signal.SIGKILL)
+        _kill_9_and_expect_all_gone(proc, tree, 20)  # W&B's service notices within a few seconds; workers at once
 
 
 @pytest.mark.slow
@@ -127,30 +142,19 @@ def test_kill_9_of_a_study_stops_its_trainers_and_each_saves(own_root):
     with open(log, "wb") as f:
         proc = subprocess.Popen(["clipgen-study", *over], env=env, cwd=own_root, stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    tree: set[int] = set()
-    try:
+    with _processes_of(proc) as tree:
         deadline = time.time() + 180
         while len(list((own_root / "runs").glob("*/latest.pt"))) < 2 and proc.poll() is None \
                 and time.time() < deadline:
             time.sleep(0.2)
         assert len(list((own_root / "runs").glob("*/latest.pt"))) == 2, log.read_text()[-3000:]
-        tree = _descendants(proc.pid)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        deadline = time.time() + 30
-        while _alive(tree) and time.time() < deadline:
-            time.sleep(0.2)
-        left = _alive(tree)
-        assert not left, [f"{p}: {_cmdline(p)}" for p in left]
+        tree.update(_descendants(proc.pid))
+        _kill_9_and_expect_all_gone(proc, tree, 30)
         out = log.read_text()
         saved = re.findall(r"received SIGTERM: saved (\S+)/latest.pt at step (\d+)", out)
         assert len(saved) == 2, out[-3000:]
         for run, step in saved:
             assert torch.load(Path(run) / "latest.pt", weights_only=False)["step"] == int(step)
-    finally:
-        proc.kill()
-        for p in _alive(tree):  # only after a failure: the processes this test started
-            os.kill(p, signal.SIGKILL)
 
 
 @pytest.mark.slow
