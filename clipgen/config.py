@@ -272,7 +272,8 @@ class StudyConfig:
     recipes: List[str] = field(default_factory=lambda: ["natural_only", "cg_low", "cg_high", "lod"])
     seeds: List[int] = field(default_factory=lambda: [0])
     # Runs trained/evaluated at once on this machine (separate processes, each with trainer.threads threads).
-    # On a small CPU, 2 one-thread processes beat one 2-thread process for tiny models.
+    # On a small CPU, 2 one-thread processes beat one 2-thread process for tiny models. With 2 or more, a run is
+    # evaluated as soon as its training ended, while the others still train.
     parallel: int = 1
     dry_run: bool = False  # list the study's runs and what each still needs, launch nothing
     analyze: bool = False  # after evaluation, run clipgen-analyze on every run (settings: analysis.*)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
+from pathlib import Path
 
 from clipgen.launch.progress import StudyProgress, units
 from clipgen.launch.study import run_dir_of, run_many
@@ -83,3 +85,34 @@ def test_parallel_workers_without_terminal_keep_their_output(tmp_path, capfd):
     assert [x.split(" · ")[1] for x in lines] == ["eval: 1/3 runs done, 2 running", "eval: 2/3 runs done, 1 running",
                                                   "eval: 3/3 runs done"]
     assert run_dir_of(cfgs[0]) != run_dir_of(cfgs[1])
+
+
+def _train_marking(cfg) -> dict:
+    """A training stage for train_and_evaluate: seed 0 takes longer than the rest; each writes when it ended."""
+    time.sleep(4.0 if int(cfg.trainer.seed) == 0 else 0.3)
+    (Path(cfg.paths.root) / f"trained-{cfg.trainer.seed}").write_text(repr(time.time()))
+    return {"seed": int(cfg.trainer.seed)}
+
+
+def _eval_marking(cfg) -> dict:
+    (Path(cfg.paths.root) / f"evaluated-{cfg.trainer.seed}").write_text(repr(time.time()))
+    return {"evaluated": int(cfg.trainer.seed)}
+
+
+def test_local_study_evaluates_runs_while_others_still_train(tmp_path, capfd):
+    """study.launcher=local with parallel > 1: a run is evaluated as soon as its training ended, by a process whose
+    own training queue is empty, not after the slowest run; runs trained before are evaluated from the start."""
+    from clipgen.launch.study import train_and_evaluate
+
+    cfgs = _cfgs(tmp_path, (0, 1, 2))
+    before = _cfgs(tmp_path, (7,))
+    results, t_trained, n_eval, overlapped = train_and_evaluate(
+        _train_marking, _eval_marking, cfgs, before, lambda c: None if int(c.trainer.seed) == 2 else c, 2)
+    assert results == [{"seed": 0}, {"seed": 1}, {"seed": 2}]  # in config order
+    stamp = {p.name: float(p.read_text()) for p in tmp_path.glob("*ed-*")}
+    assert sorted(stamp) == ["evaluated-0", "evaluated-1", "evaluated-7", "trained-0", "trained-1", "trained-2"]
+    assert stamp["evaluated-1"] < stamp["trained-0"] and stamp["evaluated-7"] < stamp["trained-0"]
+    assert stamp["evaluated-0"] > stamp["trained-0"]
+    assert n_eval == 3 and overlapped == 2 and t_trained >= 4.0
+    lines = [x.split(" · ")[1:3] for x in capfd.readouterr().err.splitlines() if x.startswith("study demo")]
+    assert lines[-1] == ["train: 3/3 runs done", "eval: 3/3 runs done"]  # seed 2 needed no evaluation

@@ -17,6 +17,7 @@ import json
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -74,29 +75,55 @@ def _clock(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+@dataclass
+class _Part:
+    """One stage on the line: its runs, how many are done and how many are running now."""
+
+    stage: str
+    run_dirs: list[Path]
+    running: int = 0
+    done: int = 0
+
+    def text(self) -> list[str]:
+        n = len(self.run_dirs)
+        running = min(self.running, n - self.done)
+        counted = units(self.stage, self.run_dirs)
+        return [f"{self.stage}: {self.done}/{n} runs done" + (f", {running} running" if running > 0 else "")] + \
+            ([counted] if counted else [])
+
+
 class StudyProgress:
     """``with StudyProgress(study, stage, run_dirs) as p: ... p.finished()`` once per finished run.
-    ``p.live`` says whether it draws in place (the stages should then run quietly)."""
+    ``p.live`` says whether it draws in place (the stages should then run quietly). A second stage that runs at
+    the same time (the local launcher evaluates runs while others still train) is added with ``add_stage`` and
+    shown after the first; ``set_running`` and ``finished(stage)`` then say which stage they count."""
 
     def __init__(self, study: str, stage: str, run_dirs: list[Path], running: int = 1,
                  stream: TextIO | None = None, interval: float = 1.0):
-        self.study, self.stage, self.run_dirs = study, stage, [Path(d) for d in run_dirs]
+        self.study, self.stage = study, stage
+        self.parts = {stage: _Part(stage, [Path(d) for d in run_dirs], min(running, len(run_dirs)))}
         self.stream = stream or sys.stderr
         self.live = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.running, self.interval = min(running, len(self.run_dirs)), interval
-        self.done, self.t0 = 0, time.time()
+        self.interval, self.t0 = interval, time.time()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
+    def add_stage(self, stage: str, run_dirs: list[Path]) -> None:
+        self.parts[stage] = _Part(stage, [Path(d) for d in run_dirs])
+
+    def set_running(self, stage: str, running: int) -> None:
+        self.parts[stage].running = running
+
+    def not_needed(self, stage: str, run_dir: Path) -> None:
+        """A run the stage turned out to have nothing to do for leaves its count."""
+        self.parts[stage].run_dirs.remove(Path(run_dir))
+
     def line(self) -> str:
-        n = len(self.run_dirs)
-        running = min(self.running, n - self.done)
-        parts = [f"study {self.study}", f"{self.stage}: {self.done}/{n} runs done"
-                 + (f", {running} running" if running > 0 else "")]
-        counted = units(self.stage, self.run_dirs)
-        if counted:
-            parts.append(counted)
+        parts = [f"study {self.study}"]
+        for part in self.parts.values():
+            if part.run_dirs:
+                parts += part.text()
         parts.append(_clock(time.time() - self.t0))
         return " · ".join(parts)
 
@@ -109,16 +136,16 @@ class StudyProgress:
         while not self._stop.wait(self.interval):
             self._draw()
 
-    def finished(self) -> None:
-        """One run of the stage is done."""
-        self.done += 1
+    def finished(self, stage: str | None = None) -> None:
+        """One run of the stage (the first one unless named) is done."""
+        self.parts[stage or self.stage].done += 1
         if self.live:
             self._draw()
         else:
             print(self.line(), file=self.stream, flush=True)
 
     def __enter__(self) -> "StudyProgress":
-        if self.live and self.run_dirs:
+        if self.live and any(part.run_dirs for part in self.parts.values()):
             self._draw()
             self._thread = threading.Thread(target=self._tick, daemon=True)
             self._thread.start()

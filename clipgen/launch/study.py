@@ -3,7 +3,8 @@
 Every stage is idempotent (worlds and recipes are keyed by spec hash, finished runs and evaluated checkpoints are
 skipped), so relaunching a study only does what is missing: a run whose training is finished and whose every
 checkpoint is evaluated gets no job at all. ``study.dry_run=true`` lists the runs and what each still needs.
-``study.launcher=local`` runs the stages here (``study.parallel`` processes); ``study.launcher=slurm`` submits
+``study.launcher=local`` runs the stages here (``study.parallel`` processes, which evaluate each run as soon as
+its training ended while the others still train); ``study.launcher=slurm`` submits
 one submitit job per run for training (DDP over srun when tasks_per_node > 1), waits, then one per run for
 evaluation, and builds the report here. Jobs that time out or are preempted are requeued by submitit (up to
 ``max_num_timeout``) and resume from ``latest.pt``. The study ends with a status table (done / failed with the
@@ -235,10 +236,72 @@ def run_many(fn: Callable[[DictConfig], dict], cfgs: list[DictConfig], parallel:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=bind_stage_worker) as pool:
             futures = [pool.submit(_call, fn, c, progress.live) for c in cfgs]
-            for f in as_completed(futures):
-                f.result()  # the first error stops the study, as before
-                progress.finished()
+            try:
+                for f in as_completed(futures):
+                    f.result()  # the first error stops the study: queued jobs are cancelled, running ones end
+                    progress.finished()
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
             return [f.result() for f in futures]
+
+
+def train_and_evaluate(train_fn: Callable[[DictConfig], dict], eval_fn: Callable[[DictConfig], dict],
+                       to_train: list[DictConfig], to_eval: list[DictConfig],
+                       eval_after: Callable[[DictConfig], DictConfig | None], parallel: int
+                       ) -> tuple[list[dict], float, int]:
+    """The local launcher's training and evaluation in one pool of ``parallel`` fresh processes: each run is
+    evaluated as soon as its training finished, on a process that finished its training queue, instead of
+    after the slowest run (every evaluation is a function of the checkpoints alone, so the results are those of
+    the two stages one after the other). ``to_eval``: runs trained before, evaluated from the start;
+    ``eval_after(cfg)``: the evaluation config of a run trained here, or None. Returns (training results in
+    ``to_train`` order, seconds until the last training finished, evaluations run, evaluations finished by
+    then). The first error stops the study: queued jobs are cancelled, running ones end first."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    from clipgen.launch.progress import StudyProgress
+
+    cfgs = to_train + to_eval
+    if not cfgs:
+        return [], 0.0, 0, 0
+    t0, trained, results = time.time(), 0.0, [None] * len(to_train)
+    eval_dirs = [run_dir_of(c) for c in to_train] + [run_dir_of(c) for c in to_eval]
+    progress = StudyProgress(str(cfgs[0].study.name), "train", [run_dir_of(c) for c in to_train], running=0)
+    progress.add_stage("eval", eval_dirs)
+    evaluated, evaluated_while_training = 0, 0
+    ctx = multiprocessing.get_context("spawn")
+    with progress, ProcessPoolExecutor(max_workers=parallel, mp_context=ctx, initializer=bind_stage_worker) as pool:
+        pending: dict = {}
+        for i, c in enumerate(to_train):
+            pending[pool.submit(_call, train_fn, c, progress.live)] = ("train", i, c)
+        for c in to_eval:
+            pending[pool.submit(_call, eval_fn, c, progress.live)] = ("eval", None, c)
+        try:
+            while pending:
+                n_train = sum(stage == "train" for stage, _, _ in pending.values())
+                progress.set_running("train", min(parallel, n_train))
+                progress.set_running("eval", min(parallel - min(parallel, n_train), len(pending) - n_train))
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for f in done:
+                    stage, i, c = pending.pop(f)
+                    result = f.result()
+                    progress.finished(stage)
+                    if stage == "eval":
+                        evaluated += 1
+                        evaluated_while_training += any(s == "train" for s, _, _ in pending.values())
+                        continue
+                    results[i] = result
+                    e = eval_after(c)
+                    if e is not None:
+                        pending[pool.submit(_call, eval_fn, e, progress.live)] = ("eval", None, e)
+                    else:
+                        progress.not_needed("eval", run_dir_of(c))
+                    if not any(s == "train" for s, _, _ in pending.values()):
+                        trained = time.time() - t0
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return results, trained, evaluated, evaluated_while_training
 
 
 def _timed(table: list, stage: str, fn, *args):
@@ -340,6 +403,25 @@ def run_stage(stage: str, resources: str, fn: Callable[[DictConfig], dict], cfgs
     return done
 
 
+def _eval_config(sub: DictConfig) -> DictConfig:
+    """The run's config with eval.run_dir pointing at it (what clipgen-eval is given per run)."""
+    sub = copy.deepcopy(sub)
+    with open_dict(sub):
+        sub.eval.run_dir = str(run_dir_of(sub))
+    return sub
+
+
+def _eval_after(sub: DictConfig) -> DictConfig | None:
+    """After training: the run's evaluation config, or None when every checkpoint is already evaluated."""
+    return None if run_state(sub)[1] == "done" else _eval_config(sub)
+
+
+def _print_trained(results: list[dict]) -> None:
+    for run in results:
+        print(f"  {run['run_dir']}: {run.get('status', '?')}, {run.get('seconds', 0):.0f} s, "
+              f"{run.get('samples_per_s') or 0:.0f} samples/s")
+
+
 def run_study(cfg: DictConfig) -> dict:
     from clipgen import layout
     from clipgen.eval.run import run_eval
@@ -388,25 +470,27 @@ def run_study(cfg: DictConfig) -> dict:
     times.append(("recipes", time.time() - t0))
 
     failed: dict[str, dict] = {}
-    to_train = [sub for sub in subs if run_state(sub)[0] != "finished"]
-    t0 = time.time()
-    for run in run_stage("train", "train", run_train, to_train, cfg, failed):
-        print(f"  {run['run_dir']}: {run.get('status', '?')}, {run.get('seconds', 0):.0f} s, "
-              f"{run.get('samples_per_s') or 0:.0f} samples/s")
+    now = [(sub, run_state(sub)) for sub in subs]
+    to_train = [sub for sub, (train, _) in now if train != "finished"]
     where = f"{launcher} jobs" if launcher != "local" else f"{parallel} at a time"
-    times.append((f"train ({len(to_train)} of {len(subs)} runs, {where})", time.time() - t0))
-
-    to_eval = []
-    for sub in subs:
-        if run_dir_of(sub).name in failed or run_state(sub)[1] == "done":
-            continue
-        sub = copy.deepcopy(sub)
-        with open_dict(sub):
-            sub.eval.run_dir = str(run_dir_of(sub))
-        to_eval.append(sub)
-    t0 = time.time()
-    run_stage("eval", "eval", run_eval, to_eval, cfg, failed)
-    times.append((f"eval ({len(to_eval)} runs)", time.time() - t0))
+    if launcher == "local" and parallel > 1:  # one pool: runs are evaluated while others still train
+        before = [_eval_config(sub) for sub, (train, ev) in now if train == "finished" and ev != "done"]
+        t0 = time.time()
+        trained, t_trained, n_eval, overlapped = train_and_evaluate(run_train, run_eval, to_train, before,
+                                                                    _eval_after, parallel)
+        _print_trained(trained)
+        times.append((f"train ({len(to_train)} of {len(subs)} runs, {where})", t_trained))
+        times.append((f"eval ({n_eval} runs" + (f", {overlapped} while training" if overlapped else "") + ")",
+                      time.time() - t0 - t_trained))
+    else:
+        t0 = time.time()
+        _print_trained(run_stage("train", "train", run_train, to_train, cfg, failed))
+        times.append((f"train ({len(to_train)} of {len(subs)} runs, {where})", time.time() - t0))
+        to_eval = [_eval_config(sub) for sub in subs
+                   if run_dir_of(sub).name not in failed and run_state(sub)[1] != "done"]
+        t0, n_eval = time.time(), len(to_eval)
+        run_stage("eval", "eval", run_eval, to_eval, cfg, failed)
+        times.append((f"eval ({n_eval} runs)", time.time() - t0))
 
     if cfg.study.analyze:  # clipgen-analyze on every run (skips analyses that are current)
         from clipgen.analyze.run import pending_analyses, run_analyze
@@ -446,4 +530,4 @@ def run_study(cfg: DictConfig) -> dict:
         raise ClipgenError(f"{len(failed)} of {len(subs)} runs failed (their logs are listed above); relaunch the "
                            "same command to retry them: finished work is skipped")
     return {"runs": [str(run_dir_of(sub)) for sub in subs], "report": report["report"], "times": dict(times),
-            "total_seconds": sum(t for _, t in times), "trained": len(to_train), "evaluated": len(to_eval)}
+            "total_seconds": sum(t for _, t in times), "trained": len(to_train), "evaluated": n_eval}
