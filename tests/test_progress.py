@@ -116,3 +116,23 @@ def test_local_study_evaluates_runs_while_others_still_train(tmp_path, capfd):
     assert n_eval == 3 and overlapped == 2 and t_trained >= 4.0
     lines = [x.split(" · ")[1:3] for x in capfd.readouterr().err.splitlines() if x.startswith("study demo")]
     assert lines[-1] == ["train: 3/3 runs done", "eval: 3/3 runs done"]  # seed 2 needed no evaluation
+
+
+def _fails_for_seed_0(cfg) -> dict:
+    if int(cfg.trainer.seed) == 0:
+        raise ValueError("seed 0 cannot train")
+    time.sleep(1.0)
+    (Path(cfg.paths.root) / f"ran-{cfg.trainer.seed}").write_text("")
+    return {}
+
+
+def test_first_error_of_a_local_stage_stops_the_queue(tmp_path):
+    """The first error stops the study: runs still queued are not started (before, every queued run of the stage
+    trained to the end before the error was shown)."""
+    import pytest
+
+    cfgs = _cfgs(tmp_path, (0, 1, 2, 3, 4, 5))
+    with pytest.raises(ValueError, match="seed 0 cannot train"):
+        run_many(_fails_for_seed_0, cfgs, 2, "train")
+    ran = sorted(p.name for p in tmp_path.glob("ran-*"))
+    assert "ran-1" in ran and "ran-5" not in ran and len(ran) < 5, ran

@@ -241,7 +241,7 @@ def run_many(fn: Callable[[DictConfig], dict], cfgs: list[DictConfig], parallel:
                     f.result()  # the first error stops the study: queued jobs are cancelled, running ones end
                     progress.finished()
             except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
+                pool.shutdown(wait=True, cancel_futures=True)  # running jobs end first
                 raise
             return [f.result() for f in futures]
 
@@ -299,7 +299,7 @@ def train_and_evaluate(train_fn: Callable[[DictConfig], dict], eval_fn: Callable
                     if not any(s == "train" for s, _, _ in pending.values()):
                         trained = time.time() - t0
         except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=True, cancel_futures=True)  # running jobs end first
             raise
     return results, trained, evaluated, evaluated_while_training
 
