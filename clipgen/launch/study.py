@@ -249,7 +249,7 @@ def run_many(fn: Callable[[DictConfig], dict], cfgs: list[DictConfig], parallel:
 def train_and_evaluate(train_fn: Callable[[DictConfig], dict], eval_fn: Callable[[DictConfig], dict],
                        to_train: list[DictConfig], to_eval: list[DictConfig],
                        eval_after: Callable[[DictConfig], DictConfig | None], parallel: int
-                       ) -> tuple[list[dict], float, int]:
+                       ) -> tuple[list[dict], float, int, int]:
     """The local launcher's training and evaluation in one pool of ``parallel`` fresh processes: each run is
     evaluated as soon as its training finished, on a process that finished its training queue, instead of
     after the slowest run (every evaluation is a function of the checkpoints alone, so the results are those of
