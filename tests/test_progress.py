@@ -100,8 +100,8 @@ def _eval_marking(cfg) -> dict:
 
 
 def test_local_study_evaluates_runs_while_others_still_train(tmp_path, capfd):
-    """study.launcher=local with parallel > 1: a run is evaluated as soon as its training ended, by a process whose
-    own training queue is empty, not after the slowest run; runs trained before are evaluated from the start."""
+    """study.launcher=local with parallel > 1: a run is evaluated as soon as its training ended (before the next
+    training starts), not after the slowest run; runs trained before are evaluated first."""
     from clipgen.launch.study import train_and_evaluate
 
     cfgs = _cfgs(tmp_path, (0, 1, 2))
@@ -113,6 +113,7 @@ def test_local_study_evaluates_runs_while_others_still_train(tmp_path, capfd):
     assert sorted(stamp) == ["evaluated-0", "evaluated-1", "evaluated-7", "trained-0", "trained-1", "trained-2"]
     assert stamp["evaluated-1"] < stamp["trained-0"] and stamp["evaluated-7"] < stamp["trained-0"]
     assert stamp["evaluated-0"] > stamp["trained-0"]
+    assert stamp["evaluated-1"] < stamp["trained-2"]  # an evaluation goes before the next training
     assert n_eval == 3 and overlapped == 2 and t_trained >= 4.0
     lines = [x.split(" · ")[1:3] for x in capfd.readouterr().err.splitlines() if x.startswith("study demo")]
     assert lines[-1] == ["train: 3/3 runs done", "eval: 3/3 runs done"]  # seed 2 needed no evaluation

@@ -251,56 +251,61 @@ def train_and_evaluate(train_fn: Callable[[DictConfig], dict], eval_fn: Callable
                        eval_after: Callable[[DictConfig], DictConfig | None], parallel: int
                        ) -> tuple[list[dict], float, int, int]:
     """The local launcher's training and evaluation in one pool of ``parallel`` fresh processes: each run is
-    evaluated as soon as its training finished, on a process that finished its training queue, instead of
-    after the slowest run (every evaluation is a function of the checkpoints alone, so the results are those of
-    the two stages one after the other). ``to_eval``: runs trained before, evaluated from the start;
-    ``eval_after(cfg)``: the evaluation config of a run trained here, or None. Returns (training results in
-    ``to_train`` order, seconds until the last training finished, evaluations run, evaluations finished by
-    then). The first error stops the study: queued jobs are cancelled, running ones end first."""
+    evaluated as soon as its training finished (an evaluation goes before the next training), instead of after
+    the slowest run; every evaluation is a function of the checkpoints alone, so the results are those of the
+    two stages one after the other. ``to_eval``: runs trained before, evaluated first; ``eval_after(cfg)``: the
+    evaluation config of a run trained here, or None. Returns (training results in ``to_train`` order, seconds
+    until the last training finished, evaluations run, evaluations finished by then). The first error stops the
+    study: nothing more is started, running jobs end first."""
+    from collections import deque
     from concurrent.futures import FIRST_COMPLETED, wait
 
     from clipgen.launch.progress import StudyProgress
 
-    cfgs = to_train + to_eval
-    if not cfgs:
+    if not to_train and not to_eval:
         return [], 0.0, 0, 0
     t0, trained, results = time.time(), 0.0, [None] * len(to_train)
-    eval_dirs = [run_dir_of(c) for c in to_train] + [run_dir_of(c) for c in to_eval]
-    progress = StudyProgress(str(cfgs[0].study.name), "train", [run_dir_of(c) for c in to_train], running=0)
-    progress.add_stage("eval", eval_dirs)
+    queues = {"eval": deque((None, c) for c in to_eval), "train": deque(enumerate(to_train))}
+    name = str((to_train or to_eval)[0].study.name)
+    progress = StudyProgress(name, "train", [run_dir_of(c) for c in to_train], running=0)
+    progress.add_stage("eval", [run_dir_of(c) for c in to_train + to_eval])
     evaluated, evaluated_while_training = 0, 0
     ctx = multiprocessing.get_context("spawn")
     with progress, ProcessPoolExecutor(max_workers=parallel, mp_context=ctx, initializer=bind_stage_worker) as pool:
-        pending: dict = {}
-        for i, c in enumerate(to_train):
-            pending[pool.submit(_call, train_fn, c, progress.live)] = ("train", i, c)
-        for c in to_eval:
-            pending[pool.submit(_call, eval_fn, c, progress.live)] = ("eval", None, c)
-        try:
-            while pending:
-                n_train = sum(stage == "train" for stage, _, _ in pending.values())
-                progress.set_running("train", min(parallel, n_train))
-                progress.set_running("eval", min(parallel - min(parallel, n_train), len(pending) - n_train))
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for f in done:
-                    stage, i, c = pending.pop(f)
-                    result = f.result()
-                    progress.finished(stage)
-                    if stage == "eval":
-                        evaluated += 1
-                        evaluated_while_training += any(s == "train" for s, _, _ in pending.values())
-                        continue
-                    results[i] = result
-                    e = eval_after(c)
-                    if e is not None:
-                        pending[pool.submit(_call, eval_fn, e, progress.live)] = ("eval", None, e)
-                    else:
-                        progress.not_needed("eval", run_dir_of(c))
-                    if not any(s == "train" for s, _, _ in pending.values()):
-                        trained = time.time() - t0
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)  # running jobs end first
-            raise
+        running: dict = {}
+
+        def start() -> None:  # fill the free processes, evaluations first
+            while len(running) < parallel and (queues["eval"] or queues["train"]):
+                stage = "eval" if queues["eval"] else "train"
+                i, c = queues[stage].popleft()
+                running[pool.submit(_call, eval_fn if stage == "eval" else train_fn, c, progress.live)] = \
+                    (stage, i, c)
+            for stage in ("train", "eval"):
+                progress.set_running(stage, sum(s == stage for s, _, _ in running.values()))
+
+        def training() -> bool:
+            return bool(queues["train"]) or any(s == "train" for s, _, _ in running.values())
+
+        start()
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in done:
+                stage, i, c = running.pop(f)
+                result = f.result()  # an error: nothing more is started, the running jobs end (with the pool)
+                progress.finished(stage)
+                if stage == "eval":
+                    evaluated += 1
+                    evaluated_while_training += training()
+                    continue
+                results[i] = result
+                e = eval_after(c)
+                if e is not None:
+                    queues["eval"].append((None, e))
+                else:
+                    progress.not_needed("eval", run_dir_of(c))
+                if not training():
+                    trained = time.time() - t0
+            start()
     return results, trained, evaluated, evaluated_while_training
 
 
