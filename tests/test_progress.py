@@ -116,7 +116,13 @@ def test_local_study_evaluates_runs_while_others_still_train(tmp_path, capfd):
     assert stamp["evaluated-1"] < stamp["trained-2"]  # an evaluation goes before the next training
     assert n_eval == 3 and overlapped == 2 and t_trained >= 4.0
     lines = [x.split(" · ")[1:3] for x in capfd.readouterr().err.splitlines() if x.startswith("study demo")]
-    assert lines[-1] == ["train: 3/3 runs done", "eval: 3/3 runs done"]  # seed 2 needed no evaluation
+    assert lines == [  # what runs after each event; seed 2 needs no evaluation, so eval's total drops to 3
+        ["train: 0/3 runs done, 2 running", "eval: 1/4 runs done"],
+        ["train: 1/3 runs done, 1 running", "eval: 1/4 runs done, 1 running"],
+        ["train: 1/3 runs done, 2 running", "eval: 2/4 runs done"],
+        ["train: 2/3 runs done, 1 running", "eval: 2/3 runs done"],
+        ["train: 3/3 runs done", "eval: 2/3 runs done, 1 running"],
+        ["train: 3/3 runs done", "eval: 3/3 runs done"]]
 
 
 def _fails_for_seed_0(cfg) -> dict:

@@ -289,10 +289,11 @@ def train_and_evaluate(train_fn: Callable[[DictConfig], dict], eval_fn: Callable
         start()
         while running:
             done, _ = wait(running, return_when=FIRST_COMPLETED)
+            ended = []
             for f in done:
                 stage, i, c = running.pop(f)
                 result = f.result()  # an error: nothing more is started, the running jobs end (with the pool)
-                progress.finished(stage)
+                ended.append(stage)
                 if stage == "eval":
                     evaluated += 1
                     evaluated_while_training += training()
@@ -306,6 +307,8 @@ def train_and_evaluate(train_fn: Callable[[DictConfig], dict], eval_fn: Callable
                 if not training():
                     trained = time.time() - t0
             start()
+            for stage in ended:  # after start(), so the line counts what runs now
+                progress.finished(stage)
     return results, trained, evaluated, evaluated_while_training
 
 
