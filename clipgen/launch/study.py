@@ -16,7 +16,7 @@ import copy
 import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -214,36 +214,65 @@ def _run_stage(fn: Callable[[DictConfig], dict], cfg: DictConfig, quiet: bool) -
         log.setLevel(level)
 
 
+def run_pool(workers: int, queues: dict, fns: dict, on_result: Callable, progress) -> None:
+    """Run jobs on ``workers`` fresh processes. ``queues``: stage -> deque of (key, cfg), taken in the dict's order
+    (an earlier stage's job goes first); ``fns``: stage -> stage function. At most ``workers`` jobs are handed to
+    the pool at a time, so after the first error nothing more starts (the running jobs end with the pool, then
+    the error is raised). ``on_result(stage, key, cfg, result)`` may queue more jobs; ``progress`` (a
+    StudyProgress with a part per stage) counts what runs and is told of each finished job once the next ones
+    started."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=bind_stage_worker) as pool:
+        running: dict = {}
+        ended: list[str] = []
+        while True:
+            while len(running) < workers and any(queues.values()):
+                stage = next(st for st, q in queues.items() if q)
+                key, c = queues[stage].popleft()
+                running[pool.submit(_call, fns[stage], c, progress.live)] = (stage, key, c)
+            for stage in queues:
+                progress.set_running(stage, sum(st == stage for st, _, _ in running.values()))
+            for stage in ended:  # after the next jobs started, so the line counts what runs now
+                progress.finished(stage)
+            if not running:
+                return
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            ended = []
+            for f in done:
+                stage, key, c = running.pop(f)
+                on_result(stage, key, c, f.result())  # an error leaves the loop: nothing more starts
+                ended.append(stage)
+
+
 def run_many(fn: Callable[[DictConfig], dict], cfgs: list[DictConfig], parallel: int, stage: str = ""
              ) -> list[dict]:
     """Run ``fn(cfg)`` for every config, ``parallel`` at a time in fresh processes (in order if 1), under
     one study-level progress line (clipgen.launch.progress). Every run is independent and seeded by its own
-    config, so the results do not depend on ``parallel``."""
+    config, so the results do not depend on ``parallel``. The first error stops the study."""
+    from collections import deque
+
     from clipgen.launch.progress import StudyProgress
 
     if not cfgs:
         return []
+    stage = stage or fn.__name__
     workers = min(parallel, len(cfgs))
-    progress = StudyProgress(str(cfgs[0].study.name), stage or fn.__name__,
-                             [run_dir_of(c) for c in cfgs], running=workers)
+    progress = StudyProgress(str(cfgs[0].study.name), stage, [run_dir_of(c) for c in cfgs], running=workers)
+    out: list = [None] * len(cfgs)
     with progress:
         if workers <= 1:
-            out = []
-            for c in cfgs:
-                out.append(_call(fn, c, progress.live))
+            for i, c in enumerate(cfgs):
+                out[i] = _call(fn, c, progress.live)
                 progress.finished()
             return out
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=bind_stage_worker) as pool:
-            futures = [pool.submit(_call, fn, c, progress.live) for c in cfgs]
-            try:
-                for f in as_completed(futures):
-                    f.result()  # the first error stops the study: queued jobs are cancelled, running ones end
-                    progress.finished()
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)  # running jobs end first
-                raise
-            return [f.result() for f in futures]
+
+        def keep(_stage, i, _cfg, result):
+            out[i] = result
+
+        run_pool(workers, {stage: deque(enumerate(cfgs))}, {stage: fn}, keep, progress)
+    return out
 
 
 def train_and_evaluate(train_fn: Callable[[DictConfig], dict], eval_fn: Callable[[DictConfig], dict],
@@ -256,60 +285,38 @@ def train_and_evaluate(train_fn: Callable[[DictConfig], dict], eval_fn: Callable
     two stages one after the other. ``to_eval``: runs trained before, evaluated first; ``eval_after(cfg)``: the
     evaluation config of a run trained here, or None. Returns (training results in ``to_train`` order, seconds
     until the last training finished, evaluations run, evaluations finished by then). The first error stops the
-    study: nothing more is started, running jobs end first."""
+    study."""
     from collections import deque
-    from concurrent.futures import FIRST_COMPLETED, wait
 
     from clipgen.launch.progress import StudyProgress
 
     if not to_train and not to_eval:
         return [], 0.0, 0, 0
-    t0, trained, results = time.time(), 0.0, [None] * len(to_train)
+    t0, results = time.time(), [None] * len(to_train)
     queues = {"eval": deque((None, c) for c in to_eval), "train": deque(enumerate(to_train))}
-    name = str((to_train or to_eval)[0].study.name)
-    progress = StudyProgress(name, "train", [run_dir_of(c) for c in to_train], running=0)
+    progress = StudyProgress(str((to_train or to_eval)[0].study.name), "train", [run_dir_of(c) for c in to_train],
+                             running=0)
     progress.add_stage("eval", [run_dir_of(c) for c in to_train + to_eval])
-    evaluated, evaluated_while_training = 0, 0
-    ctx = multiprocessing.get_context("spawn")
-    with progress, ProcessPoolExecutor(max_workers=parallel, mp_context=ctx, initializer=bind_stage_worker) as pool:
-        running: dict = {}
+    counts = {"trained": 0, "trained_s": 0.0, "evaluated": 0, "while_training": 0}
 
-        def start() -> None:  # fill the free processes, evaluations first
-            while len(running) < parallel and (queues["eval"] or queues["train"]):
-                stage = "eval" if queues["eval"] else "train"
-                i, c = queues[stage].popleft()
-                running[pool.submit(_call, eval_fn if stage == "eval" else train_fn, c, progress.live)] = \
-                    (stage, i, c)
-            for stage in ("train", "eval"):
-                progress.set_running(stage, sum(s == stage for s, _, _ in running.values()))
+    def record(stage, i, cfg, result):
+        if stage == "eval":
+            counts["evaluated"] += 1
+            counts["while_training"] += counts["trained"] < len(to_train)
+            return
+        results[i] = result
+        counts["trained"] += 1
+        if counts["trained"] == len(to_train):
+            counts["trained_s"] = time.time() - t0
+        e = eval_after(cfg)
+        if e is not None:
+            queues["eval"].append((None, e))
+        else:
+            progress.not_needed("eval", run_dir_of(cfg))
 
-        def training() -> bool:
-            return bool(queues["train"]) or any(s == "train" for s, _, _ in running.values())
-
-        start()
-        while running:
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            ended = []
-            for f in done:
-                stage, i, c = running.pop(f)
-                result = f.result()  # an error: nothing more is started, the running jobs end (with the pool)
-                ended.append(stage)
-                if stage == "eval":
-                    evaluated += 1
-                    evaluated_while_training += training()
-                    continue
-                results[i] = result
-                e = eval_after(c)
-                if e is not None:
-                    queues["eval"].append((None, e))
-                else:
-                    progress.not_needed("eval", run_dir_of(c))
-                if not training():
-                    trained = time.time() - t0
-            start()
-            for stage in ended:  # after start(), so the line counts what runs now
-                progress.finished(stage)
-    return results, trained, evaluated, evaluated_while_training
+    with progress:
+        run_pool(parallel, queues, {"eval": eval_fn, "train": train_fn}, record, progress)
+    return results, counts["trained_s"], counts["evaluated"], counts["while_training"]
 
 
 def _timed(table: list, stage: str, fn, *args):
