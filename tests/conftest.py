@@ -16,18 +16,6 @@ from clipgen.config import compose_config, register_configs  # noqa: E402
 
 register_configs()
 
-# The costliest test files, costliest first (seconds summed from `pytest --durations=0` under .ci/run: rehearsal
-# 162, cluster 93, analyze 74, faults 63, run_identity 60, study 56, diff 54, world 47, ddp 40, slice 39; the other
-# 16 files take 0-27 s each). Run first, so that the two workers of `-n 2 --dist loadfile` end together rather than
-# one waiting on a long file that started last. Within a file the order is kept.
-COSTLIEST_FIRST = ("test_rehearsal.py", "test_cluster.py", "test_analyze.py", "test_faults.py", "test_run_identity.py",
-                   "test_study.py", "test_diff.py", "test_world.py", "test_ddp.py", "test_slice.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(COSTLIEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
 
 def make_cfg(root, *overrides: str) -> DictConfig:
     """The config a console script would see for ``clipgen-x paths.root=<root> <overrides>``."""
