@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from clipgen.errors import ClipgenError
 from clipgen.preflight import check_run_config
@@ -418,12 +418,18 @@ def run_stage(stage: str, resources: str, fn: Callable[[DictConfig], dict], cfgs
     return done
 
 
-def _eval_config(sub: DictConfig) -> DictConfig:
-    """The run's config with eval.run_dir pointing at it (what clipgen-eval is given per run)."""
+def _pointed_at_run(sub: DictConfig, key: str, as_list: bool = False) -> DictConfig:
+    """A copy of the run's config with ``key`` (a dotted config key) naming its run directory: what clipgen-eval
+    (eval.run_dir) and clipgen-analyze (analysis.run_dirs) are given per run."""
     sub = copy.deepcopy(sub)
+    run_dir = str(run_dir_of(sub))
     with open_dict(sub):
-        sub.eval.run_dir = str(run_dir_of(sub))
+        OmegaConf.update(sub, key, [run_dir] if as_list else run_dir, merge=False)
     return sub
+
+
+def _eval_config(sub: DictConfig) -> DictConfig:
+    return _pointed_at_run(sub, "eval.run_dir")
 
 
 def _eval_after(sub: DictConfig) -> DictConfig | None:
@@ -510,14 +516,8 @@ def run_study(cfg: DictConfig) -> dict:
     if cfg.study.analyze:  # clipgen-analyze on every run (skips analyses that are current)
         from clipgen.analyze.run import pending_analyses, run_analyze
 
-        to_analyze = []
-        for sub in subs:
-            if run_dir_of(sub).name in failed or not pending_analyses(sub, run_dir_of(sub)):
-                continue
-            sub = copy.deepcopy(sub)
-            with open_dict(sub):
-                sub.analysis.run_dirs = [str(run_dir_of(sub))]
-            to_analyze.append(sub)
+        to_analyze = [_pointed_at_run(sub, "analysis.run_dirs", as_list=True) for sub in subs
+                      if run_dir_of(sub).name not in failed and pending_analyses(sub, run_dir_of(sub))]
         t0 = time.time()
         run_stage("analyze", "eval", run_analyze, to_analyze, cfg, failed)
         times.append((f"analyze ({len(to_analyze)} runs)", time.time() - t0))

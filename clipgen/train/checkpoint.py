@@ -64,11 +64,12 @@ def set_rng_state(state: dict) -> None:
 def save_latest(run_dir: str | Path, payload: dict, *, optimizer: torch.optim.Optimizer | None, scaler,
                 position: dict, extra: dict) -> Path:
     """Atomically replace ``latest.pt``: an epoch payload plus optimizer, scaler, RNG and loader position
-    (``{"epoch": e, "batch": b}`` = the next batch to train on). ``optimizer=None`` when nothing is left to train:
-    the float32 weights and counters are kept, the optimizer state (twice the weights' size under AdamW) is not."""
+    (``{"epoch": e, "batch": b}`` = the next batch to train on). ``optimizer=None`` (and ``scaler=None``) when
+    nothing is left to train: the float32 weights and counters are kept, the optimizer state (twice the weights'
+    size under AdamW) is not."""
     state = dict(payload)
     state.update(optimizer=optimizer.state_dict() if optimizer is not None else None,
-                 scaler=scaler.state_dict() if scaler is not None and optimizer is not None else None,
+                 scaler=scaler.state_dict() if scaler is not None else None,
                  rng=rng_state(), position={"epoch": int(position["epoch"]), "batch": int(position["batch"])},
                  **extra)
     path = latest_path(run_dir)
