@@ -73,3 +73,20 @@ def bind_stage_worker() -> None:
     (before, the runs went on as orphans and a relaunch met them). Ctrl-C reaches them directly: the trainer's
     own handler saves and stops at once rather than after the run."""
     bind_to_parent(signal.SIGTERM, leave_ctrl_c_to_parent=False)
+
+
+PRELOAD = "clipgen.forkserver_preload"
+CLIENT_ENV = "CLIPGEN_FORKSERVER_CLIENT"  # the pid that started the fork server, for the server's own check
+
+
+def bound_forkserver() -> None:
+    """Make the fork server that multiprocessing starts on first use (DataLoader workers, and process pools once
+    a thread runs) preload clipgen.forkserver_preload, and torch, instead of this process's main module: the
+    server then dies with this process from its first tenth of a second, each child it forks is bound to it in
+    the fork itself, and children start with torch imported (each imports the main module itself, already
+    bound). Call before starting any forkserver process."""
+    from multiprocessing import forkserver
+
+    os.environ[CLIENT_ENV] = str(os.getpid())
+    if forkserver._forkserver._preload_modules[:1] != [PRELOAD]:
+        forkserver.set_forkserver_preload([PRELOAD, "torch"])

@@ -236,6 +236,9 @@ def process_pool(workers: int, initializer=None, initargs: tuple = ()):
     import multiprocessing as mp
     import threading
 
+    from clipgen.procs import bound_forkserver
+
+    bound_forkserver()
     methods = mp.get_all_start_methods()
     if "fork" in methods and threading.active_count() == 1:
         method = "fork"

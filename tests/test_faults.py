@@ -56,6 +56,21 @@ def _descendants(root: int) -> set[int]:
     return out
 
 
+def _in_session(sid: int) -> set[int]:
+    """Every process of session ``sid`` (a trainer started with start_new_session: its children keep the session
+    after they are reparented)."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[3]) == sid:
+                out.add(int(entry))
+    return out
+
+
 def _alive(pids) -> list[int]:
     """The pids still running (a zombie has exited; it only waits for its parent to collect its status)."""
     return [p for p in pids if (st := _proc_stat(p)) is not None and st[0] != "Z"]
@@ -128,6 +143,36 @@ def test_kill_9_of_a_streaming_run_with_wandb_leaves_no_process(own_root):
         tree.update(_descendants(proc.pid))
         assert sum("forkserver" in _cmdline(p) for p in tree) >= 3, [_cmdline(p) for p in tree]  # server + 2
         _kill_9_and_expect_all_gone(proc, tree, 20)  # W&B's service notices within a few seconds; workers at once
+
+
+@pytest.mark.slow
+def test_kill_9_while_the_stream_loader_starts_leaves_no_process(own_root):
+    """Killed while its loader starts workers from a fork server (W&B on), the trainer used to leave the server, a
+    worker and the resource tracker alive for 10-20 s, and the log got an UnpicklingError: the workers were bound
+    to their parent only once they had unpickled their task. Killed at the moment the server appears, and again
+    a little later, every loader process is gone within 3 s and nothing reads a truncated pickle."""
+    for delay in (0.0, 0.4):
+        proc = _start_trainer(own_root, *LONG, f"run_name=startup-{delay}", "logger=wandb", "logger.mode=offline",
+                              "data.loader=stream", "data.workers=2")
+        with _processes_of(proc) as tree:
+            deadline = time.time() + 240
+            while proc.poll() is None and time.time() < deadline and \
+                    not any("forkserver" in _cmdline(p) for p in _descendants(proc.pid)):
+                time.sleep(0.01)
+            time.sleep(delay)
+            session = _in_session(proc.pid)  # the trainer's session: its processes, reparented or not
+            loader = {p for p in session if "multiprocessing" in _cmdline(p)}
+            assert loader and proc.poll() is None, [_cmdline(p) for p in session]  # the fork server, at least
+            os.kill(proc.pid, signal.SIGKILL)
+            tree.update(session | _in_session(proc.pid))
+            out = proc.communicate()[0].decode()
+            def left():
+                return _alive([p for p in _in_session(proc.pid) if "multiprocessing" in _cmdline(p)])
+            deadline = time.time() + 3
+            while left() and time.time() < deadline:
+                time.sleep(0.05)
+            assert not left(), [f"{p}: {_cmdline(p)}" for p in left()]
+            assert "UnpicklingError" not in out and "Traceback" not in out, out[-3000:]
 
 
 @pytest.mark.slow
