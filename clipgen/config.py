@@ -9,6 +9,8 @@ from typing import Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING
 
+from clipgen.facts import DEFAULT_JPEG_QUALITY
+
 
 @dataclass
 class PathsConfig:
@@ -91,9 +93,15 @@ class RecipeConfig:
     # images are resized to this size when written into shards; follows the model's input size unless set (a
     # recipe for training must match model.image_px: clipgen.preflight refuses a mismatch before any build)
     image_px: int = II("model.image_px")
-    image_format: str = "png"  # png (lossless) | jpg
+    # png (lossless) | jpg | auto: the data source's (clipgen.facts.RECIPE_IMAGE_FORMAT: png for the world, jpg
+    # for DomainNet and the paper presets)
+    image_format: str = "auto"
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY  # JPEG quality of re-encoded images (1..100; PIL's 4:2:0 chroma subsampling)
     shard_size: int = 2000  # samples per shard (upper bound)
     min_shards: int = 2  # at least this many shards (workers x ranks)
+    # processes writing shards (each writes whole shards; any count writes the same bytes); null = every core this
+    # process may run on, 1 = in this process
+    workers: Optional[int] = None
     dry_run: bool = False  # print the plan as a domain x class table and write nothing
 
 

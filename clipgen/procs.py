@@ -79,14 +79,16 @@ PRELOAD = "clipgen.forkserver_preload"
 CLIENT_ENV = "CLIPGEN_FORKSERVER_CLIENT"  # the pid that started the fork server, for the server's own check
 
 
-def bound_forkserver() -> None:
+def bound_forkserver(*modules: str) -> None:
     """Make the fork server that multiprocessing starts on first use (DataLoader workers, and process pools once
-    a thread runs) preload clipgen.forkserver_preload, and torch, instead of this process's main module: the
-    server then dies with this process from its first tenth of a second, each child it forks is bound to it in
-    the fork itself, and children start with torch imported (each imports the main module itself, already
-    bound). Call before starting any forkserver process."""
+    a thread runs) preload clipgen.forkserver_preload first, then torch and ``modules``, instead of this process's
+    main module (which it would import before any module of ours): the server dies with this process from its
+    first tenth of a second, each child it forks is bound to it in the fork itself, and children start with what
+    they need imported, in pages they share. Call before starting any forkserver process; the first call that
+    starts the server decides its preloads."""
     from multiprocessing import forkserver
 
     os.environ[CLIENT_ENV] = str(os.getpid())
-    if forkserver._forkserver._preload_modules[:1] != [PRELOAD]:
-        forkserver.set_forkserver_preload([PRELOAD, "torch"])
+    wanted = [PRELOAD, "torch", *modules]
+    if forkserver._forkserver._forkserver_pid is None and forkserver._forkserver._preload_modules != wanted:
+        forkserver.set_forkserver_preload(wanted)

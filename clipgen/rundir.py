@@ -41,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clipgen import layout
 from clipgen.errors import ClipgenError
+from clipgen.facts import DEFAULT_JPEG_QUALITY, RECIPE_IMAGE_FORMAT, recipe_image_format
 from clipgen.utils import stable_hash
 
 META, CONFIG, LATEST = "meta.json", "config.yaml", "latest.pt"
@@ -62,22 +63,36 @@ def train_spec(cfg: DictConfig) -> dict:
             **{f"optim.{k}": v for k, v in OmegaConf.to_container(cfg.optim, resolve=True).items()}}
 
 
+# Data settings named in a run's ``x`` hash only when they are set (absent from runs that predate them, so their
+# names and recorded identities stay what they were).
+OPTIONAL_DATA_KEYS = ("recipe.jpeg_quality", "data.cc_shards")
+
+
 def data_spec(cfg: DictConfig) -> dict:
     """Data settings that change a run's training data but are not spelled by its recipe id."""
+    try:
+        fmt = recipe_image_format(str(cfg.recipe.image_format), str(cfg.data.source))
+    except ValueError as e:
+        raise ClipgenError(str(e)) from None
     out = {"heldout.classes": sorted(str(c) for c in cfg.heldout.classes),
-           "recipe.caption_seed": int(cfg.recipe.caption_seed), "recipe.image_format": str(cfg.recipe.image_format),
+           "recipe.caption_seed": int(cfg.recipe.caption_seed), "recipe.image_format": fmt,
            "data.val_fraction": float(cfg.data.val_fraction), "data.val_seed": int(cfg.data.val_seed),
            "data.use_imagenet_sketch": bool(cfg.data.use_imagenet_sketch)}
+    if fmt == "jpg" and int(cfg.recipe.jpeg_quality) != DEFAULT_JPEG_QUALITY:
+        out["recipe.jpeg_quality"] = int(cfg.recipe.jpeg_quality)
     if cfg.data.source == "world" or cfg.data.base == "world":
         out["world"] = stable_hash(layout.world_spec(cfg), 10)
+    if cfg.data.base == "cc":  # the corpus as named (the recipe's directory hashes what its shards hold)
+        out["data.cc_shards"] = str(cfg.data.cc_shards)
     return out
 
 
 @functools.lru_cache(maxsize=None)
-def _default_values(objective: str) -> dict:
+def _default_values(objective: str, source: str = "world") -> dict:
     """The values a setting has when nobody chose it: the schema's, with the supervised presets' trainer and
     optimiser values for the supervised baseline (read from the same YAML files Hydra composes), and the default
-    world and held-out set."""
+    world and held-out set; for ``source=domainnet`` the paper presets' data (DomainNet, ImageNet-Captions: JPEG
+    recipes, no world)."""
     from clipgen.config import Config, OptimConfig, TrainerConfig
 
     conf = Path(__file__).parent / "conf"
@@ -91,7 +106,9 @@ def _default_values(objective: str) -> dict:
     with_groups = OmegaConf.merge(base, {"model": OmegaConf.load(conf / "model" / "tiny_rn.yaml"),
                                          "world": OmegaConf.load(conf / "world" / "default.yaml"),
                                          "heldout": OmegaConf.load(conf / "heldout" / "paper.yaml"),
-                                         "recipe": {"kind": "cg_high"}, "data": {"source": "world", "base": "world"}})
+                                         "recipe": {"kind": "cg_high"},
+                                         "data": {"source": source,
+                                                  "base": "world" if source == "world" else "imagenet_captions"}})
     out = {f"trainer.{k}": v for k, v in trainer.items()}
     out.update({f"optim.{k}": v for k, v in optim.items()})
     out.update(data_spec(with_groups))
@@ -110,13 +127,17 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def settings_label(spec: dict, data: dict | None = None) -> str:
-    """The ``{settings}`` part of a run name (empty for the defaults); see the module docstring."""
+def settings_label(spec: dict, data: dict | None = None, source: str = "world") -> str:
+    """The ``{settings}`` part of a run name (empty for the defaults of ``source``, data.source); see the module
+    docstring."""
     objective = str(spec.get("trainer.objective", "clip"))
-    defaults = _default_values(objective)
+    defaults = _default_values(objective, source if source in RECIPE_IMAGE_FORMAT else "world")
     tokens, other = [], {}
     readable = dict(READABLE)
     for key, value in {**spec, **(data or {})}.items():
+        if key in OPTIONAL_DATA_KEYS:
+            other[key] = value
+            continue
         if key in ("trainer.seed", "model.name", "trainer.objective", "model.image_px") or key not in defaults:
             continue  # seed, model and objective are spelled elsewhere; the image size is the model's own
         if key in readable:
@@ -134,7 +155,7 @@ def settings_label(spec: dict, data: dict | None = None) -> str:
 def identity(cfg: DictConfig) -> dict:
     """Everything that identifies the run the config names (recorded in ``meta.json["identity"]``)."""
     spec, data = train_spec(cfg), data_spec(cfg)
-    return {"train_spec": spec, "data": data, "settings": settings_label(spec, data)}
+    return {"train_spec": spec, "data": data, "settings": settings_label(spec, data, str(cfg.data.source))}
 
 
 def model_part(cfg: DictConfig) -> str:

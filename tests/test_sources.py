@@ -174,6 +174,29 @@ def test_cc_corrupt_image_leaves_nothing(tiny_root, cc_shards, tmp_path):
     assert not any(p.name.startswith("base-") for p in (root / "recipes").iterdir())
 
 
+def test_the_base_corpus_is_part_of_the_recipe_and_the_run_identity(tiny_root, cc_shards, tmp_path):
+    """Pointing data.cc_shards at other shards under the same paths.root used to reuse the recipe built on the
+    old base corpus; a corpus that does not exist was not noticed once a recipe existed."""
+    from clipgen.rundir import run_name
+
+    d, expected = cc_shards
+    root = tmp_path / "root"
+    shutil.copytree(tiny_root / "world", root / "world")
+    over = ("debug=smoke", "recipe=cg_low", "data.base=cc")
+    both = make_cfg(root, *over, f"data.cc_shards='{d}/{{00000..00001}}.tar'")
+    first = make_cfg(root, *over, f"data.cc_shards='{d}/00000.tar'")
+    a, b = build_recipe(both), build_recipe(first)
+    assert a["recipe_id"] == b["recipe_id"] and a["recipe_dir"] != b["recipe_dir"]
+    bases = [json.loads((Path(r["recipe_dir"]) / "manifest.json").read_text())["base"] for r in (a, b)]
+    assert bases[0]["dir"] != bases[1]["dir"] and bases[0]["num_samples"] == len(expected) > bases[1]["num_samples"]
+    assert build_recipe(both)["built"] is False  # the same corpus again: nothing to build
+    names = {run_name(cfg, a["recipe_id"]) for cfg in (both, first)}
+    assert len(names) == 2 and all("-x" in n for n in names)  # the run's name carries the corpus too
+    for missing in (f"data.cc_shards='{tmp_path}/nowhere/{{00000..00001}}.tar'", f"data.cc_shards='{d}/*.nope.tar'"):
+        with pytest.raises(ClipgenError, match="does not exist|matches no file"):
+            build_recipe(make_cfg(root, *over, missing))  # even though recipes on another corpus exist
+
+
 # --- ImageNet-Sketch -----------------------------------------------------------------------------------------------
 
 def _wnid_of(name: str) -> str:

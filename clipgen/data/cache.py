@@ -103,16 +103,23 @@ def _decode(raw: bytes) -> list[Sample]:
     return [Sample(*row) for row in zip(*cols)]
 
 
+def _cache_path(cache_dir: Path | None, name: str, params: dict, inputs: Iterable[Path]) -> Path | None:
+    """Where the index of these parameters and inputs is cached (None: no cache, or an input is missing)."""
+    if cache_dir is None:
+        return None
+    stats = _stats(inputs)
+    if stats is None:
+        return None
+    key = stable_hash({"name": name, "params": params, "inputs": stats, "version": INDEX_CACHE_VERSION}, 16)
+    return Path(cache_dir) / f"index-{name}-{key}.json.gz"
+
+
 def cached_index(cache_dir: Path | None, name: str, params: dict, inputs: Iterable[Path],
                  read: Callable[[], list[Sample]]) -> list[Sample]:
     """``read()``'s samples, from ``cache_dir`` when the same parameters and inputs were read before."""
-    if cache_dir is None:
+    path = _cache_path(cache_dir, name, params, inputs)
+    if path is None:
         return read()
-    stats = _stats(inputs)
-    if stats is None:
-        return read()
-    key = stable_hash({"name": name, "params": params, "inputs": stats, "version": INDEX_CACHE_VERSION}, 16)
-    path = Path(cache_dir) / f"index-{name}-{key}.json.gz"
     memo = _remembered(path)
     if memo is not None:
         return memo
@@ -128,3 +135,27 @@ def cached_index(cache_dir: Path | None, name: str, params: dict, inputs: Iterab
         log.warning("index cache %s cannot be written (%s): continuing without it", path, e)
         return samples
     return _remember(path, samples)
+
+
+def cached_digest(cache_dir: Path | None, name: str, params: dict, inputs: Iterable[Path],
+                  read: Callable[[], list[Sample]], digest: Callable[[list[Sample]], str]) -> dict:
+    """``{"digest": digest(samples), "num_samples": n}`` of the index :func:`cached_index` gives, kept beside the
+    cached index (``index-{name}-{key}.digest.json``), so that asking again costs a ``stat`` per input file and
+    not a read of the index: a base corpus's identity (clipgen.recipes.build) at every recipe build and launch."""
+    path = _cache_path(cache_dir, name, params, inputs)
+    side = None if path is None else path.with_name(path.name[:-len(".json.gz")] + ".digest.json")
+    if side is not None and side.is_file():
+        try:
+            out = json.loads(side.read_text())
+            if set(out) == {"digest", "num_samples"}:
+                return out
+        except (OSError, ValueError):
+            pass  # rewritten below
+    samples = cached_index(cache_dir, name, params, inputs, read)
+    out = {"digest": derived(samples, digest.__name__, digest), "num_samples": len(samples)}
+    if side is not None:
+        try:
+            atomic_write_bytes(side, json.dumps(out).encode("utf-8"))
+        except OSError as e:
+            log.warning("index digest %s cannot be written (%s): continuing without it", side, e)
+    return out

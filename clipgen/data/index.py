@@ -26,6 +26,15 @@ def index_hash(samples: Iterable[Sample]) -> str:
     return h.hexdigest()
 
 
+def corpus_hash(samples: Iterable[Sample]) -> str:
+    """sha256 over the ordered (sample id, split, label, path, caption) of a base corpus: its identity (which
+    pairs, with which captions, from which files)."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(f"{s.sample_id}\t{s.split}\t{s.label}\t{s.path}\t{s.caption}\n".encode("utf-8"))
+    return h.hexdigest()
+
+
 def sample_ids_hash(ids: Iterable[str]) -> str:
     h = hashlib.sha256()
     for i in ids:

@@ -83,3 +83,30 @@ def create_clip(name: str, image_px: int | None = None):
     finally:
         root.setLevel(level)
     return model, tokenizer
+
+
+def get_tokenizer(name: str):
+    """open_clip's tokenizer of model ``name`` (clipgen's models included)."""
+    import open_clip
+
+    register_clipgen_models()
+    return open_clip.get_tokenizer(name)
+
+
+class NamedTokenizer:
+    """A model's tokenizer that pickles as the model's name: a DataLoader worker started through a fork server
+    receives a few bytes instead of the tokenizer's vocabulary and merges (2 MB for RN50's) and makes its own."""
+
+    def __init__(self, name: str, tokenizer=None):
+        self.name, self._tokenizer = str(name), tokenizer
+
+    def __call__(self, texts, *args, **kwargs):
+        if self._tokenizer is None:
+            self._tokenizer = get_tokenizer(self.name)
+        return self._tokenizer(texts, *args, **kwargs)
+
+    def __getstate__(self):
+        return {"name": self.name}
+
+    def __setstate__(self, state):
+        self.__init__(state["name"])

@@ -1,20 +1,28 @@
 """Webdataset shard writing: plain tar files with ``KEY.png|jpg``, ``KEY.txt`` and ``KEY.json`` per sample, the
 layout open_clip's trainer reads. Tar headers carry no time or owner, so equal input gives equal bytes.
 Sources are image files or shard references ``{tar}#{member}`` (the CC base corpus, clipgen/data/cc.py); an image
-already in the target format and size is copied byte for byte, anything else is resized and re-encoded."""
+already in the target format and size is copied byte for byte (once it decodes), anything else is resized and
+re-encoded. The writer also returns each shard's sample index columns (clipgen.data.sampleindex): where every
+image's bytes are, their CRC-32, captions and metadata, so the set's index is written with its shards."""
 from __future__ import annotations
 
 import io
 import json
 import math
+import os
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
 from clipgen.data.cc import close_shard_readers, parse_shard_ref, read_shard_member, tar_members
+from clipgen.data.imagecodec import decode_rgb
 from clipgen.data.index import Sample
+from clipgen.data.sampleindex import CATEGORICAL, ShardColumns, imagenet_wnid_index, shard_columns
 from clipgen.errors import ClipgenError
+from clipgen.facts import DEFAULT_JPEG_QUALITY, RECIPE_IMAGE_FORMATS
+from clipgen.utils import process_pool
 
 _PIL_FORMAT = {"png": "PNG", "jpg": "JPEG"}
 
@@ -38,16 +46,17 @@ def _is_rgb8_png(data: bytes, size: int) -> bool:
             and data[24:26] == b"\x08\x02")
 
 
-def encode_image(path: str, size: int, fmt: str) -> bytes:
+def encode_image(path: str, size: int, fmt: str, quality: int = DEFAULT_JPEG_QUALITY) -> bytes:
     """Image bytes at ``size`` x ``size`` (shorter side resized with bicubic, then centre crop). A source that
-    already is an RGB PNG (fmt png) or JPEG (fmt jpg) of that size is copied byte for byte."""
+    already is an RGB PNG (fmt png) or JPEG (fmt jpg) of that size is copied byte for byte once it decodes as the
+    training loaders decode it (so every image a shard holds can be trained on)."""
     data = read_source_bytes(path)
     if fmt == "png" and _is_rgb8_png(data, size):
-        return data
+        return _decodable(path, data, size)
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.size == (size, size) and im.mode == "RGB" and im.format == _PIL_FORMAT[fmt]:
-                return data
+                return _decodable(path, data, size)
             im = im.convert("RGB")
             w, h = im.size
             if (w, h) != (size, size):
@@ -60,10 +69,21 @@ def encode_image(path: str, size: int, fmt: str) -> bytes:
             if fmt == "png":
                 im.save(buf, format="PNG", compress_level=6)
             else:
-                im.save(buf, format="JPEG", quality=95)
+                im.save(buf, format="JPEG", quality=int(quality))
             return buf.getvalue()
     except OSError as e:
         raise ClipgenError(f"image {path!r} cannot be read ({e}): expected a valid image file") from None
+
+
+def _decodable(path: str, data: bytes, size: int) -> bytes:
+    try:
+        shape = decode_rgb(data).shape
+    except Exception as e:  # PIL and simplejpeg raise many kinds for damaged bytes
+        raise ClipgenError(f"image {path!r} cannot be read ({type(e).__name__}: {e}): expected a valid image "
+                           "file") from None
+    if shape[1:] != (size, size):
+        raise ClipgenError(f"image {path!r} decodes to {shape[2]}x{shape[1]} px: expected {size}x{size}")
+    return data
 
 
 _BLOCK, _RECORD = 512, 20 * 512  # tar block; tarfile pads an archive to whole records
@@ -101,35 +121,71 @@ def shard_count(n: int, shard_size: int, min_shards: int) -> int:
 def write_shards(out_dir: Path, samples: list[Sample], captions: list[str], image_px: int, fmt: str,
                  shard_size: int, min_shards: int) -> dict[str, int]:
     """Write ``samples`` (already in their final order) into evenly filled shards; returns {name: count}."""
-    if fmt not in ("png", "jpg"):
-        raise ClipgenError(f"invalid recipe.image_format {fmt!r}: expected png or jpg")
+    return write_shard_set(out_dir, samples, captions, image_px, fmt, shard_size, min_shards)[0]
+
+
+def write_shard_set(out_dir: Path, samples: list[Sample], captions: list[str], image_px: int, fmt: str,
+                    shard_size: int, min_shards: int, *, workers: int = 1,
+                    quality: int = DEFAULT_JPEG_QUALITY) -> tuple[dict[str, int], list[ShardColumns]]:
+    """Write ``samples`` (in their final order) into evenly filled shards, ``workers`` processes writing whole
+    shards (a shard's bytes depend only on its samples, so any worker count writes the same files). Returns
+    ({name: count}, each shard's index columns, clipgen.data.sampleindex), the counts read back from the tars."""
+    if fmt not in RECIPE_IMAGE_FORMATS:
+        raise ClipgenError(f"invalid recipe.image_format {fmt!r}: expected {', '.join(RECIPE_IMAGE_FORMATS)} or auto")
+    if fmt == "jpg" and not 1 <= int(quality) <= 100:
+        raise ClipgenError(f"recipe.jpeg_quality={quality}: expected 1..100")
     n = len(samples)
     k = shard_count(n, shard_size, min_shards)
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    jobs = [_ShardJob(Path(out_dir) / f"shard-{si:05d}.tar", image_px, fmt, int(quality),
+                      [(samples[i].path, captions[i], _meta(samples[i])) for i in range(bounds[si], bounds[si + 1])],
+                      bounds[si])
+            for si in range(k)]
     try:
-        return _write(out_dir, samples, captions, image_px, fmt, n, k)
+        if workers <= 1 or k == 1:
+            columns = [_write_shard(job) for job in jobs]
+        else:
+            with process_pool(min(workers, k)) as pool:
+                columns = list(pool.map(_write_shard, jobs))
     finally:
         close_shard_readers()
+    return {c.name: len(c) for c in columns}, columns
 
 
-def _write(out_dir: Path, samples: list[Sample], captions: list[str], image_px: int, fmt: str, n: int,
-           k: int) -> dict[str, int]:
-    sizes: dict[str, int] = {}
-    bounds = [round(i * n / k) for i in range(k + 1)]
-    for si in range(k):
-        name = f"shard-{si:05d}.tar"
-        with open(out_dir / name, "wb") as tar:
-            for i in range(bounds[si], bounds[si + 1]):
-                s, key = samples[i], f"{i:08d}"
-                _add(tar, f"{key}.{fmt}", encode_image(s.path, image_px, fmt))
-                _add(tar, f"{key}.txt", captions[i].encode("utf-8"))
-                meta = {"sample_id": s.sample_id, "domain": s.domain, "class_name": s.class_name,
-                        "label": s.label, "source": s.source, "split": s.split}
-                _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
-            tar.write(bytes(2 * _BLOCK))  # end of archive, then padding to a whole record, as tarfile does
-            if tar.tell() % _RECORD:
-                tar.write(bytes(_RECORD - tar.tell() % _RECORD))
-        sizes[name] = bounds[si + 1] - bounds[si]
-    return sizes
+def _meta(s: Sample) -> dict:
+    return {"sample_id": s.sample_id, "domain": s.domain, "class_name": s.class_name, "label": s.label,
+            "source": s.source, "split": s.split}
+
+
+@dataclass
+class _ShardJob:
+    path: Path
+    image_px: int
+    fmt: str
+    quality: int
+    items: list[tuple[str, str, dict]]  # (image location, caption, .json fields) per sample
+    first: int  # running index of the first sample: keys are %08d of it
+
+
+def _write_shard(job: _ShardJob) -> ShardColumns:
+    """One shard file and its index columns; the sample count is read back from the tar's headers."""
+    rows = []
+    with open(job.path, "wb") as tar:
+        for j, (src, caption, meta) in enumerate(job.items):
+            key = f"{job.first + j:08d}"
+            image = encode_image(src, job.image_px, job.fmt, job.quality)
+            rows.append((meta["sample_id"], caption.strip(), {f: str(meta[f]) for f in CATEGORICAL},
+                         tar.tell() + _BLOCK, image))
+            _add(tar, f"{key}.{job.fmt}", image)
+            _add(tar, f"{key}.txt", caption.encode("utf-8"))
+            _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
+        tar.write(bytes(2 * _BLOCK))  # end of archive, then padding to a whole record, as tarfile does
+        if tar.tell() % _RECORD:
+            tar.write(bytes(_RECORD - tar.tell() % _RECORD))
+    written = count_shard_samples(job.path)
+    if written != len(job.items):
+        raise ClipgenError(f"shard {str(job.path)!r}: wrote {len(job.items)} samples but {written} read back")
+    return shard_columns(job.path.name, len(job.items), os.stat(job.path), rows, [], imagenet_wnid_index())
 
 
 def count_shard_samples(path: Path) -> int:

@@ -40,7 +40,8 @@ import torch
 
 from clipgen.errors import ClipgenError
 from clipgen.train.crop import apply_crop, crop_normalize, normalize
-from clipgen.train.decode import BAD_SAMPLE_POLICIES, IMAGE_EXTS, META_FIELDS, ShardTask, decode_shards
+from clipgen.data.sampleindex import META_FIELDS
+from clipgen.train.decode import BAD_SAMPLE_POLICIES, IMAGE_EXTS, ShardTask, decode_shards
 from clipgen.utils import read_json
 
 __all__ = ["IMAGE_EXTS", "META_FIELDS", "TrainData", "Batch", "EpochLoader", "load_train_data",
@@ -146,6 +147,16 @@ def leak_guard(manifest: dict) -> dict:
             "heldout": set(manifest.get("heldout_classes") or ()), "kind": manifest.get("kind")}
 
 
+def check_counts(recipe_dir: Path, counts: list[int], skipped: list[int], expected: list[int]) -> None:
+    """The good plus the skipped samples of each source (recipe, base) are what its manifest lists."""
+    if [c + k for c, k in zip(counts, skipped)] != expected:
+        held = " + ".join(f"{c}" + (f" (+{k} skipped)" if k else "") for c, k in zip(counts, skipped))
+        raise ClipgenError(f"recipe {str(recipe_dir)!r} holds {held} samples (recipe + base): expected "
+                           f"{' + '.join(map(str, expected))} as its manifest says; rebuild the recipe")
+    if not sum(counts):
+        raise ClipgenError(f"recipe {str(recipe_dir)!r} has no samples: expected a non-empty recipe")
+
+
 def canonical_order(recipe_dir: Path, sources, results, owner) -> tuple[list[np.ndarray], list[int], list[dict]]:
     """Check the per-source counts against the manifests and place the samples in canonical order (by sample id
     within the recipe, then within the base corpus): training depends on which samples a recipe holds, not on
@@ -157,13 +168,7 @@ def canonical_order(recipe_dir: Path, sources, results, owner) -> tuple[list[np.
         counts.append(sum(len(r.ids) for r in mine))
         skipped.append(sum(b["count"] for r in mine for b in r.bad))
         bad.extend(b for r in mine for b in r.bad)
-    expected = [n for _, _, n in sources]
-    if [c + k for c, k in zip(counts, skipped)] != expected:
-        held = " + ".join(f"{c}" + (f" (+{k} skipped)" if k else "") for c, k in zip(counts, skipped))
-        raise ClipgenError(f"recipe {str(recipe_dir)!r} holds {held} samples (recipe + base): expected "
-                           f"{' + '.join(map(str, expected))} as its manifest says; rebuild the recipe")
-    if not sum(counts):
-        raise ClipgenError(f"recipe {str(recipe_dir)!r} has no samples: expected a non-empty recipe")
+    check_counts(recipe_dir, counts, skipped, [n for _, _, n in sources])
     dests: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * len(results)
     start = 0
     for s in range(len(sources)):

@@ -14,21 +14,24 @@ they mean a wrong recipe, not a damaged file.
 """
 from __future__ import annotations
 
-import io
 import json
+import os
 import re
 import sys
 import tarfile
+import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from clipgen.data import ustar
+from clipgen.data.imagecodec import decode_rgb
+from clipgen.data.sampleindex import CATEGORICAL, META_FIELDS, ShardColumns, imagenet_wnid_index, shard_columns
 from clipgen.errors import ClipgenError
 from clipgen.train.leakguard import check_sample
 from clipgen.utils import process_pool
 
-META_FIELDS = ("sample_id", "domain", "class_name", "label", "split", "source")
 IMAGE_EXTS = ("png", "jpg", "jpeg")
 BAD_SAMPLE_POLICIES = ("error", "skip")
 
@@ -123,32 +126,6 @@ def read_shard(path: str) -> tuple[Samples, tuple[str | None, str] | None]:
     return _group((name, lambda data=data: data, offset) for name, data, offset in members)
 
 
-JPEG_MAGIC = b"\xff\xd8\xff"
-SIMPLEJPEG_SPACES = ("YCbCr", "Gray", "RGB")  # what libjpeg-turbo turns into RGB as PIL does (not CMYK/YCCK)
-
-
-def decode_rgb(raw: bytes) -> np.ndarray:
-    """An image file's bytes -> uint8 3 x h x w (RGB), as both loaders decode every training image.
-
-    JPEGs go to simplejpeg (libjpeg-turbo with PIL's settings: accurate integer IDCT, fancy upsampling), about
-    1.3x faster than PIL at 224 px because it skips PIL's image object and copies; its pixels are PIL's (checked
-    by tests/test_crop.py). ``strict`` turns libjpeg's warnings about damaged data into errors, as PIL raises for
-    a truncated file. Other formats, and JPEGs in CMYK, are decoded by PIL."""
-    if raw[:3] == JPEG_MAGIC:
-        import simplejpeg
-
-        try:
-            space = simplejpeg.decode_jpeg_header(raw)[2]
-        except ValueError:  # not a JPEG it can read: PIL names what is wrong
-            space = None
-        if space in SIMPLEJPEG_SPACES:
-            return simplejpeg.decode_jpeg(raw, colorspace="RGB", strict=True).transpose(2, 0, 1)
-    from PIL import Image
-
-    with Image.open(io.BytesIO(raw)) as im:
-        return np.asarray(im.convert("RGB")).transpose(2, 0, 1)
-
-
 def _decode(key: str, parts: dict[str, bytes]) -> tuple[np.ndarray, str, dict]:
     ext = next((e for e in IMAGE_EXTS if e in parts), None)
     if ext is None or "txt" not in parts or "json" not in parts:
@@ -194,7 +171,8 @@ def _check_shard(task: ShardTask, keep_images: bool):
         check_sample(m, key, task.path, guard)
         ext = next(e for e in IMAGE_EXTS if e in parts)
         good.append((str(m.get("sample_id", key)), arr if keep_images else None, caption,
-                     {f: str(m.get(f, "")) for f in META_FIELDS}, where[ext], len(parts[ext])))
+                     {f: str(m.get(f, "")) for f in META_FIELDS}, where[ext], len(parts[ext]),
+                     None if keep_images else zlib.crc32(parts[ext])))
     lost = task.expected - len(good) - len(bad)
     if failure is not None:
         key, reason = failure
@@ -224,23 +202,15 @@ def decode_shard(task: ShardTask) -> ShardResult:
     return ShardResult(ids, images, tokens, _meta_lists(good), bad)
 
 
-@dataclass
-class ShardIndex:
-    """What the streaming loader keeps of a checked shard: where each good sample's image bytes are."""
-    ids: list[str]
-    offsets: np.ndarray  # int64: byte offset of each sample's image in the tar
-    sizes: np.ndarray  # int64: its byte count
-    captions: list[str]
-    meta: dict[str, list[str]]
-    bad: list[dict] = field(default_factory=list)
-
-
-def index_shard(task: ShardTask) -> ShardIndex:
+def index_shard(task: ShardTask) -> ShardColumns:
     """Like decode_shard (every image is decoded once, so bad samples are found before training), but keeps only
-    the image locations: memory stays small whatever the recipe's size."""
+    the shard's sample index columns (clipgen.data.sampleindex): where each good sample's image bytes are, their
+    CRC-32, captions and metadata, and the bad samples, listed whatever data.on_bad_sample says (the loader applies
+    the policy, so one index serves both)."""
+    stat = os.stat(task.path)  # before reading: a shard that changes meanwhile gets another key next time
     good, bad = _check_shard(task, keep_images=False)
-    return ShardIndex([g[0] for g in good], np.array([g[4] for g in good], dtype=np.int64),
-                      np.array([g[5] for g in good], dtype=np.int64), [g[2] for g in good], _meta_lists(good), bad)
+    rows = [(g[0], g[2], {f: g[3][f] for f in CATEGORICAL}, g[4], (g[5], g[6])) for g in good]
+    return shard_columns(Path(task.path).name, task.expected, stat, rows, bad, imagenet_wnid_index())
 
 
 def _run_tasks(fn, tasks: list[ShardTask], tokenizer, image_px: int, guard: dict, policy: str, workers: int) -> list:
@@ -267,6 +237,7 @@ def decode_shards(tasks: list[ShardTask], tokenizer, image_px: int, guard: dict,
     return _run_tasks(decode_shard, tasks, tokenizer, image_px, guard, policy, workers)
 
 
-def index_shards(tasks: list[ShardTask], image_px: int, guard: dict, policy: str, workers: int) -> list[ShardIndex]:
-    """``index_shard`` over ``tasks`` with ``workers`` processes, in task order."""
-    return _run_tasks(index_shard, tasks, None, image_px, guard, policy, workers)
+def index_shards(tasks: list[ShardTask], image_px: int, guard: dict, workers: int) -> list[ShardColumns]:
+    """``index_shard`` over ``tasks`` with ``workers`` processes, in task order; bad samples are collected (the
+    policy is the caller's), wrong image sizes and leak-guard violations raise."""
+    return _run_tasks(index_shard, tasks, None, image_px, guard, "skip", workers)

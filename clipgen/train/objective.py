@@ -20,6 +20,7 @@ import contextlib
 import functools
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -112,7 +113,7 @@ class SupervisedObjective(SupervisedModel, Objective):
                                "trainer.objective=supervised (clipgen-eval evaluates supervised checkpoints)")
 
     def prepare_data(self, data, recipe_dir):
-        data.labels = supervised_labels(data.meta, recipe_dir)
+        data.labels = data_labels(data, recipe_dir)
 
     def backward(self, model, images, batch, accum, amp_ctx, scale_loss):
         """Returns (loss, top-1 accuracy)."""
@@ -134,23 +135,38 @@ def supervised_labels(meta: dict[str, list[str]], where) -> torch.Tensor:
     DomainNet class (DomainNet images, and base images whose ImageNet class maps to DomainNet), else the ImageNet
     index of the base image's wnid (``base/{wnid}/...``). A sample with neither (CC pairs have no class) is a
     ClipgenError naming it."""
-    from clipgen.facts import imagenet_class_index
+    from clipgen.data.sampleindex import imagenet_wnid_index
 
-    index = {wnid: i for i, (wnid, _) in imagenet_class_index().items()}
-    out = []
-    for sid, label, source in zip(meta["sample_id"], meta["label"], meta["source"]):
-        lab = int(label) if str(label).lstrip("-").isdigit() else -1
-        if lab >= 0:
-            out.append(NUM_IMAGENET_CLASSES + lab)
-            continue
-        parts = sid.split("/")
-        idx = index.get(parts[1]) if len(parts) > 2 and parts[0] == "base" else None
-        if idx is None:
-            raise ClipgenError(f"sample {sid!r} (source {source!r}) in {str(where)!r} has no supervised label: "
-                               "expected a DomainNet class or an ImageNet wnid (the supervised baseline needs a "
-                               "labelled base corpus: data.base=imagenet_captions or world, not cc)")
-        out.append(idx)
-    return torch.tensor(out, dtype=torch.int64)
+    index = imagenet_wnid_index()
+    labels = np.array([int(v) if str(v).lstrip("-").isdigit() else -1 for v in meta["label"]], dtype=np.int64)
+    imagenet = np.array([_wnid_index(sid, index) for sid in meta["sample_id"]], dtype=np.int64)
+    return targets_from(labels, imagenet, lambda i: (meta["sample_id"][i], meta["source"][i]), where)
+
+
+def _wnid_index(sample_id: str, index: dict[str, int]) -> int:
+    parts = sample_id.split("/")
+    return index.get(parts[1], -1) if len(parts) > 2 and parts[0] == "base" else -1
+
+
+def targets_from(labels: np.ndarray, imagenet: np.ndarray, describe, where) -> torch.Tensor:
+    """1000 + label where a sample has a DomainNet label, else its ImageNet index; ``describe(i)`` gives (sample
+    id, source) of the first sample with neither, for the error."""
+    missing = np.flatnonzero((labels < 0) & (imagenet < 0))
+    if len(missing):
+        sid, source = describe(int(missing[0]))
+        raise ClipgenError(f"sample {sid!r} (source {source!r}) in {str(where)!r} has no supervised label: "
+                           "expected a DomainNet class or an ImageNet wnid (the supervised baseline needs a "
+                           "labelled base corpus: data.base=imagenet_captions or world, not cc)")
+    return torch.from_numpy(np.where(labels >= 0, NUM_IMAGENET_CLASSES + labels, imagenet))
+
+
+def data_labels(data, where) -> torch.Tensor:
+    """Supervised targets of a loader's data: from the sample index's columns when streamed (nothing per sample
+    in Python), from the decoded metadata in memory."""
+    if hasattr(data, "label_columns"):
+        labels, imagenet = data.label_columns()
+        return targets_from(labels, imagenet, lambda i: (data.sample_id(i), data.value(i, "source")), where)
+    return supervised_labels(data.meta, where)
 
 
 OBJECTIVES = {o.name: o for o in (ClipObjective, SupervisedObjective)}  # trainer.objective: the model kinds' names
