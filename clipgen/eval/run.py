@@ -127,7 +127,9 @@ def run_eval(cfg: DictConfig) -> dict:
     from clipgen.eval.testsets import imagenet_metrics
     from clipgen.eval.tracking import EvalTracker
     from clipgen.models.zeroshot import tokenize_prompts
+    from clipgen.preflight import check_values
 
+    check_values(cfg)  # trainer.seed=-1 would look for a run "--seed-1"; eval.batch_size=0 fails in torch
     run_dir, meta_path, meta, run_cfg = _load_run(cfg)
     kind = model_kind(meta, meta_path)
     run_kind = kind_for(kind)
@@ -136,8 +138,6 @@ def run_eval(cfg: DictConfig) -> dict:
     image_px = int(meta.get("image_px") or run_cfg.model.image_px)
     templates = list(zeroshot_templates(cfg.eval.templates))
     max_templates = int(cfg.eval.get("max_templates") or 0)
-    if max_templates < 0:
-        raise ClipgenError(f"eval.max_templates={max_templates}: expected 0 (every template) or a positive count")
     if max_templates:
         templates = templates[:max_templates]
         log.warning("%s: eval.max_templates=%d: zero-shot head of the first %d of the %s templates (a rehearsal "

@@ -24,7 +24,7 @@ from typing import Callable
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from clipgen.errors import ClipgenError
-from clipgen.preflight import check_run_config
+from clipgen.preflight import check_run_config, check_study_grid
 from clipgen.procs import bind_stage_worker, orphaned
 from clipgen.recipes.naming import RECIPE_KINDS, recipe_spec
 
@@ -454,10 +454,9 @@ def run_study(cfg: DictConfig) -> dict:
     launcher = str(cfg.study.launcher)
     if launcher not in LAUNCHERS:
         raise ClipgenError(f"unknown study.launcher {launcher!r}: expected one of {', '.join(LAUNCHERS)}")
-    parallel = int(cfg.study.parallel)
-    if parallel < 1:
-        raise ClipgenError(f"invalid study.parallel {parallel}: expected 1 or more processes")
     check_run_config(cfg)  # one clear line before any world, recipe or job (recipe keys are checked per job)
+    check_study_grid(cfg)
+    parallel = int(cfg.study.parallel)
     jobs = study_jobs(cfg)
     subs = [job_config(cfg, job) for job in jobs]
     times: list[tuple[str, float]] = []

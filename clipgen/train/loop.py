@@ -42,7 +42,7 @@ from clipgen.errors import ClipgenError
 from clipgen.eval.during_training import subset_evaluator
 from clipgen.models.checkpoint import unwrap
 from clipgen.models.factory import model_config
-from clipgen.preflight import check_run_config
+from clipgen.preflight import check_run_config, check_values
 from clipgen.train import checkpoint as ckpt
 from clipgen.train import dist
 from clipgen.train.data import check_data_config
@@ -64,9 +64,7 @@ TRAINER_TEMP_FILES = (".latest.pt.*.tmp", ".meta.json.*.tmp", ".config.yaml.*.tm
 def _check_config(cfg: DictConfig) -> tuple[torch.device, dict]:
     """Cheap checks first, so a typo fails before the recipe is built. Returns (device, the model's config)."""
     tc = cfg.trainer
-    for key in ("epochs", "batch_size", "log_every", "save_every_steps", "accum_steps", "save_every_epochs"):
-        if int(tc[key]) < 1:
-            raise ClipgenError(f"trainer.{key}={tc[key]}: expected a positive integer")
+    check_values(cfg)  # every value in range (optim.lr > 0, trainer.seed >= 0, ...) before anything else
     if tc.checkpoint_dtype not in ckpt.CHECKPOINT_DTYPES:
         raise ClipgenError(f"unknown trainer.checkpoint_dtype {tc.checkpoint_dtype!r}: expected one of "
                            f"{', '.join(ckpt.CHECKPOINT_DTYPES)}")
