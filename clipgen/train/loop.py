@@ -186,10 +186,11 @@ def _start_logging(s: Session) -> None:
     """The W&B logger (rank 0), continuing the run's W&B run when resuming, and this segment's clock."""
     t = s.target
     s.git_sha = git_sha()
-    s.logger = (make_logger(t.cfg, t.run_dir, t.name, run_id=s.wandb_id, extra_config={
-        "manifest_sha256": t.manifest_sha, "git_sha": s.git_sha, "recipe_dir": str(t.recipe_dir),
-        "world_size": t.denv.world_size}) if s.main else NullLogger())
     s.identity = rundir.identity(t.cfg)
+    # the same values meta.json records, so the evaluation's W&B segments carry the same config
+    s.logger = (make_logger(t.cfg, t.run_dir, t.name, run_id=s.wandb_id, extra_config={
+        "identity": s.identity, "manifest_sha256": t.manifest_sha, "git_sha": s.git_sha,
+        "recipe_dir": str(t.recipe_dir), "world_size": t.denv.world_size}) if s.main else NullLogger())
     s.t_segment = time.time()  # train_seconds accumulates over resumed segments
 
 
