@@ -24,6 +24,7 @@ _RANGES = {
     "number >= 0": lambda v: _is_num(v) and v >= 0,
     "number in [0, 1)": lambda v: _is_num(v) and 0 <= v < 1,
     "-1 (the full schedule) or a positive integer": lambda v: _is_int(v) and (v == -1 or v >= 1),
+    "-1 (the last) or an epoch >= 0": lambda v: _is_int(v) and v >= -1,
 }
 _VALUE_KEYS = {
     "trainer": (("seed", "integer >= 0"), ("epochs", "positive integer"), ("batch_size", "positive integer"),
@@ -41,6 +42,7 @@ _VALUE_KEYS = {
     "eval": (("batch_size", "positive integer"), ("max_templates", "integer >= 0"),
              ("subset_per_class", "positive integer")),
     "study": (("seeds", "integer >= 0"), ("parallel", "positive integer")),
+    "export": (("epoch", "-1 (the last) or an epoch >= 0"),),
 }
 
 

@@ -41,6 +41,7 @@ from clipgen import rundir, runlock
 from clipgen.errors import ClipgenError
 from clipgen.eval.during_training import subset_evaluator
 from clipgen.models.checkpoint import unwrap
+from clipgen.models.export import export_checkpoint
 from clipgen.models.factory import model_config
 from clipgen.preflight import check_run_config, check_values
 from clipgen.train import checkpoint as ckpt
@@ -156,6 +157,8 @@ def _run(cfg: DictConfig, denv: dist.DistEnv, device: torch.device, mcfg: dict, 
         done = _finished(t)  # another trainer may have finished it meanwhile
         sweep_temp_files(t.run_dir, TRAINER_TEMP_FILES)  # only a trainer writes these, and we hold the lock
     if done is not None:
+        if denv.is_main:
+            _export_last(t)  # a run finished before exports existed, or killed between finishing and exporting
         return done
 
     threads = torch.get_num_threads()
@@ -165,6 +168,22 @@ def _run(cfg: DictConfig, denv: dist.DistEnv, device: torch.device, mcfg: dict, 
         return _train(t)
     finally:
         torch.set_num_threads(threads)
+
+
+def _export_last(t: Target) -> None:
+    """``export.after_training``: the last checkpoint of a finished CLIP run as open_clip's ``local-dir:`` folder
+    ``{run}/export/epoch_NNN`` (clipgen.models.export), so open_clip and CLIP_benchmark load it without clipgen.
+    A current export is left alone."""
+    if not t.cfg.export.get("after_training", True) or str(t.cfg.trainer.objective) != "clip":
+        return
+    found = rundir.checkpoints(t.run_dir)
+    if not found:
+        return
+    epoch, path = found[-1]
+    out = export_checkpoint(path, rundir.export_dir(t.run_dir, epoch),
+                            {"run": t.name, "run_dir": str(t.run_dir.resolve())})
+    if out["written"]:
+        log.info("%s: epoch %d exported for open_clip: local-dir:%s", t.name, epoch, out["dir"])
 
 
 # --- training: setup, resume, the epochs, the report ---------------------------------------------------------
@@ -335,6 +354,8 @@ def _report(s: Session, stopped: str | None, previous_handler, steps_here: int, 
                   f"({what}); rerun the same command to resume")
         raise SystemExit(128 + int(signal.Signals[stopped]))
     status = "running" if stopped else "finished"
+    if s.main and status == "finished":
+        _export_last(t)
     if s.main:
         print(f"clipgen: {t.name} {status} at step {s.step}/{s.total} (epoch {s.step // s.loader.steps_per_epoch}/"
               f"{s.epochs}), loss {s.last_loss if s.last_loss is None else round(s.last_loss, 4)}, "
