@@ -84,6 +84,7 @@ def check_study_grid(cfg: DictConfig) -> None:
             raise ClipgenError(f"study.test_domains[{i}]={d!r} (in study.test_domains={list(cfg.study.test_domains)}"
                                f"): expected one of {', '.join(TEST_DOMAINS)} (never real)")
 
+
 # Dataset keys and the setting under which each is read; given otherwise, the user meant something else.
 _DATA_KEYS = (
     ("domainnet_root", lambda d: d.source == "domainnet", "data.source=domainnet (add data=domainnet)"),

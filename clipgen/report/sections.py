@@ -23,15 +23,15 @@ def _e(x) -> str:
     return html.escape("" if x is None else str(x))
 
 
-_BREAK_AFTER = re.compile(r"[/_.:,=]")  # browsers already break after a hyphen
+_BREAK_AFTER = re.compile(r"[/_]")  # browsers already break after a hyphen
 _LONG_HEX = re.compile(r"[0-9a-f]{17,}")
 
 
 def breakable(x) -> str:
     """``x`` escaped, with line-break opportunities (``<wbr>``) where a reader would break a run name, a path or
-    a hash: after ``/``, ``_``, ``.``, ``:``, ``,``, ``=`` and every 16 hex digits (browsers break after ``-``
-    themselves). A table of such names then fits the page by wrapping them at those points instead of scrolling
-    sideways (or, with CSS's break-all, wrapping at every character)."""
+    a hash: after ``/`` and ``_`` and every 16 hex digits (browsers break after ``-`` themselves, so a run name
+    stays as it is written). A table of such names then fits the page by wrapping them at those points instead of
+    scrolling sideways (or, with CSS's break-all, wrapping at every character)."""
     text = "" if x is None else str(x)
     text = _LONG_HEX.sub(lambda m: "\x00".join(m.group(0)[i:i + 16] for i in range(0, len(m.group(0)), 16)), text)
     text = _BREAK_AFTER.sub(lambda m: m.group(0) + "\x00", text)
