@@ -157,8 +157,10 @@ class StudyProgress:
         self.parts[stage].running = running
 
     def not_needed(self, stage: str, run_dir: Path) -> None:
-        """A run the stage turned out to have nothing to do for leaves its count."""
-        self.parts[stage].run_dirs.remove(Path(run_dir))
+        """A run the stage turned out to have nothing to do for leaves its count (and its units the total)."""
+        part = self.parts[stage]
+        part.run_dirs.remove(Path(run_dir))
+        part.shown_total = max(0, part.shown_total - (part.planned or {}).get(Path(run_dir), 0))
 
     def line(self) -> str:
         parts = [f"study {self.study}"]
