@@ -79,6 +79,11 @@ def _eval(cfg):
     return run_eval(cfg)
 
 
+def _export(cfg):
+    from clipgen.export.run import run_export
+    return run_export(cfg)
+
+
 def _analyze(cfg):
     from clipgen.analyze.run import run_analyze
     return run_analyze(cfg)
@@ -103,6 +108,7 @@ world_main = _app(_world, "clipgen-world")
 recipe_main = _app(_recipe, "clipgen-recipe")
 train_main = _app(_train, "clipgen-train")
 eval_main = _app(_eval, "clipgen-eval")
+export_main = _app(_export, "clipgen-export")
 analyze_main = _app(_analyze, "clipgen-analyze")
 diff_main = _app(_diff, "clipgen-diff")
 report_main = _app(_report, "clipgen-report")

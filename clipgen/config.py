@@ -170,6 +170,16 @@ class EvalConfig:
 
 
 @dataclass
+class ExportConfig:
+    # clipgen-export (clipgen.export): a CLIP run's checkpoint as a folder plain open_clip loads
+    # (open_clip.create_model_and_transforms("local-dir:<folder>"), no clipgen needed; clipgen.models.export)
+    run_dir: Optional[str] = None  # the run to export; null = the run the config names (recipe, model, seed)
+    epoch: int = -1  # the checkpoint to export (-1 = the run's last)
+    dir: Optional[str] = None  # where to write it; null = {run}/export/epoch_NNN
+    after_training: bool = True  # clipgen-train exports the last checkpoint of every CLIP run it finishes
+
+
+@dataclass
 class AnalysisConfig:
     # clipgen-analyze (clipgen.analyze): which analyses to run over which runs' checkpoints.
     run_dirs: List[str] = field(default_factory=list)  # run directories; empty = every run under paths.root/runs
@@ -301,6 +311,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)

@@ -7,11 +7,83 @@ was expected.
 """
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 from omegaconf import DictConfig, OmegaConf
 
 from clipgen.errors import ClipgenError
+
+# Values the schema's types accept but no run can use (torch would raise deep inside, or a run name would read
+# "--seed-1"): what each key must be, checked before anything is built. Range checks of one key live here and
+# only here; checks between keys follow below.
+_RANGES = {
+    "positive integer": lambda v: _is_int(v) and v >= 1,
+    "integer >= 0": lambda v: _is_int(v) and v >= 0,
+    "positive number": lambda v: _is_num(v) and v > 0,
+    "number >= 0": lambda v: _is_num(v) and v >= 0,
+    "number in [0, 1)": lambda v: _is_num(v) and 0 <= v < 1,
+    "-1 (the full schedule) or a positive integer": lambda v: _is_int(v) and (v == -1 or v >= 1),
+    "-1 (the last) or an epoch >= 0": lambda v: _is_int(v) and v >= -1,
+}
+_VALUE_KEYS = {
+    "trainer": (("seed", "integer >= 0"), ("epochs", "positive integer"), ("batch_size", "positive integer"),
+                ("threads", "integer >= 0"), ("log_every", "positive integer"),
+                ("save_every_steps", "positive integer"), ("accum_steps", "positive integer"),
+                ("save_every_epochs", "positive integer"),
+                ("max_steps", "-1 (the full schedule) or a positive integer")),
+    "optim": (("lr", "positive number"), ("weight_decay", "number >= 0"), ("warmup_steps", "integer >= 0"),
+              ("beta1", "number in [0, 1)"), ("beta2", "number in [0, 1)"), ("eps", "number >= 0"),
+              ("momentum", "number >= 0"), ("gamma", "positive number"), ("milestones", "integer >= 0")),
+    "data": (("workers", "integer >= 0"), ("val_fraction", "number in [0, 1)"), ("val_seed", "integer >= 0"),
+             ("max_memory_gb", "positive number")),
+    "recipe": (("seed", "integer >= 0"), ("caption_seed", "integer >= 0"), ("shard_size", "positive integer"),
+               ("min_shards", "positive integer")),
+    "eval": (("batch_size", "positive integer"), ("max_templates", "integer >= 0"),
+             ("subset_per_class", "positive integer")),
+    "study": (("seeds", "integer >= 0"), ("parallel", "positive integer")),
+    "export": (("epoch", "-1 (the last) or an epoch >= 0"),),
+}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_values(cfg: DictConfig, sections=tuple(_VALUE_KEYS)) -> None:
+    """Every numeric key of ``sections`` within what a run can use (a list key: every entry), else one
+    ClipgenError naming the key as the user types it, its value and what was expected."""
+    for section in sections:
+        node = cfg.get(section)
+        for key, expected in _VALUE_KEYS[section] if node is not None else ():
+            if key not in node or OmegaConf.is_missing(node, key):
+                continue
+            value = node[key]
+            items = list(enumerate(value)) if OmegaConf.is_list(value) else [(None, value)]
+            for i, v in items:
+                if not _RANGES[expected](v):
+                    where = f"{section}.{key}" if i is None else f"{section}.{key}[{i}]"
+                    whole = "" if i is None else f" (in {section}.{key}={list(value)})"
+                    raise ClipgenError(f"{where}={v}{whole}: expected {_article(expected)}{expected}")
+
+
+def _article(what: str) -> str:
+    return "" if what[0] in "-0123456789" else "an " if what[0] in "aeiou" else "a "
+
+
+def check_study_grid(cfg: DictConfig) -> None:
+    """study.test_domains named as the user typed them (each becomes a job's recipe.test_domain later)."""
+    from clipgen.facts import TEST_DOMAINS
+
+    for i, d in enumerate(cfg.study.test_domains):
+        if d not in TEST_DOMAINS:
+            raise ClipgenError(f"study.test_domains[{i}]={d!r} (in study.test_domains={list(cfg.study.test_domains)}"
+                               f"): expected one of {', '.join(TEST_DOMAINS)} (never real)")
+
 
 # Dataset keys and the setting under which each is read; given otherwise, the user meant something else.
 _DATA_KEYS = (
@@ -71,5 +143,6 @@ def check_image_sizes(cfg: DictConfig) -> None:
 
 def check_run_config(cfg: DictConfig) -> None:
     """Everything a training / evaluation / study config must agree on before the first recipe is built."""
+    check_values(cfg)
     check_data_keys(cfg)
     check_image_sizes(cfg)

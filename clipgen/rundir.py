@@ -9,6 +9,7 @@ Every stage reaches a run directory through this module; no other module spells 
     {run}/eval/results.jsonl           one line per (checkpoint, task)                results_path, evaluated
     {run}/eval/outputs/epoch_NNN.npz   per-checkpoint predictions, logits, embeddings output_path, outputs
     {run}/analysis/                    clipgen-analyze's results                      analysis_dir
+    {run}/export/epoch_NNN/            a checkpoint as open_clip's local-dir: folder  export_dir
 
 Naming: runs are identified by their settings.
 
@@ -218,6 +219,11 @@ def eval_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / EVAL
 
 
+def export_dir(run_dir: str | Path, epoch: int) -> Path:
+    """Where clipgen-export (and clipgen-train, for the last epoch) writes a checkpoint's open_clip folder."""
+    return Path(run_dir) / "export" / f"epoch_{int(epoch):03d}"
+
+
 def results_path(run_dir: str | Path) -> Path:
     return eval_dir(run_dir) / RESULTS
 
@@ -254,6 +260,27 @@ def outputs(run_dir: str | Path) -> list[tuple[int, Path]]:
 def is_run(run_dir: str | Path) -> bool:
     """A directory clipgen-train started (it has meta.json)."""
     return meta_path(run_dir).is_file()
+
+
+def resolve_run_dir(cfg: DictConfig, explicit: str | None, key: str) -> Path:
+    """``explicit`` (the value of config key ``key``, e.g. eval.run_dir) if set, else the run the config names
+    (recipe, model, settings, seed or ``run_name``); one error naming what to do when it holds no run."""
+    import os
+
+    if explicit:
+        path = Path(os.path.expanduser(str(explicit))).resolve()
+        todo = f"point {key} at a run directory written by clipgen-train"
+    else:
+        from clipgen.recipes.naming import recipe_spec
+
+        path = run_dir(cfg, recipe_spec(cfg.recipe).recipe_id)
+        todo = (f"train it first (clipgen-train recipe={cfg.recipe.kind} recipe.test_domain={cfg.recipe.test_domain} "
+                f"model.name={cfg.model.name} trainer.seed={cfg.trainer.seed} with the same overrides) or set {key}")
+    if not path.is_dir():
+        raise ClipgenError(f"run directory {str(path)!r} does not exist: {todo}")
+    if not is_run(path):
+        raise ClipgenError(f"{meta_path(path)} is missing (training never started there): {todo}")
+    return path
 
 
 def read_meta(run_dir: str | Path) -> dict | None:

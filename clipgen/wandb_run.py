@@ -4,10 +4,13 @@ Every W&B run clipgen writes is named the same way before and after a resume, a 
 
 - training run (evaluation appends to it): ``name`` = the run name without ``--seed{n}`` (the seeds of one
   configuration share it), ``group`` = ``logger.group``, else the study's name for runs a study launched, else
-  ``adhoc``; ``job_type`` = ``train``; ``tags`` = ``logger.tags``; ``config`` = the run's composed config as
-  written to its ``config.yaml`` at the start, plus ``identity`` (clipgen.rundir), ``run_name`` and
-  ``config_name`` (the seedless name: group by it to average seeds). The id is stable (the run directory's),
-  recorded in ``meta.json``; evaluation reopens the run with the settings recorded there.
+  ``adhoc``; ``job_type`` = ``train``; ``tags`` = ``logger.tags``; ``config`` (:func:`run_config`) = the run's
+  composed config as written to its ``config.yaml`` at the start, plus ``identity`` (clipgen.rundir: train_spec,
+  data, settings), ``run_name``, ``config_name`` (the seedless name: group by it to average seeds),
+  ``manifest_sha256``, ``git_sha`` (of the training code), ``recipe_dir`` and ``world_size``. The id is stable
+  (the run directory's), recorded in ``meta.json``; every segment (the first training one, each resumed one,
+  each evaluation) opens the run with this same config, the evaluation's read back from ``config.yaml`` and
+  ``meta.json``, so a synced run has it whichever segment W&B saw last.
 - report run: one per report directory (a study's report: ``reports/{study}``), stable id, ``job_type`` =
   ``report``, ``name`` = ``report-{study}``.
 - diff run: one per diff directory, ``job_type`` = ``diff``.
@@ -53,6 +56,30 @@ def train_identity(cfg: DictConfig, run_name: str) -> dict:
 
     return {"project": str(cfg.logger.project), "group": group_of(cfg), "name": seedless(run_name),
             "job_type": "train", "tags": [str(t) for t in (cfg.logger.get("tags") or [])]}
+
+
+def run_config(run_dir: str | Path, cfg: DictConfig, run_name: str, *, identity: dict | None,
+               manifest_sha256: str | None, git_sha: str | None, recipe_dir: str | None,
+               world_size: int | None) -> dict:
+    """The W&B config of a training run's every segment (module docstring). ``config.yaml`` when the run wrote
+    it (a resume with other threads or workers leaves the config as it started), else ``cfg``."""
+    from omegaconf import OmegaConf
+
+    from clipgen.rundir import config_path, seedless
+
+    saved = config_path(run_dir)
+    config = OmegaConf.to_container(OmegaConf.load(saved) if saved.is_file() else cfg, resolve=True)
+    config.update({"manifest_sha256": manifest_sha256, "git_sha": git_sha, "recipe_dir": recipe_dir,
+                   "world_size": world_size, "identity": identity, "run_name": run_name,
+                   "config_name": seedless(run_name)})
+    return config
+
+
+def run_config_from_meta(run_dir: str | Path, cfg: DictConfig, meta: dict) -> dict:
+    """:func:`run_config` as the training wrote it, from the run's ``meta.json`` (for its evaluation)."""
+    return run_config(run_dir, cfg, meta.get("run_name") or Path(run_dir).name, identity=meta.get("identity"),
+                      manifest_sha256=meta.get("manifest_sha256"), git_sha=meta.get("git_sha"),
+                      recipe_dir=meta.get("recipe_dir"), world_size=meta.get("world_size"))
 
 
 def open_run(mode: str, run_dir: str | Path, run_id: str, ident: dict, config: dict | None = None):

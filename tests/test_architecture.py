@@ -9,9 +9,9 @@ from pathlib import Path
 import clipgen
 
 PACKAGE = Path(clipgen.__file__).parent
-STAGES = ("train", "eval", "analyze", "diff", "report", "launch", "recipes")
+STAGES = ("train", "eval", "export", "analyze", "diff", "report", "launch", "recipes")
 # importer (a package, or a module of the top level) -> packages it must not import
-FORBIDDEN = {**{p: ("train",) for p in ("eval", "analyze", "diff", "report", "recipes", "data", "world",
+FORBIDDEN = {**{p: ("train",) for p in ("eval", "export", "analyze", "diff", "report", "recipes", "data", "world",
                                          "preflight")},
              "models": STAGES}
 

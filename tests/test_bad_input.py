@@ -101,3 +101,56 @@ def test_cli_error_is_one_line(tmp_path):
                           f"data.domainnet_root={tmp_path}/nope", "data.base=none"], capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.count("\n") == 1
     assert "is not a directory" in out.stderr
+
+
+# --- values the schema's types hold but no run can use: one line naming the key, before any work -------------
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=-1", r"optim.lr=-1.0: expected a positive number"),
+    ("optim.lr=nan", r"optim.lr=nan: expected a positive number"),
+    ("trainer.epochs=0", r"trainer.epochs=0: expected a positive integer"),
+    ("optim.warmup_steps=-5", r"optim.warmup_steps=-5: expected an integer >= 0"),
+    ("optim.weight_decay=-0.1", r"optim.weight_decay=-0.1: expected a number >= 0"),
+    ("data.workers=-1", r"data.workers=-1: expected an integer >= 0"),
+    ("trainer.seed=-1", r"trainer.seed=-1: expected an integer >= 0"),
+    ("recipe.seed=-1", r"recipe.seed=-1: expected an integer >= 0"),
+    ("trainer.max_steps=0", r"trainer.max_steps=0: expected -1 \(the full schedule\) or a positive integer"),
+])
+def test_unusable_values_name_their_key_before_any_work(tmp_path, override, message):
+    from clipgen.train.loop import run_train
+
+    with pytest.raises(ClipgenError, match=f"^{message}$"):
+        run_train(make_cfg(tmp_path, "debug=smoke", override))
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "world").exists()
+
+
+def test_study_and_eval_name_the_key_the_user_typed(tmp_path):
+    from clipgen.eval.run import run_eval
+    from clipgen.launch.study import run_study
+
+    with pytest.raises(ClipgenError, match=r"^study.test_domains\[1\]='skech' \(in study.test_domains=\['sketch', "
+                                           r"'skech'\]\): expected one of clipart, .* \(never real\)$"):
+        run_study(make_cfg(tmp_path, "debug=smoke", "study.name=t", "study.test_domains=[sketch,skech]"))
+    with pytest.raises(ClipgenError, match=r"^study.seeds\[1\]=-1 \(in study.seeds=\[0, -1\]\): expected an integer"):
+        run_study(make_cfg(tmp_path, "debug=smoke", "study.name=t", "study.seeds=[0,-1]"))
+    with pytest.raises(ClipgenError, match=r"^trainer.seed=-1: expected an integer >= 0$"):
+        run_eval(make_cfg(tmp_path, "debug=smoke", "trainer.seed=-1"))
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "world").exists()
+
+
+def test_unusable_value_on_the_command_line_is_one_line(tmp_path):
+    out = subprocess.run(["clipgen-train", f"paths.root={tmp_path}", "debug=smoke", "optim.lr=-1"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr == "clipgen: error: optim.lr=-1.0: expected a positive number\n"
+
+
+def test_every_shipped_preset_holds_usable_values(tmp_path):
+    from importlib import resources
+
+    from clipgen.preflight import check_values
+
+    conf = resources.files("clipgen.conf")
+    presets = [f"{g}={f.name[:-5]}" for g in ("experiment", "debug") for f in conf.joinpath(g).iterdir()
+               if f.name.endswith(".yaml")]
+    assert "experiment=paper_grid" in presets and "debug=smoke" in presets
+    for preset in presets:
+        check_values(make_cfg(tmp_path, preset))

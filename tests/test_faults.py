@@ -397,3 +397,23 @@ def test_leak_guard_derives_domain_and_class_from_the_sample_id(shard_copy):
     _rewrite_first_sample(shard, lambda m: m.update(sample_id="00000000"))
     with pytest.raises(ClipgenError, match=r"has sample_id '00000000': expected \{domain\}/\{ClassFolder\}/\{stem\}"):
         load_train_data(rdir, tok, 32)
+
+
+def test_a_run_refused_at_start_leaves_no_run_directory(own_root):
+    """A truncated shard or the leak guard refuses the recipe before training writes anything: the run directory
+    the trainer locked is removed again, not left holding only its .lock (a finished run keeps its own)."""
+    rdir = ensure_recipe(make_cfg(own_root, *SMOKE))
+    manifest = json.loads((rdir / "manifest.json").read_text())
+    shard = rdir / sorted(manifest["shards"])[0]
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ClipgenError, match=shard.name):
+        run_train(make_cfg(own_root, *SMOKE, "run_name=refused"))
+    assert not (own_root / "runs" / "refused").exists()
+    shard.write_bytes(whole)
+    D, held = manifest["test_domain"], manifest["heldout_classes"][0]
+    _rewrite_first_sample(shard, lambda m: m.update(sample_id=f"{D}/{class_folder(held)}/x", domain=D,
+                                                    class_name=held))
+    with pytest.raises(ClipgenError, match="held-out class"):
+        run_train(make_cfg(own_root, *SMOKE, "run_name=refused"))
+    assert not (own_root / "runs" / "refused").exists()

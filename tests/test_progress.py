@@ -51,15 +51,43 @@ def test_line_counts_runs_and_steps_from_meta(tmp_path):
         (dirs[2] / "checkpoints" / f"epoch_{e:03d}.pt").touch()
     (dirs[2] / "eval").mkdir()
     (dirs[2] / "eval" / "results.jsonl").write_text("{}\n{}\n")
-    assert units("eval", dirs[2:]) == "2/3 checkpoint evaluations (67%)"
-    assert units("train", dirs) == "230/300 steps (77%)" and units("analyze", dirs) == ""
+    assert units("eval", dirs[2:]) == (2, 3, False)
+    assert units("train", dirs) == (230, 300, False) and units("analyze", dirs) is None
     plain = io.StringIO()
     with StudyProgress("demo", "eval", dirs, stream=plain) as p:
         assert not p.live
         p.finished()
         p.finished()
-    assert plain.getvalue().splitlines()[-1].startswith("study demo · eval: 2/3 runs done, 1 running · 2/~9 ")
+    lines = plain.getvalue().splitlines()
+    assert lines[0].startswith("study demo · eval: 0/3 runs done, 1 running · 2/~9 ")  # a line as the stage starts
+    assert lines[-1].startswith("study demo · eval: 2/3 runs done, 1 running · 2/~9 ")
     assert "\r" not in plain.getvalue()
+
+
+def test_planned_totals_show_from_the_start_and_never_shrink(tmp_path):
+    """The totals a study knows before its runs start (steps from the recipe's size, evaluations from the saved
+    epochs x tasks): before, the line showed nothing until a run wrote meta.json, then estimated the others from
+    the started ones and jumped (20/~60 (33%), 20/~33 (61%), 24/27 (89%))."""
+    from clipgen.launch.progress import planned_units
+
+    cfg = make_cfg(tmp_path, "debug=smoke", "trainer.epochs=5", "trainer.save_every_epochs=2",
+                   "trainer.batch_size=32")
+    manifest = {"num_samples": 100, "base": {"num_samples": 40}, "kind": "cg_low", "test_domain": "sketch"}
+    # 140 // 32 = 4 steps a epoch; checkpoints of epochs 0, 2, 4, 5; a natural-only run has all five test domains
+    assert planned_units(cfg, manifest) == {"train": 20, "eval": 4}
+    assert planned_units(cfg, {**manifest, "kind": "natural_only"})["eval"] == 4 * 5
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    planned = {dirs[0]: {"train": 20, "eval": 4}, dirs[1]: {"train": 60, "eval": 20}}
+    plain = io.StringIO()
+    with StudyProgress("demo", "train", dirs, running=2, stream=plain, planned=planned) as p:
+        dirs[0].mkdir()
+        (dirs[0] / "meta.json").write_text(json.dumps({"step": 20, "total_steps": 20}))
+        p.finished()
+        dirs[1].mkdir()  # skipped bad samples: fewer steps than planned; the total shown stays
+        (dirs[1] / "meta.json").write_text(json.dumps({"step": 10, "total_steps": 50}))
+        p.finished()
+    counts = [line.split(" · ")[2] for line in plain.getvalue().splitlines()]
+    assert counts == ["0/80 steps (0%)", "20/80 steps (25%)", "30/80 steps (38%)"]
 
 
 def test_stages_under_the_line_run_quietly_with_the_same_results(tmp_path, monkeypatch, capsys):
@@ -82,8 +110,8 @@ def test_parallel_workers_without_terminal_keep_their_output(tmp_path, capfd):
     captured = capfd.readouterr()
     assert captured.out.count("per-run table") == 3
     lines = [x for x in captured.err.splitlines() if x.startswith("study demo")]
-    assert [x.split(" · ")[1] for x in lines] == ["eval: 1/3 runs done, 2 running", "eval: 2/3 runs done, 1 running",
-                                                  "eval: 3/3 runs done"]
+    assert [x.split(" · ")[1] for x in lines] == ["eval: 0/3 runs done, 2 running", "eval: 1/3 runs done, 2 running",
+                                                  "eval: 2/3 runs done, 1 running", "eval: 3/3 runs done"]
     assert run_dir_of(cfgs[0]) != run_dir_of(cfgs[1])
 
 
@@ -117,6 +145,7 @@ def test_local_study_evaluates_runs_while_others_still_train(tmp_path, capfd):
     assert n_eval == 3 and overlapped == 2 and t_trained >= 4.0
     lines = [x.split(" · ")[1:3] for x in capfd.readouterr().err.splitlines() if x.startswith("study demo")]
     assert lines == [  # what runs after each event; seed 2 needs no evaluation, so eval's total drops to 3
+        ["train: 0/3 runs done", "eval: 0/4 runs done"],  # as the stage starts
         ["train: 0/3 runs done, 2 running", "eval: 1/4 runs done"],
         ["train: 1/3 runs done, 1 running", "eval: 1/4 runs done, 1 running"],
         ["train: 1/3 runs done, 2 running", "eval: 2/4 runs done"],

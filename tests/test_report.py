@@ -3,6 +3,7 @@ text is escaped, W&B offline works, and (where Chromium is installed) the page r
 from __future__ import annotations
 
 import csv
+import html
 import json
 import math
 import re
@@ -183,6 +184,42 @@ def test_report_renders_in_headless_chromium(study_root, report, tmp_path):
     assert shot.is_file() and shot.stat().st_size > 10_000
 
 
+# Measured in the page by Chromium: every table container whose content is wider than the container itself.
+_OVERFLOW_PROBE = """<script>
+const wide = [...document.querySelectorAll('.scroll')].filter(d => d.scrollWidth > d.clientWidth + 1)
+  .map(d => d.querySelector('th') ? d.querySelector('th').textContent : '?');
+document.body.setAttribute('data-probe', JSON.stringify({page: document.documentElement.scrollWidth,
+  view: document.documentElement.clientWidth, wide: wide}));
+</script></body>"""
+
+
+def test_report_fits_a_printed_page_and_explains_the_sign_column(study_root, report, tmp_path):
+    """Every table fits the width of a printed A4 landscape page (277 mm = 1047 CSS px) and of a 1280 px
+    screenshot, instead of scrolling sideways out of the printout; run names, directories and hashes wrap at
+    their separators; the sign-per-seed column is explained in words."""
+    page = Path(report["report"]).read_text()
+    assert "@page{size:A4 landscape" in page and "word-break:break-all" not in page
+    assert "<i>Sign per seed</i> has one mark per seed" in page and "A higher with" in page
+    runs = page[page.index("<h2>Runs</h2>"):]
+    assert f"runs/<wbr>{SMOKE_CG_LOW.format(1)}<" in runs  # a directory wraps at its slashes, a name at its dashes
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (/usr/bin/chromium)")
+    probe = Path(report["report"]).with_name("probe.html")
+    probe.write_text(page.replace("</body>", _OVERFLOW_PROBE))
+    try:
+        for width in (1047, 1280):
+            proc = subprocess.run(
+                [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={width},900", "--dump-dom",
+                 f"file://{probe}"], capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            got = json.loads(html.unescape(re.search(r'data-probe="([^"]*)"', proc.stdout).group(1)))
+            assert got["wide"] == [] and got["page"] <= got["view"], (width, got)
+    finally:
+        probe.unlink()
+
+
 def _csv(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -236,4 +273,5 @@ def test_transfer_matrix_composition_and_full_runs_table(study_root, report):
     assert ">20<" in recipes and ">7<" in recipes and "≠" not in recipes
     runs = page[page.index("<h2>Runs</h2>"):]
     run_dir = study_root / "runs" / SMOKE_CG_LOW.format(1)
+    runs = runs.replace("<wbr>", "")  # long names, paths and hashes carry line-break opportunities
     assert str(run_dir) in runs and "ab" * 32 in runs and "W&amp;B run id" in runs

@@ -149,8 +149,13 @@ def test_wandb_name_group_and_job_type_are_one_scheme_through_resume_and_eval(ti
     name = rundir.seedless(os.path.basename(out["run_dir"]))
     assert {(r["id"], r["name"], r["group"], r["job_type"]) for r in runs} == \
         {(runs[0]["id"], name, "adhoc", "train")}
-    configs = [r["config"] for r in runs if set(r["config"]) - {"_wandb"}]  # eval adds no config of its own
-    assert configs and all(c.get("config_name") == name and c["optim"]["lr"] == 5e-4 for c in configs)
+    # every segment (train, resumed train, eval) opens the run with the same config, the eval one included
+    configs = [{k: v for k, v in r["config"].items() if k != "_wandb"} for r in runs]
+    assert [r["job_type"] for r in runs] == ["train"] * len(runs) and all(c == configs[0] for c in configs)
     meta = json.loads((tmp_path / "runs" / os.path.basename(out["run_dir"]) / "meta.json").read_text())
+    assert configs[0]["config_name"] == name and configs[0]["run_name"] == os.path.basename(out["run_dir"])
+    assert configs[0]["optim"]["lr"] == 5e-4 and configs[0]["identity"] == meta["identity"]
+    assert {k: configs[0][k] for k in ("manifest_sha256", "git_sha", "recipe_dir", "world_size")} == \
+        {k: meta[k] for k in ("manifest_sha256", "git_sha", "recipe_dir", "world_size")}
     assert meta["wandb"]["name"] == name and meta["identity"]["settings"] == name.split("--")[-1]
     assert "lr0.0005" in name

@@ -20,7 +20,6 @@ With ``logger.backend=wandb`` each new checkpoint's metrics also go to the train
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -48,21 +47,7 @@ log = logging.getLogger("clipgen.eval")
 # --- the run -------------------------------------------------------------------------------------------------
 def resolve_run_dir(cfg: DictConfig) -> Path:
     """``eval.run_dir`` if set, else the run the config names (recipe, model, seed or ``run_name``)."""
-    if cfg.eval.get("run_dir"):
-        run_dir = Path(os.path.expanduser(str(cfg.eval.run_dir))).resolve()
-        todo = "point eval.run_dir at a run directory written by clipgen-train"
-    else:
-        from clipgen.recipes.naming import recipe_spec
-
-        run_dir = rundir.run_dir(cfg, recipe_spec(cfg.recipe).recipe_id)
-        todo = (f"train it first (clipgen-train recipe={cfg.recipe.kind} recipe.test_domain={cfg.recipe.test_domain} "
-                f"model.name={cfg.model.name} trainer.seed={cfg.trainer.seed} with the same overrides) or set "
-                "eval.run_dir")
-    if not run_dir.is_dir():
-        raise ClipgenError(f"run directory {str(run_dir)!r} does not exist: {todo}")
-    if not rundir.is_run(run_dir):
-        raise ClipgenError(f"{rundir.meta_path(run_dir)} is missing (training never started there): {todo}")
-    return run_dir
+    return rundir.resolve_run_dir(cfg, cfg.eval.get("run_dir"), "eval.run_dir")
 
 
 list_checkpoints = rundir.checkpoints  # re-exported for older callers
@@ -127,7 +112,9 @@ def run_eval(cfg: DictConfig) -> dict:
     from clipgen.eval.testsets import imagenet_metrics
     from clipgen.eval.tracking import EvalTracker
     from clipgen.models.zeroshot import tokenize_prompts
+    from clipgen.preflight import check_values
 
+    check_values(cfg)  # trainer.seed=-1 would look for a run "--seed-1"; eval.batch_size=0 fails in torch
     run_dir, meta_path, meta, run_cfg = _load_run(cfg)
     kind = model_kind(meta, meta_path)
     run_kind = kind_for(kind)
@@ -136,8 +123,6 @@ def run_eval(cfg: DictConfig) -> dict:
     image_px = int(meta.get("image_px") or run_cfg.model.image_px)
     templates = list(zeroshot_templates(cfg.eval.templates))
     max_templates = int(cfg.eval.get("max_templates") or 0)
-    if max_templates < 0:
-        raise ClipgenError(f"eval.max_templates={max_templates}: expected 0 (every template) or a positive count")
     if max_templates:
         templates = templates[:max_templates]
         log.warning("%s: eval.max_templates=%d: zero-shot head of the first %d of the %s templates (a rehearsal "

@@ -54,12 +54,15 @@ class EvalTracker:
         # a run trained without W&B gets what its training would have had.
         self.ident = meta.get("wandb") or train_identity(cfg, meta.get("run_name") or self.run_dir.name)
         self.base_step = int(meta.get("total_steps") or meta.get("step") or 0) + 1
+        self.meta = meta
         self.run = None
 
     def _start(self):
-        from clipgen.wandb_run import open_run
+        from clipgen.wandb_run import open_run, run_config_from_meta
 
-        self.run = open_run(self.cfg.logger.mode, self.run_dir, self.run_id, self.ident)
+        # the training segments' config (config.yaml + meta.json), so the segment W&B keeps has it too
+        config = run_config_from_meta(self.run_dir, self.cfg, self.meta)
+        self.run = open_run(self.cfg.logger.mode, self.run_dir, self.run_id, self.ident, config)
         define_eval_axis(self.run)
 
     def log(self, epoch: int, by_task: dict[str, dict]) -> None:

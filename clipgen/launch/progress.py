@@ -8,8 +8,10 @@ terminal the study therefore draws a single line instead, redrawn in place about
 and runs its stages quietly (no per-run bar, no per-run INFO lines or prints; warnings and errors still show, and
 every result is on disk). Training steps are read from each run's meta.json, which training rewrites at every
 ``trainer.save_every_steps`` and epoch end; evaluation counts the lines of each run's results.jsonl against its
-checkpoints x tasks. Without a terminal (batch jobs, pipes, CI) nothing is redrawn: the
-stages log as usual and the study adds one plain line each time a run finishes.
+checkpoints x tasks. The totals are known before any run starts (:func:`planned_units`, from each run's config and
+its recipe's manifest), so the line shows them from its first second, and a total never shrinks, so the
+percentage only grows. Without a terminal (batch jobs, pipes, CI) nothing is redrawn: the stages log as usual and
+the study adds one plain line when a stage starts and each time a run finishes.
 """
 from __future__ import annotations
 
@@ -52,21 +54,45 @@ def _eval_units(run_dir: Path) -> tuple[int, int] | None:
 UNITS = {"train": ("steps", _train_units), "eval": ("checkpoint evaluations", _eval_units)}
 
 
-def units(stage: str, run_dirs: list[Path]) -> str:
-    """``done/total unit (pct)`` over the runs; runs that have not started count as the started ones' mean
-    (then the total is marked ``~``). Empty for a stage without units or before any run started."""
+def planned_units(sub, manifest: dict) -> dict[str, int]:
+    """What a run of config ``sub`` on the recipe of ``manifest`` counts when it is done, known before it starts:
+    ``train``, its steps (epochs x full batches of recipe + base corpus, clipgen.train.data's epoch), and
+    ``eval``, its checkpoint evaluations (saved epochs x tasks)."""
+    from clipgen.eval.testsets import task_domains
+    from clipgen.train.checkpoint import saved_epochs
+
+    n = int(manifest["num_samples"]) + int((manifest.get("base") or {}).get("num_samples") or 0)
+    epochs, tc = int(sub.trainer.epochs), sub.trainer
+    tasks = len(task_domains({"recipe_kind": manifest.get("kind"), "test_domain": manifest.get("test_domain")}))
+    tasks += bool(sub.eval.get("imagenet_val_root")) and str(tc.objective) == "clip"  # imagenet-val
+    return {"train": epochs * (n // int(tc.batch_size)),
+            "eval": len(saved_epochs(epochs, int(tc.save_every_epochs))) * tasks}
+
+
+def units(stage: str, run_dirs: list[Path], planned: dict[Path, int] | None = None) -> tuple[int, int, bool] | None:
+    """(done, total, estimated) over the runs. A run's total is what its files say (training: meta.json's steps;
+    evaluation: at least its checkpoints so far x tasks), else its planned total; without one, runs that have not
+    started count as the started ones' mean (``estimated``). None for a stage without units, or when no run has
+    started and nothing is planned."""
     if stage not in UNITS:
-        return ""
-    name, read = UNITS[stage]
-    known = [u for u in (read(Path(d)) for d in run_dirs) if u is not None]
-    if not known:
-        return ""
-    done, total = sum(u[0] for u in known), sum(u[1] for u in known)
-    if len(known) < len(run_dirs):
-        total, mark = round(total * len(run_dirs) / len(known)), "~"
-    else:
-        mark = ""
-    return f"{done}/{mark}{total} {name} ({100 * done / max(total, 1):.0f}%)"
+        return None
+    planned = planned or {}
+    read = UNITS[stage][1]
+    done = total = 0
+    unknown = 0
+    for d in map(Path, run_dirs):
+        u, plan = read(d), planned.get(d)
+        if u is None and plan is None:
+            unknown += 1
+            continue
+        run_done, run_total = u or (0, 0)
+        run_total = run_total if plan is None or (stage == "train" and u is not None) else max(run_total, plan)
+        done, total = done + min(run_done, run_total), total + run_total
+    if unknown == len(run_dirs):
+        return None
+    if unknown:
+        total = round(total * len(run_dirs) / (len(run_dirs) - unknown))
+    return done, total, bool(unknown)
 
 
 def _clock(seconds: float) -> str:
@@ -77,19 +103,28 @@ def _clock(seconds: float) -> str:
 
 @dataclass
 class _Part:
-    """One stage on the line: its runs, how many are done and how many are running now."""
+    """One stage on the line: its runs, how many are done and how many are running now, the planned units per
+    run and the largest total shown so far (a total on the line never shrinks)."""
 
     stage: str
     run_dirs: list[Path]
     running: int = 0
     done: int = 0
+    planned: dict[Path, int] | None = None
+    shown_total: int = 0
 
     def text(self) -> list[str]:
         n = len(self.run_dirs)
         running = min(self.running, n - self.done)
-        counted = units(self.stage, self.run_dirs)
-        return [f"{self.stage}: {self.done}/{n} runs done" + (f", {running} running" if running > 0 else "")] + \
-            ([counted] if counted else [])
+        head = f"{self.stage}: {self.done}/{n} runs done" + (f", {running} running" if running > 0 else "")
+        counted = units(self.stage, self.run_dirs, self.planned)
+        if counted is None:
+            return [head]
+        done, total, estimated = counted
+        self.shown_total = max(self.shown_total, total)
+        total = self.shown_total
+        return [head, f"{done}/{'~' if estimated else ''}{total} {UNITS[self.stage][0]} "
+                      f"({100 * done / max(total, 1):.0f}%)"]
 
 
 class StudyProgress:
@@ -99,9 +134,10 @@ class StudyProgress:
     shown after the first; ``set_running`` and ``finished(stage)`` then say which stage they count."""
 
     def __init__(self, study: str, stage: str, run_dirs: list[Path], running: int = 1,
-                 stream: TextIO | None = None, interval: float = 1.0):
-        self.study, self.stage = study, stage
-        self.parts = {stage: _Part(stage, [Path(d) for d in run_dirs], min(running, len(run_dirs)))}
+                 stream: TextIO | None = None, interval: float = 1.0, planned: dict[Path, dict] | None = None):
+        """``planned``: run directory -> :func:`planned_units` of the run, for totals known from the start."""
+        self.study, self.stage, self.planned = study, stage, planned or {}
+        self.parts = {stage: self._part(stage, run_dirs, min(running, len(run_dirs)))}
         self.stream = stream or sys.stderr
         self.live = bool(getattr(self.stream, "isatty", lambda: False)())
         self.interval, self.t0 = interval, time.time()
@@ -109,15 +145,22 @@ class StudyProgress:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
+    def _part(self, stage: str, run_dirs: list[Path], running: int = 0) -> _Part:
+        dirs = [Path(d) for d in run_dirs]
+        planned = {d: self.planned[d][stage] for d in dirs if stage in self.planned.get(d, {})}
+        return _Part(stage, dirs, running, planned=planned)
+
     def add_stage(self, stage: str, run_dirs: list[Path]) -> None:
-        self.parts[stage] = _Part(stage, [Path(d) for d in run_dirs])
+        self.parts[stage] = self._part(stage, run_dirs)
 
     def set_running(self, stage: str, running: int) -> None:
         self.parts[stage].running = running
 
     def not_needed(self, stage: str, run_dir: Path) -> None:
-        """A run the stage turned out to have nothing to do for leaves its count."""
-        self.parts[stage].run_dirs.remove(Path(run_dir))
+        """A run the stage turned out to have nothing to do for leaves its count (and its units the total)."""
+        part = self.parts[stage]
+        part.run_dirs.remove(Path(run_dir))
+        part.shown_total = max(0, part.shown_total - (part.planned or {}).get(Path(run_dir), 0))
 
     def line(self) -> str:
         parts = [f"study {self.study}"]
@@ -145,10 +188,14 @@ class StudyProgress:
             print(self.line(), file=self.stream, flush=True)
 
     def __enter__(self) -> "StudyProgress":
-        if self.live and any(part.run_dirs for part in self.parts.values()):
-            self._draw()
-            self._thread = threading.Thread(target=self._tick, daemon=True)
-            self._thread.start()
+        if not any(part.run_dirs for part in self.parts.values()):
+            return self
+        if not self.live:  # a log from the first second: what the stage will count
+            print(self.line(), file=self.stream, flush=True)
+            return self
+        self._draw()
+        self._thread = threading.Thread(target=self._tick, daemon=True)
+        self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:

@@ -24,7 +24,7 @@ from typing import Callable
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from clipgen.errors import ClipgenError
-from clipgen.preflight import check_run_config
+from clipgen.preflight import check_run_config, check_study_grid
 from clipgen.procs import bind_stage_worker, orphaned
 from clipgen.recipes.naming import RECIPE_KINDS, recipe_spec
 
@@ -246,11 +246,12 @@ def run_pool(workers: int, queues: dict, fns: dict, on_result: Callable, progres
                 ended.append(stage)
 
 
-def run_many(fn: Callable[[DictConfig], dict], cfgs: list[DictConfig], parallel: int, stage: str = ""
-             ) -> list[dict]:
+def run_many(fn: Callable[[DictConfig], dict], cfgs: list[DictConfig], parallel: int, stage: str = "",
+             planned: dict | None = None) -> list[dict]:
     """Run ``fn(cfg)`` for every config, ``parallel`` at a time in fresh processes (in order if 1), under
-    one study-level progress line (clipgen.launch.progress). Every run is independent and seeded by its own
-    config, so the results do not depend on ``parallel``. The first error stops the study."""
+    one study-level progress line (clipgen.launch.progress; ``planned``: its totals per run directory). Every run
+    is independent and seeded by its own config, so the results do not depend on ``parallel``. The first error
+    stops the study."""
     from collections import deque
 
     from clipgen.launch.progress import StudyProgress
@@ -259,7 +260,8 @@ def run_many(fn: Callable[[DictConfig], dict], cfgs: list[DictConfig], parallel:
         return []
     stage = stage or fn.__name__
     workers = min(parallel, len(cfgs))
-    progress = StudyProgress(str(cfgs[0].study.name), stage, [run_dir_of(c) for c in cfgs], running=workers)
+    progress = StudyProgress(str(cfgs[0].study.name), stage, [run_dir_of(c) for c in cfgs], running=workers,
+                             planned=planned)
     out: list = [None] * len(cfgs)
     with progress:
         if workers <= 1:
@@ -277,8 +279,8 @@ def run_many(fn: Callable[[DictConfig], dict], cfgs: list[DictConfig], parallel:
 
 def train_and_evaluate(train_fn: Callable[[DictConfig], dict], eval_fn: Callable[[DictConfig], dict],
                        to_train: list[DictConfig], to_eval: list[DictConfig],
-                       eval_after: Callable[[DictConfig], DictConfig | None], parallel: int
-                       ) -> tuple[list[dict], float, int, int]:
+                       eval_after: Callable[[DictConfig], DictConfig | None], parallel: int,
+                       planned: dict | None = None) -> tuple[list[dict], float, int, int]:
     """The local launcher's training and evaluation in one pool of ``parallel`` fresh processes: each run is
     evaluated as soon as its training finished (an evaluation goes before the next training), instead of after
     the slowest run; every evaluation is a function of the checkpoints alone, so the results are those of the
@@ -295,7 +297,7 @@ def train_and_evaluate(train_fn: Callable[[DictConfig], dict], eval_fn: Callable
     t0, results = time.time(), [None] * len(to_train)
     queues = {"eval": deque((None, c) for c in to_eval), "train": deque(enumerate(to_train))}
     progress = StudyProgress(str((to_train or to_eval)[0].study.name), "train", [run_dir_of(c) for c in to_train],
-                             running=0)
+                             running=0, planned=planned)
     progress.add_stage("eval", [run_dir_of(c) for c in to_train + to_eval])
     counts = {"trained": 0, "trained_s": 0.0, "evaluated": 0, "while_training": 0}
 
@@ -403,12 +405,13 @@ def run_on_slurm(stage: str, fn: Callable[[DictConfig], dict], cfgs: list[DictCo
 
 
 def run_stage(stage: str, resources: str, fn: Callable[[DictConfig], dict], cfgs: list[DictConfig], cfg: DictConfig,
-              failed: dict[str, dict]) -> list[dict]:
-    """Run one study stage for every config: here (``study.parallel`` processes; returns the results; an error
-    stops the study) or as submitit jobs with the resources of ``study.slurm.<resources>`` (failed runs are
-    recorded in ``failed`` under their run name; returns the results of the others)."""
+              failed: dict[str, dict], planned: dict | None = None) -> list[dict]:
+    """Run one study stage for every config: here (``study.parallel`` processes under one progress line, its
+    totals from ``planned``; returns the results; an error stops the study) or as submitit jobs with the
+    resources of ``study.slurm.<resources>`` (failed runs are recorded in ``failed`` under their run name;
+    returns the results of the others)."""
     if cfg.study.launcher == "local":
-        return run_many(fn, cfgs, int(cfg.study.parallel), stage)
+        return run_many(fn, cfgs, int(cfg.study.parallel), stage, planned)
     done = []
     for sub, res in zip(cfgs, run_on_slurm(resources, fn, cfgs, cfg, label=stage)):
         if res["state"] == "done":
@@ -437,6 +440,19 @@ def _eval_after(sub: DictConfig) -> DictConfig | None:
     return None if run_state(sub)[1] == "done" else _eval_config(sub)
 
 
+def _planned(subs: list[DictConfig], recipes: dict) -> dict[Path, dict]:
+    """Run directory -> its steps and checkpoint evaluations when done, from the built recipes' manifests: the
+    progress line's totals, known before any run starts."""
+    from clipgen.launch.progress import planned_units
+    from clipgen.utils import read_json
+
+    out = {}
+    for sub in subs:
+        recipe_dir = Path(recipes[(sub.recipe.test_domain, str(recipe_spec(sub.recipe).recipe_id))]["recipe_dir"])
+        out[run_dir_of(sub)] = planned_units(sub, read_json(recipe_dir / "manifest.json", "recipe manifest"))
+    return out
+
+
 def _print_trained(results: list[dict]) -> None:
     for run in results:
         print(f"  {run['run_dir']}: {run.get('status', '?')}, {run.get('seconds', 0):.0f} s, "
@@ -454,10 +470,9 @@ def run_study(cfg: DictConfig) -> dict:
     launcher = str(cfg.study.launcher)
     if launcher not in LAUNCHERS:
         raise ClipgenError(f"unknown study.launcher {launcher!r}: expected one of {', '.join(LAUNCHERS)}")
-    parallel = int(cfg.study.parallel)
-    if parallel < 1:
-        raise ClipgenError(f"invalid study.parallel {parallel}: expected 1 or more processes")
     check_run_config(cfg)  # one clear line before any world, recipe or job (recipe keys are checked per job)
+    check_study_grid(cfg)
+    parallel = int(cfg.study.parallel)
     jobs = study_jobs(cfg)
     subs = [job_config(cfg, job) for job in jobs]
     times: list[tuple[str, float]] = []
@@ -489,6 +504,7 @@ def run_study(cfg: DictConfig) -> dict:
             recipes[key] = build_recipe(sub)
             print(f"  recipe {recipes[key]['recipe_id']}: {recipes[key]['num_samples']} samples")
     times.append(("recipes", time.time() - t0))
+    planned = _planned(subs, recipes)
 
     failed: dict[str, dict] = {}
     now = [(sub, run_state(sub)) for sub in subs]
@@ -498,19 +514,19 @@ def run_study(cfg: DictConfig) -> dict:
         before = [_eval_config(sub) for sub, (train, ev) in now if train == "finished" and ev != "done"]
         t0 = time.time()
         trained, t_trained, n_eval, overlapped = train_and_evaluate(run_train, run_eval, to_train, before,
-                                                                    _eval_after, parallel)
+                                                                    _eval_after, parallel, planned)
         _print_trained(trained)
         times.append((f"train ({len(to_train)} of {len(subs)} runs, {where})", t_trained))
         times.append((f"eval ({n_eval} runs" + (f", {overlapped} while training" if overlapped else "") + ")",
                       time.time() - t0 - t_trained))
     else:
         t0 = time.time()
-        _print_trained(run_stage("train", "train", run_train, to_train, cfg, failed))
+        _print_trained(run_stage("train", "train", run_train, to_train, cfg, failed, planned))
         times.append((f"train ({len(to_train)} of {len(subs)} runs, {where})", time.time() - t0))
         to_eval = [_eval_config(sub) for sub in subs
                    if run_dir_of(sub).name not in failed and run_state(sub)[1] != "done"]
         t0, n_eval = time.time(), len(to_eval)
-        run_stage("eval", "eval", run_eval, to_eval, cfg, failed)
+        run_stage("eval", "eval", run_eval, to_eval, cfg, failed, planned)
         times.append((f"eval ({n_eval} runs)", time.time() - t0))
 
     if cfg.study.analyze:  # clipgen-analyze on every run (skips analyses that are current)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from omegaconf import DictConfig
+
 from clipgen.errors import ClipgenError
 from clipgen.facts import DOMAIN_LETTERS, DOMAINS, NATURAL_DOMAIN, TEST_DOMAINS
 
@@ -58,6 +60,10 @@ def _ordered(domains) -> tuple[str, ...]:
 
 def recipe_spec(recipe) -> RecipeSpec:
     """Turn the ``recipe`` config node into a RecipeSpec, checking every value it depends on."""
+    if isinstance(recipe, DictConfig):  # a composed config (not a report's partial one): seeds, shard sizes
+        from clipgen.preflight import check_values
+
+        check_values({"recipe": recipe}, ("recipe",))
     kind = recipe.kind
     if kind not in RECIPE_KINDS:
         raise ClipgenError(f"unknown recipe.kind {kind!r}: expected one of {', '.join(RECIPE_KINDS)}")

@@ -40,19 +40,29 @@ from clipgen.report.collapse import COLLAPSE_TOP_SHARE, collect_concentration
 from clipgen.report.stats import paired_differences
 from clipgen.utils import atomic_write_json, atomic_write_text, git_sha, stable_hash
 
+# Tables fit the page's width instead of scrolling sideways, so a printout or a screenshot shows every column:
+# cells wrap, but only where a reader would break them (between a mean and its interval, after the "-", "/",
+# "_" of names and paths: clipgen.report.sections.breakable), never inside a number or a word. Printed: A4
+# landscape, smaller type, nothing clipped, figures and table rows kept whole.
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1200px;
 color:#222;padding:0 1em;line-height:1.4}
 h1{margin-bottom:.2em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}
 .muted{color:#666;font-size:.9em}
-figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}
+figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top;max-width:100%}
 figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85em;color:#555}
-table{border-collapse:collapse;font-size:.82em;margin:.5em 0 1.5em}
-th,td{border:1px solid #ddd;padding:.25em .5em;text-align:right;white-space:nowrap}
+table{border-collapse:collapse;font-size:.82em;margin:.5em 0 1.5em;max-width:100%}
+th,td{border:1px solid #ddd;padding:.25em .5em;text-align:right;vertical-align:top;white-space:normal;
+overflow-wrap:normal;word-break:normal}
 th{background:#f4f4f4;position:sticky;top:0}td.l,th.l{text-align:left}
 tr:nth-child(even) td{background:#fafafa}tr.head td{font-weight:600}
-.scroll{overflow-x:auto}.wrap td{white-space:normal;word-break:break-all;min-width:4em}
+.scroll{overflow-x:auto}.nw{white-space:nowrap}.sign{font-weight:600;letter-spacing:.2em}
 details pre{background:#f7f7f7;padding:1em;overflow-x:auto;font-size:.8em}
+@page{size:A4 landscape;margin:10mm}
+@media print{body{max-width:none;margin:0;padding:0;font-size:9pt}h2{margin-top:1.2em}
+.scroll{overflow:visible}th{position:static}table{font-size:8pt;page-break-inside:auto}
+tr,figure,img{break-inside:avoid;page-break-inside:avoid}h2,h3,p.muted{break-after:avoid;page-break-after:avoid}
+figure img{max-height:120mm;width:auto}a{color:inherit}}
 """
 _METRIC_ORDER = ("lso-ood", "lso-id", "lso-unweighted-ood", "lso-unweighted-id", "top5-ood", "top5-id", "macro-f1",
                  "acc", "n-ood", "n-id")
@@ -90,8 +100,8 @@ def _final_table(summary: pd.DataFrame, task: str, d: str) -> str:
                   key=lambda c: (_recipe_key(c[0], c[1]), *c[2:]))
     cells = {(r.metric, *(getattr(r, k) for k in CONFIG)): (r.mean, r.ci95_low, r.ci95_high, r.n)
              for r in rows.itertuples()}
-    head = "".join(f"<th>{_e(F.KIND_LABELS.get(k, k))}<br><span class=muted>{_e(r)}<br>{_e(m)}"
-                   f"{'<br>' + _e(st) if st else ''}</span></th>" for k, r, m, st in cols)
+    head = "".join(f"<th>{_e(F.KIND_LABELS.get(k, k))}<br><span class=muted>{S.breakable(r)}<br>{S.breakable(m)}"
+                   f"{'<br>' + S.breakable(st) if st else ''}</span></th>" for k, r, m, st in cols)
     last = rows.groupby(CONFIG)["epoch"].max().to_dict()
     epochs = "".join(f"<td>{_e(last.get(c, ''))}</td>" for c in cols)
     body = [f"<tr><td class=l><i>final epoch</i></td>{epochs}</tr>"]
@@ -102,8 +112,8 @@ def _final_table(summary: pd.DataFrame, task: str, d: str) -> str:
             tds.append(f"<td>{_fmt(*v, metric) if v else ''}</td>")
         cls = " class=head" if metric in (f"{d}-lso-ood", f"{d}-lso-id") else ""
         body.append(f"<tr{cls}><td class=l>{_e(metric)}</td>{''.join(tds)}</tr>")
-    return (f"<div class=scroll><table><tr><th class=l>metric (mean [95% CI], n seeds)</th>{head}</tr>"
-            + "".join(body) + "</table></div>")
+    return (f"<div class=scroll><table><thead><tr><th class=l>metric (mean [95% CI], n seeds)</th>{head}</tr>"
+            "</thead><tbody>" + "".join(body) + "</tbody></table></div>")
 
 
 def _figure(path: Path | None, report_dir: Path, caption: str) -> str:
@@ -209,7 +219,11 @@ def run_report(cfg: DictConfig, run_dirs: list[str | Path] | None = None, report
             + "".join(_figure(p, report_dir, c) for p, c in made[:1])
             + f"<h3>Paired by seed: {_e(ood)}</h3><p class=muted>Runs of two recipes with the same model, "
             "settings and seed start from the same weights; per seed the difference A − B, their mean and 95% "
-            "t-interval (clipped to [−1, 1]).</p>"
+            "t-interval (clipped to [−1, 1]). <i>Sign per seed</i> has one mark per seed, in seed order: + where "
+            "recipe A scored higher than recipe B with that seed, − where lower, 0 where they tied; then how many "
+            "seeds favour A, and each seed's difference as seed:(A − B). If the recipes did not differ, every "
+            "sign of n seeds would agree by chance with probability 2<sup>1−n</sup> (0.0625 for n = 5: the "
+            "two-sided sign test), whatever the spread of the differences.</p>"
             + S.paired_table(paired[paired["task"] == task])
             + "".join(_figure(p, report_dir, c) for p, c in made[1:])
             + "<h3>Prediction concentration</h3>"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -22,16 +23,32 @@ def _e(x) -> str:
     return html.escape("" if x is None else str(x))
 
 
+_BREAK_AFTER = re.compile(r"[/_]")  # browsers already break after a hyphen
+_LONG_HEX = re.compile(r"[0-9a-f]{17,}")
+
+
+def breakable(x) -> str:
+    """``x`` escaped, with line-break opportunities (``<wbr>``) where a reader would break a run name, a path or
+    a hash: after ``/`` and ``_`` and every 16 hex digits (browsers break after ``-`` themselves, so a run name
+    stays as it is written). A table of such names then fits the page by wrapping them at those points instead of
+    scrolling sideways (or, with CSS's break-all, wrapping at every character)."""
+    text = "" if x is None else str(x)
+    text = _LONG_HEX.sub(lambda m: "\x00".join(m.group(0)[i:i + 16] for i in range(0, len(m.group(0)), 16)), text)
+    text = _BREAK_AFTER.sub(lambda m: m.group(0) + "\x00", text)
+    return html.escape(text).replace("\x00", "<wbr>")
+
+
 def _num(x, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if isinstance(x, (int, float)) and math.isfinite(x) else "–"
 
 
 def interval(mean: float, low: float, high: float, n: int, digits: int = 3, signed: bool = False) -> str:
-    """``mean [low, high] (n=…)``; the interval is left out below two values."""
+    """``mean [low, high] (n=…)``; the interval is left out below two values. A narrow cell wraps it between the
+    mean and the interval and before ``(n=…)``, never inside the interval (a no-break space after its comma)."""
     if not math.isfinite(mean):
         return "–"
     f = f"{{:+.{digits}f}}" if signed else f"{{:.{digits}f}}"
-    ci = f" [{f.format(low)}, {f.format(high)}]" if n > 1 and math.isfinite(low) else ""
+    ci = f" [{f.format(low)},\u00a0{f.format(high)}]" if n > 1 and math.isfinite(low) else ""
     return f"{f.format(mean)}{ci} <span class=muted>(n={int(n)})</span>"
 
 
@@ -42,7 +59,8 @@ def _missing(x) -> bool:
 def _table(head: list[str], rows: list[list[str]], cls: str = "") -> str:
     th = "".join(f"<th class=l>{h}</th>" for h in head)
     body = "".join("<tr>" + "".join(f"<td class=l>{c}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<div class='scroll {cls}'><table><tr>{th}</tr>{body}</table></div>"
+    # thead: a printed table that runs over a page repeats its header row there
+    return f"<div class='scroll {cls}'><table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
 # --- facts about each run ------------------------------------------------------------------------------------
@@ -105,7 +123,7 @@ def composition_table(runs: pd.DataFrame, facts: pd.DataFrame) -> str:
         base = (manifest.get("base") or {}).get("num_samples")
         note = "" if total is None or total == manifest.get("num_samples") else \
             f" <b>≠ manifest num_samples {_e(manifest.get('num_samples'))}</b>"
-        head = [_e(r["recipe_id"]), _e(KIND_NAMES.get(r["recipe_kind"], r["recipe_kind"])),
+        head = [breakable(r["recipe_id"]), _e(KIND_NAMES.get(r["recipe_kind"], r["recipe_kind"])),
                 f"{_e(total if total is not None else '–')}{note}", _e(base if base is not None else "–")]
         doms = [d for d in DOMAINS if d in counts] + sorted(set(counts) - set(DOMAINS))
         for i, d in enumerate(doms):
@@ -144,15 +162,20 @@ def paired_table(pairs: pd.DataFrame) -> str:
         else:
             verdict = "CI includes 0"
         what = (f"{_e(KIND_NAMES.get(p['kind_a'], p['kind_a']))} − {_e(KIND_NAMES.get(p['kind_b'], p['kind_b']))}"
-                f"<br><span class=muted>{_e(p['recipe_a'])} − {_e(p['recipe_b'])}</span>")
-        row = [what] + ([_e(p["model_name"])] if many_models else []) + ([_e(p["settings"])] if many_settings else [])
+                f"<br><span class=muted>{breakable(p['recipe_a'])} − {breakable(p['recipe_b'])}</span>")
+        row = [what] + ([breakable(p["model_name"])] if many_models else []) + \
+            ([breakable(p["settings"])] if many_settings else [])
+        n_pairs, better, worse = len(p["per_seed"].split()), int(p["n_better"]), int(p["n_worse"])
+        words = f"A higher with {better} of {n_pairs} seeds" + (f", lower with {worse}" if worse else "") + (
+            f", tied with {n_pairs - better - worse}" if n_pairs - better - worse else "")
         row += [interval(p["mean"], p["ci95_low"], p["ci95_high"], p["n"], signed=True),
-                f"{seeds} <span class=muted>({_e(p['per_seed'])})</span>", _e(verdict)]
+                f"<span class='nw sign'>{seeds}</span><br>{_e(words)}<br><span class=muted>seed:(A − B) "
+                f"{_e(p['per_seed'])}</span>", _e(verdict)]
         if p["unpaired"]:
             row[-1] += f" <span class=muted>({p['unpaired']} unpaired seeds left out)</span>"
         rows.append(row)
     head = ["A − B"] + (["model"] if many_models else []) + (["settings"] if many_settings else [])
-    head += ["mean difference [95% CI] (n pairs)", "sign per seed", "verdict"]
+    head += ["mean difference [95% CI] (n pairs)", "sign per seed (+: A higher)", "verdict"]
     return _table(head, rows)
 
 
@@ -175,7 +198,7 @@ def transfer_table(summary: pd.DataFrame) -> str:
                     else hit[hit["task"] == f"domainnet-{d}"]
                 c = hit.iloc[0] if len(hit) else None
                 cells.append(interval(c["mean"], c["ci95_low"], c["ci95_high"], c["n"]) if c is not None else "–")
-            rows.append([_e(rid), _e(model), _e(kind), *cells])
+            rows.append([breakable(rid), breakable(model), f"<span class=nw>{_e(kind)}</span>", *cells])
     return ("<h2 id=transfer>Natural-only transfer from real</h2><p class=muted>Runs trained on real images only, "
             "evaluated on the test split of every domain at their final epoch: mean [95% t-interval clipped to "
             "[0, 1]] (n seeds). lso-ood: held-out classes (C2); lso-id: the other classes; acc: all classes.</p>"
@@ -196,7 +219,7 @@ def concentration_table(conc: pd.DataFrame, metric: str) -> str:
         flag = "<b style='color:#b00'>COLLAPSE</b>" if r["collapse"] else ""
         rows.append([_e(KIND_NAMES.get(r["recipe_kind"], r["recipe_kind"])), _e(r["seed"]), _e(r["epoch"]),
                      _num(r["score"]), _e(r["top_class"]), _num(r["top_share"]), _num(r["true_top_share"]),
-                     _num(r["norm_entropy"]), _num(r["constant_score"]), flag, _e(r["run"])])
+                     _num(r["norm_entropy"]), _num(r["constant_score"]), flag, breakable(r["run"])])
     return (f"<p class=muted>Predictions on the {int(conc['n_images'].max())} test images of the domain at each "
             f"run's final epoch. Flag COLLAPSE: the most-predicted class takes ≥ {COLLAPSE_TOP_SHARE:.0%} of them "
             f"and ≥ {COLLAPSE_OVER_TRUE:g}× the share of the commonest true class; such a {_e(metric)} is mostly "
@@ -205,14 +228,20 @@ def concentration_table(conc: pd.DataFrame, metric: str) -> str:
                       "entropy / log K", "constant", "flag", "run"], rows))
 
 
+# The runs table's columns: a heading and the run's values stacked in it (one per line), so that every value is
+# shown in full and the table still fits the page.
+_RUN_COLUMNS = (("run", ("run",)), ("recipe<br>kind", ("recipe_id", "recipe_kind")),
+                ("test domain<br>seed", ("test_domain", "seed")), ("model<br>settings", ("model_name", "settings")),
+                ("epochs evaluated<br>last epoch", ("epochs_evaluated", "last_epoch")),
+                ("tasks<br>templates", ("tasks", "templates")), ("W&amp;B run id<br>W&amp;B local dir",
+                                                                 ("wandb_id", "wandb_dir")),
+                ("run directory", ("run_dir",)), ("train git sha<br>manifest sha256", ("git_sha", "manifest_sha256")))
+
+
 def runs_table(runs: pd.DataFrame, facts: pd.DataFrame) -> str:
-    """Every run with its directory and W&B run, in full (long cells wrap instead of being cut off)."""
-    cols = [("run", "run"), ("recipe", "recipe_id"), ("kind", "recipe_kind"), ("test domain", "test_domain"),
-            ("seed", "seed"), ("model", "model_name"), ("settings", "settings"),
-            ("epochs evaluated", "epochs_evaluated"), ("last epoch", "last_epoch"), ("tasks", "tasks"),
-            ("templates", "templates"), ("W&B run id", "wandb_id"), ("W&B local dir", "wandb_dir"),
-            ("run directory", "run_dir"), ("train git sha", "git_sha"), ("manifest sha256", "manifest_sha256")]
+    """Every run with its directory and W&B run, in full: related values share a column, one per line, and long
+    names, paths and hashes wrap at their separators (:func:`breakable`), so the table fits a printed page."""
     merged = runs.merge(facts[["run", "wandb_id", "wandb_dir"]], on="run", how="left")
-    rows = [["–" if _missing(r.get(key)) else _e(r.get(key)) for _, key in cols]
+    rows = [["<br>".join("–" if _missing(r.get(k)) else breakable(r.get(k)) for k in keys) for _, keys in _RUN_COLUMNS]
             for r in merged.sort_values(["test_domain", "recipe_kind", "recipe_id", "seed"]).to_dict("records")]
-    return _table([_e(h) for h, _ in cols], rows, cls="wrap")
+    return _table([h for h, _ in _RUN_COLUMNS], rows)

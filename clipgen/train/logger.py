@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 # Re-exported: older callers import these from here.
 from clipgen.wandb_run import BACKENDS, MODES, check_logger_config, open_run, stable_run_id, train_identity  # noqa: F401
@@ -43,18 +43,16 @@ class WandbLogger:
 def make_logger(cfg: DictConfig, run_dir: str | Path, run_name: str, run_id: str | None = None,
                 extra_config: dict | None = None) -> NullLogger | WandbLogger:
     """A started logger for this run (clipgen.wandb_run names it). ``run_id`` (from a resumed ``latest.pt``) wins
-    over the derived one, so a run directory that was moved still continues its W&B run. The W&B config is the
-    run's ``config.yaml`` (written when it started), so a resume with other non-identity settings (threads,
-    workers) leaves it unchanged. Call ``finish()`` in a ``finally``."""
+    over the derived one, so a run directory that was moved still continues its W&B run. ``extra_config``: the
+    keyword arguments of :func:`clipgen.wandb_run.run_config` (identity, manifest_sha256, git_sha, recipe_dir,
+    world_size), so the evaluation's segments carry the same config. Call ``finish()`` in a ``finally``."""
     check_logger_config(cfg)
     if cfg.logger.backend == "none":
         return NullLogger()
-    from clipgen.rundir import config_path, read_meta, seedless
+    from clipgen.rundir import read_meta
+    from clipgen.wandb_run import run_config
 
-    saved = config_path(run_dir)
-    config = OmegaConf.to_container(OmegaConf.load(saved) if saved.is_file() else cfg, resolve=True)
-    config.update(extra_config or {})
-    config.update({"run_name": run_name, "config_name": seedless(run_name)})
+    config = run_config(run_dir, cfg, run_name, **(extra_config or {}))
     # A resumed run keeps the W&B identity it started with (meta.json), whoever resumes it.
     ident = (read_meta(run_dir) or {}).get("wandb") or train_identity(cfg, run_name)
     run = open_run(cfg.logger.mode, run_dir, run_id or stable_run_id(run_dir), ident, config)

@@ -41,8 +41,9 @@ from clipgen import rundir, runlock
 from clipgen.errors import ClipgenError
 from clipgen.eval.during_training import subset_evaluator
 from clipgen.models.checkpoint import unwrap
+from clipgen.models.export import export_checkpoint
 from clipgen.models.factory import model_config
-from clipgen.preflight import check_run_config
+from clipgen.preflight import check_run_config, check_values
 from clipgen.train import checkpoint as ckpt
 from clipgen.train import dist
 from clipgen.train.data import check_data_config
@@ -64,9 +65,7 @@ TRAINER_TEMP_FILES = (".latest.pt.*.tmp", ".meta.json.*.tmp", ".config.yaml.*.tm
 def _check_config(cfg: DictConfig) -> tuple[torch.device, dict]:
     """Cheap checks first, so a typo fails before the recipe is built. Returns (device, the model's config)."""
     tc = cfg.trainer
-    for key in ("epochs", "batch_size", "log_every", "save_every_steps", "accum_steps", "save_every_epochs"):
-        if int(tc[key]) < 1:
-            raise ClipgenError(f"trainer.{key}={tc[key]}: expected a positive integer")
+    check_values(cfg)  # every value in range (optim.lr > 0, trainer.seed >= 0, ...) before anything else
     if tc.checkpoint_dtype not in ckpt.CHECKPOINT_DTYPES:
         raise ClipgenError(f"unknown trainer.checkpoint_dtype {tc.checkpoint_dtype!r}: expected one of "
                            f"{', '.join(ckpt.CHECKPOINT_DTYPES)}")
@@ -158,6 +157,8 @@ def _run(cfg: DictConfig, denv: dist.DistEnv, device: torch.device, mcfg: dict, 
         done = _finished(t)  # another trainer may have finished it meanwhile
         sweep_temp_files(t.run_dir, TRAINER_TEMP_FILES)  # only a trainer writes these, and we hold the lock
     if done is not None:
+        if denv.is_main:
+            _export_last(t)  # a run finished before exports existed, or killed between finishing and exporting
         return done
 
     threads = torch.get_num_threads()
@@ -167,6 +168,22 @@ def _run(cfg: DictConfig, denv: dist.DistEnv, device: torch.device, mcfg: dict, 
         return _train(t)
     finally:
         torch.set_num_threads(threads)
+
+
+def _export_last(t: Target) -> None:
+    """``export.after_training``: the last checkpoint of a finished CLIP run as open_clip's ``local-dir:`` folder
+    ``{run}/export/epoch_NNN`` (clipgen.models.export), so open_clip and CLIP_benchmark load it without clipgen.
+    A current export is left alone."""
+    if not t.cfg.export.get("after_training", True) or str(t.cfg.trainer.objective) != "clip":
+        return
+    found = rundir.checkpoints(t.run_dir)
+    if not found:
+        return
+    epoch, path = found[-1]
+    out = export_checkpoint(path, rundir.export_dir(t.run_dir, epoch),
+                            {"run": t.name, "run_dir": str(t.run_dir.resolve())})
+    if out["written"]:
+        log.info("%s: epoch %d exported for open_clip: local-dir:%s", t.name, epoch, out["dir"])
 
 
 # --- training: setup, resume, the epochs, the report ---------------------------------------------------------
@@ -188,10 +205,11 @@ def _start_logging(s: Session) -> None:
     """The W&B logger (rank 0), continuing the run's W&B run when resuming, and this segment's clock."""
     t = s.target
     s.git_sha = git_sha()
-    s.logger = (make_logger(t.cfg, t.run_dir, t.name, run_id=s.wandb_id, extra_config={
-        "manifest_sha256": t.manifest_sha, "git_sha": s.git_sha, "recipe_dir": str(t.recipe_dir),
-        "world_size": t.denv.world_size}) if s.main else NullLogger())
     s.identity = rundir.identity(t.cfg)
+    # the same values meta.json records, so the evaluation's W&B segments carry the same config
+    s.logger = (make_logger(t.cfg, t.run_dir, t.name, run_id=s.wandb_id, extra_config={
+        "identity": s.identity, "manifest_sha256": t.manifest_sha, "git_sha": s.git_sha,
+        "recipe_dir": str(t.recipe_dir), "world_size": t.denv.world_size}) if s.main else NullLogger())
     s.t_segment = time.time()  # train_seconds accumulates over resumed segments
 
 
@@ -317,7 +335,7 @@ def _log_step(s: Session, b, loss: float, lr: float, stat: float, meter: _Meter,
 
 def _end_epoch(s: Session, e: int, subset_eval) -> None:
     """The epoch checkpoint first, then latest.pt pointing at the next epoch, then eval.during_training."""
-    if (e + 1) % int(s.target.cfg.trainer.save_every_epochs) == 0 or e + 1 == s.epochs:
+    if ckpt.is_saved_epoch(e + 1, s.epochs, int(s.target.cfg.trainer.save_every_epochs)):
         save_epoch(s, e + 1)
     save_latest(s, {"epoch": e + 1, "batch": 0})
     if subset_eval is not None:  # after the saves; leaves RNG, weights and train mode as they were
@@ -336,6 +354,8 @@ def _report(s: Session, stopped: str | None, previous_handler, steps_here: int, 
                   f"({what}); rerun the same command to resume")
         raise SystemExit(128 + int(signal.Signals[stopped]))
     status = "running" if stopped else "finished"
+    if s.main and status == "finished":
+        _export_last(t)
     if s.main:
         print(f"clipgen: {t.name} {status} at step {s.step}/{s.total} (epoch {s.step // s.loader.steps_per_epoch}/"
               f"{s.epochs}), loss {s.last_loss if s.last_loss is None else round(s.last_loss, 4)}, "

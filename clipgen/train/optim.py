@@ -18,8 +18,7 @@ def check_optim_config(oc) -> None:
         raise ClipgenError(f"unknown optim.name {oc.name!r}: expected one of {', '.join(OPTIMIZERS)}")
     if oc.schedule not in SCHEDULES:
         raise ClipgenError(f"unknown optim.schedule {oc.schedule!r}: expected one of {', '.join(SCHEDULES)}")
-    if int(oc.warmup_steps) < 0:
-        raise ClipgenError(f"optim.warmup_steps={oc.warmup_steps}: expected 0 or more")
+    # value ranges (lr > 0, warmup_steps >= 0, ...): clipgen.preflight.check_values
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -1,0 +1,1 @@
+"""clipgen-export: a CLIP run's checkpoint as a folder plain open_clip loads (clipgen.models.export)."""
