@@ -25,6 +25,8 @@ _RANGES = {
     "number in [0, 1)": lambda v: _is_num(v) and 0 <= v < 1,
     "-1 (the full schedule) or a positive integer": lambda v: _is_int(v) and (v == -1 or v >= 1),
     "-1 (the last) or an epoch >= 0": lambda v: _is_int(v) and v >= -1,
+    "integer in [1, 100]": lambda v: _is_int(v) and 1 <= v <= 100,
+    "positive integer, or null for every core": lambda v: v is None or (_is_int(v) and v >= 1),
 }
 _VALUE_KEYS = {
     "trainer": (("seed", "integer >= 0"), ("epochs", "positive integer"), ("batch_size", "positive integer"),
@@ -38,7 +40,8 @@ _VALUE_KEYS = {
     "data": (("workers", "integer >= 0"), ("val_fraction", "number in [0, 1)"), ("val_seed", "integer >= 0"),
              ("max_memory_gb", "positive number")),
     "recipe": (("seed", "integer >= 0"), ("caption_seed", "integer >= 0"), ("shard_size", "positive integer"),
-               ("min_shards", "positive integer")),
+               ("min_shards", "positive integer"), ("jpeg_quality", "integer in [1, 100]"),
+               ("workers", "positive integer, or null for every core")),
     "eval": (("batch_size", "positive integer"), ("max_templates", "integer >= 0"),
              ("subset_per_class", "positive integer")),
     "study": (("seeds", "integer >= 0"), ("parallel", "positive integer")),
