@@ -138,7 +138,7 @@ def loader_config(cfg, kind: str, workers: int, batch_size: int, epochs: int):
 
 def run_clipgen(cfg, recipe_dir: Path, manifest: dict, tokenizer) -> dict:
     """clipgen's training loader as the trainer builds it (``make_loader``: data.loader memory or stream) over
-    ``trainer.epochs`` epochs. Start-up (the memory loader's decode, the streaming loader's shard check) is
+    ``trainer.epochs`` epochs. Start-up (the memory loader's decode, the streaming loader's index) is
     timed as part of the run and reported as ``start_seconds``; ``bytes_per_sample`` is what reaches the main
     process from worker processes (the streaming loader's batches; the memory loader has no workers then)."""
     from clipgen.train.stream import make_loader

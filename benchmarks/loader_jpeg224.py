@@ -7,7 +7,7 @@ The world is drawn at 320 px (DomainNet's and ImageNet's images are larger than 
 cg_high recipe and its base corpus are written as 224 px JPEG shards (quality 95): about 8k samples, so that
 start-up does not dominate. Every side serves the same samples for the same epochs, batch size and workers:
 
-(s) clipgen streaming (``data.loader=stream``): ``load_stream_data`` checks every shard once (timed), then
+(s) clipgen streaming (``data.loader=stream``): ``load_stream_data`` opens the shards' sample index (timed), then
     ``StreamLoader`` reads, decodes, crops and normalises each batch in W DataLoader workers.
 (m) clipgen in memory: ``load_train_data`` decodes every shard once in W processes (timed), then ``EpochLoader``
     crops and normalises each batch in the main process.
@@ -23,7 +23,7 @@ bytes per sample that reach the trainer from worker processes; and, once, the pe
 shards' JPEGs (PIL vs clipgen's decoder) and of the crop + normalisation (batched grid_sample vs clipgen's).
 Sides alternate, --repeats times; each side's best run counts, printed with the 1-minute load average at its
 start. Floor: streaming >= 1.5x the webdataset pipeline
-(whole run, start-up check included); the exit status is 1 below it.
+(whole run, start-up included); the exit status is 1 below it.
 """
 from __future__ import annotations
 

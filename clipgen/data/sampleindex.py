@@ -252,6 +252,7 @@ class SampleIndex:
         except (OSError, ValueError) as e:
             raise ClipgenError(f"sample index {str(self.path)!r} cannot be read ({e}): delete it and restart "
                                "(it is rebuilt from the shards)") from None
+        self.shard_paths = [str(self.set_dir / sh["name"]) for sh in self.header["shards"]]
         self._cols: dict[str, np.ndarray] = {}
         self._blobs: dict[str, np.memmap] = {}
 
@@ -263,10 +264,6 @@ class SampleIndex:
 
     def __len__(self) -> int:
         return int(self.header["num_samples"])
-
-    @property
-    def shard_paths(self) -> list[str]:
-        return [str(self.set_dir / s["name"]) for s in self.header["shards"]]
 
     @property
     def bad(self) -> list[dict]:
