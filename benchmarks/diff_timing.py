@@ -6,7 +6,7 @@ Synthesises two runs' evaluation outputs in a temporary paths.root (``clipgen.di
 sample ids, domains, labels, preds, f16 logits over ``--classes`` classes, f16 embeddings of ``--emb-dim``
 dims, plus meta.json and recipe manifests with a held-out-class gap in the test domain), with seed-like noise
 everywhere and two planted differences (B fails on 30% of quickdraw; B better on sketch x axe). Then times
-``run_diff`` end to end as clipgen-diff runs it (loading, split, both generators, verification, scores,
+``run_diff`` end to end as clipgen-diff runs it (loading, split, the three generators, verification, scores,
 plots, summary; logger=none), with at most 2 threads for numpy/BLAS. Prints the wall time, the per-generator
 seconds and whether the planted differences are the accepted top hypotheses.
 """
@@ -83,7 +83,7 @@ def main() -> int:
         wall = time.time() - t0
     print()
     for g, m in res["generators"].items():
-        print(f"  {g}: {m['seconds']:.1f} s, {m['accepted']}/{m['hypotheses']} accepted")
+        print(f"  {g}: {m['seconds']:.1f} s ({m['cpu_seconds']:.1f} s CPU), {m['accepted']}/{m['hypotheses']} accepted")
     top = res["top"][:5]
     found_qd = any(h["slice"] == {"domain": "quickdraw"} and h["direction"] == "A" for h in top)
     found_cell = any(h["slice"] == {"domain": "sketch", "class": "axe"} and h["direction"] == "B" for h in top)

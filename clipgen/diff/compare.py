@@ -154,8 +154,9 @@ def _intro(rows: list[dict], d: dict, cfg: DictConfig) -> str:
             f"{cfg.study.name}, diffed at epoch(s) {', '.join(sorted({str(r['epoch']) for r in rows}))}. Per pair, "
             f"each generator's metrics as in its summary.md: acceptance on the held-out verification split (margin "
             f"α = {d['alpha']}), accuracy and frequency averaged over its distinct hypotheses, interestingness and "
-            "abstraction (1-5, by rule) over its accepted ones. Mean [95% t-interval] over seeds; a seed where a "
-            "value is undefined (nothing accepted) is left out of its n.")
+            "abstraction (1-5, by rule) and seed consistency (the share of the contrast's other seed pairs where a "
+            "hypothesis also holds) over its accepted ones. Mean [95% t-interval] over seeds; a seed where a value "
+            "is undefined (nothing accepted; seed consistency on seed-null pairs) is left out of its n.")
 
 
 def run_comparison(cfg: DictConfig, d: dict, diff_runs) -> dict:

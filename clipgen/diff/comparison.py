@@ -29,7 +29,8 @@ METRICS = (("hypotheses", "distinct hypotheses", 1, (0.0, math.inf)),
            ("verification_accuracy", "verification accuracy", 3, (0.0, 1.0)),
            ("verification_frequency", "frequency", 4, (0.0, 1.0)),
            ("interestingness", "interestingness", 2, (1.0, 5.0)),
-           ("abstraction", "abstraction", 2, (1.0, 5.0)))
+           ("abstraction", "abstraction", 2, (1.0, 5.0)),
+           ("seed_consistency", "seed consistency", 2, (0.0, 1.0)))
 ALL = "all contrasts"
 
 

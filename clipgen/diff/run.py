@@ -88,7 +88,7 @@ def diff_pair(recs, d: dict, vocab: dict | None = None) -> dict:
     verifier = Verifier(codes, verify, params, float(d["alpha"]))
     hyps, per_gen, fits = [], {}, {}
     for gen in d["generators"]:
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         out = []
         for h in _generate(gen, codes, verify, params, d, index, vocab, fits):
             e = verifier.evaluate(h, n_evidence=int(d["evidence"]))
@@ -99,7 +99,7 @@ def diff_pair(recs, d: dict, vocab: dict | None = None) -> dict:
             e["interestingness"], e["abstraction"] = score(codes, e)
             out.append(e)
         merge(out, verifier, float(d["fdr_q"]))  # a generator's rows must not restate each other
-        per_gen[gen] = generator_metrics(out, time.time() - t0)
+        per_gen[gen] = generator_metrics(out, time.time() - t0, time.process_time() - c0)
         if gen in fits:
             per_gen[gen]["dictionary"] = fits[gen]  # the crosscoder's fit: reconstruction, sparsity, dead latents
         hyps += out
@@ -112,11 +112,12 @@ def diff_pair(recs, d: dict, vocab: dict | None = None) -> dict:
     return {"hypotheses": hyps, "distinct": distinct, "generators": per_gen, "verifier": verifier, "codes": codes}
 
 
-def generator_metrics(out: list[dict], seconds: float) -> dict:
+def generator_metrics(out: list[dict], seconds: float, cpu_seconds: float) -> dict:
     """One generator's row: counts over its distinct hypotheses (its near-duplicates merged); acceptance,
     accuracy and frequency on the held-out verification split (the headline; accuracy and frequency averaged
     over every distinct hypothesis, since averaging over the verification-accepted ones would select on the
-    split that measures them); the discovery acceptance rate beside it, labelled; scores over the accepted."""
+    split that measures them); the discovery acceptance rate beside it, labelled; scores over the accepted; the
+    generator's wall and CPU seconds (generation, verification, scoring, its own near-duplicate merge)."""
     distinct = [h for h in out if h["duplicate_of"] is None]
     acc = [h for h in distinct if h["accepted"]]
 
@@ -131,7 +132,7 @@ def generator_metrics(out: list[dict], seconds: float) -> dict:
             "discovery_acceptance_rate": acceptance_rate(h["discovery"]["accepted"] for h in distinct),
             "interestingness": mean([float(h["interestingness"]["score"]) for h in acc]),
             "abstraction": mean([float(h["abstraction"]["score"]) for h in acc]),
-            "seconds": round(seconds, 3)}
+            "seconds": round(seconds, 3), "cpu_seconds": round(cpu_seconds, 3)}
 
 
 def _siblings(runs_root: Path, run: RunInfo) -> dict[int, Path]:
@@ -252,7 +253,8 @@ def _seed_null(res: dict, inp: dict, d: dict) -> dict | None:
 
 
 def _seed_consistency(res: dict, inp: dict, d: dict) -> None:
-    """The same hypotheses on the other seed pairs of the two configurations (share of pairs where each holds)."""
+    """The same hypotheses on the other seed pairs of the two configurations (share of pairs where each holds, on
+    all their images), and per generator its mean over the accepted distinct hypotheses."""
     if not inp["pairs"]:
         return
     verifiers = []
@@ -261,6 +263,10 @@ def _seed_consistency(res: dict, inp: dict, d: dict) -> None:
         verifiers.append(Verifier(Codes(r), np.zeros(r.n, dtype=bool), res["verifier"].params, float(d["alpha"])))
     for h in res["hypotheses"]:
         h["seed_consistency"] = float(np.mean([v.margin_all(h)[0] for v in verifiers]))
+    for g, m in res["generators"].items():  # over each generator's accepted distinct hypotheses
+        vals = [h["seed_consistency"] for h in res["hypotheses"]
+                if h["generator"] == g and h["accepted"] and h["duplicate_of"] is None]
+        m["seed_consistency"] = float(np.mean(vals)) if vals else float("nan")
 
 
 def _domain_accuracy(inp: dict) -> list[dict]:

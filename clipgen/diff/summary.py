@@ -23,7 +23,8 @@ GENERATOR_COLUMNS = (("hypotheses", "distinct hypotheses", 0), ("merged", "near-
                      ("verification_accuracy", "accuracy (verification)", 3),
                      ("verification_frequency", "frequency (verification)", 4),
                      ("discovery_acceptance_rate", "acceptance rate (discovery, where generated)", 3),
-                     ("interestingness", "interestingness", 2), ("abstraction", "abstraction", 2))
+                     ("interestingness", "interestingness", 2), ("abstraction", "abstraction", 2),
+                     ("seed_consistency", "seed consistency (other seed pairs)", 2))
 
 
 def clean_json(obj):
@@ -204,8 +205,9 @@ def write_summary(path: Path, *, run_a, run_b, epoch: int, alpha: float, domain_
     L += ["", "## Generators", "", _md_row(["generator", *(h for _, h, _ in GENERATOR_COLUMNS)]),
           _md_row(["---"] * (len(GENERATOR_COLUMNS) + 1))]
     L += [_md_row(r) for r in generator_rows(generators, _f)]
-    L += ["", "Accuracy and frequency are means over each generator's distinct hypotheses; interestingness and "
-          "abstraction over its accepted ones.", "", f"**{null_sentence(null)}**"]
+    L += ["", "Accuracy and frequency are means over each generator's distinct hypotheses; interestingness, "
+          "abstraction and seed consistency (the share of the other seed pairs of the two configurations where the "
+          "hypothesis also holds; – without other seeds) over its accepted ones.", "", f"**{null_sentence(null)}**"]
     if llm_agreement:
         L += ["", "**LLM autorater vs rule-based scores**: " + "; ".join(
             f"{k}: exact {_f(a['exact'], 2)}, within one point {_f(a['within_1'], 2)}, Spearman {_f(a['spearman'], 2)} "
