@@ -169,7 +169,7 @@ def run_comparison(cfg: DictConfig, d: dict, diff_runs) -> dict:
     gens = list(d["generators"])
     out_dir = layout.diffs_root(cfg) / f"compare--{cfg.study.name}"
     key = stable_hash({"pairs": [r["key"] for r in rows], "settings": {k: d[k] for k in ("contrasts",
-                       "recall_contrast", "recall_top")}, "version": 1})
+                       "recall_contrast", "recall_top")}, "version": 3})
     done = out_dir / "comparison.json"
     computed = sum(r["computed"] for r in rows)  # pairs diffed by this invocation
     if done.is_file() and read_json(done, "comparison record").get("key") == key:

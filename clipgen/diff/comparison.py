@@ -32,6 +32,8 @@ METRICS = (("hypotheses", "distinct hypotheses", 1, (0.0, math.inf)),
            ("abstraction", "abstraction", 2, (1.0, 5.0)),
            ("seed_consistency", "seed consistency", 2, (0.0, 1.0)))
 ALL = "all contrasts"
+OVERVIEW = ("Each generator over all contrasts (per seed the mean over the contrasts, then mean [95% CI] over the "
+            "seeds), beside what it accepts on the seed-null pairs and the recall check.")
 
 
 def _value(row: dict, gen: str, key: str) -> float:
@@ -140,9 +142,33 @@ def _verdict(iv: dict) -> str:
     return "higher" if lo > 0 else "lower" if hi < 0 else "not separated"
 
 
+def overview_rows(comp: dict) -> tuple[list[str], list[list[str]]]:
+    """One row per generator: its "all contrasts" numbers (the only contrast's, when there is one), what it
+    accepts on the seed-null pairs, and the recall check."""
+    keys = ("hypotheses", "acceptance_rate", "verification_accuracy", "verification_frequency", "interestingness",
+            "abstraction", "seed_consistency")
+    nd = {k: d for k, _, d, _ in METRICS}
+    head = (["generator"] + [h for k, h, _, _ in METRICS if k in keys]
+            + ["accepted per seed-null pair", "seed-null pairs with one accepted"]
+            + ([f"designed difference in its top {comp['recall']['top']}"] if comp.get("recall") else []))
+    body = []
+    for g in comp["generators"]:
+        rows = comp["tables"][g]
+        main = next((r for r in rows if r["contrast"] == ALL), rows[0])
+        null = next((r for r in rows if r["contrast"] == "seed-null pairs"), None)
+        row = [g] + [fmt_interval(main[k], nd[k]) for k in keys]
+        row += ([fmt_interval(null["accepted"], 1), f"{null['with_accepted']} of {null['n_pairs']}"] if null
+                else ["–", "–"])
+        if comp.get("recall"):
+            v = comp["recall"]["generators"][g]
+            row.append(f"{v['found']} of {v['seeds']} seeds")
+        body.append(row)
+    return head, body
+
+
 def table_rows(comp: dict) -> dict:
-    """Plain-text cells of every table: {"generators": {g: (header, rows)}, "paired": (header, rows),
-    "recall": (header, rows) or None}."""
+    """Plain-text cells of every table: {"overview": (header, rows), "generators": {g: (header, rows)},
+    "paired": (header, rows), "recall": (header, rows) or None}."""
     head = ["contrast", "pairs"] + [h for _, h, _, _ in METRICS] + ["null pairs with an accepted hypothesis"]
     gens = {}
     for g in comp["generators"]:  # the run order (the JSON file's keys are sorted)
@@ -169,7 +195,7 @@ def table_rows(comp: dict) -> dict:
             body.append([g, f"{v['found']} of {v['seeds']}",
                          " ".join("–" if x is None else str(x) for x in v["ranks"])])
         rec = (["generator", f"seeds with the designed difference in its top {rc['top']}", "rank per seed"], body)
-    return {"generators": gens, "paired": (phead, pbody), "recall": rec}
+    return {"overview": overview_rows(comp), "generators": gens, "paired": (phead, pbody), "recall": rec}
 
 
 def _md_table(head: list[str], body: list[list[str]]) -> list[str]:
@@ -179,7 +205,9 @@ def _md_table(head: list[str], body: list[list[str]]) -> list[str]:
 
 def markdown(comp: dict) -> str:
     t = table_rows(comp)
-    L = [f"# Methods comparison: {comp['study']}", "", comp["intro"], ""]
+    L = [f"# Methods comparison: {comp['study']}", "", comp["intro"], "", "## Overview", "",
+         OVERVIEW, "",
+         *_md_table(*t["overview"]), ""]
     for g, (head, body) in t["generators"].items():
         L += [f"## {g}", "", *_md_table(head, body), ""]
     L += ["## Paired differences between generators", "",
@@ -202,7 +230,8 @@ def html_tables(comp: dict) -> str:
                                      for i, c in enumerate(row)) + "</tr>" for row in body)
         return f"<div class=scroll><table>{h}{b}</table></div>"
 
-    parts = [f"<h3>Methods comparison: {e(comp['study'])}</h3>", f"<p class=muted>{e(comp['intro'])}</p>"]
+    parts = [f"<h3>Methods comparison: {e(comp['study'])}</h3>", f"<p class=muted>{e(comp['intro'])}</p>",
+             f"<h4>Overview</h4><p class=muted>{e(OVERVIEW)}</p>", tab(*t["overview"])]
     for g, (head, body) in t["generators"].items():
         parts += [f"<h4>{e(g)}</h4>", tab(head, body)]
     parts += ["<h4>Paired differences between generators</h4>",

@@ -34,12 +34,20 @@ class Standardiser:
     bases: list[np.ndarray]  # [dim, k] per run, orthonormal columns
     scales: list[float]
 
-    def transform(self, embs: list[np.ndarray]) -> np.ndarray:
-        blocks = []
+    def transform(self, embs: list[np.ndarray], chunk: int = 16384) -> np.ndarray:
+        """``[n, k_a + k_b]`` float32, in chunks of rows (a 100k x 1024 float64 copy would be 800 MB)."""
+        n = len(embs[0])
+        out = np.empty((n, sum(b.shape[1] for b in self.bases)), dtype=np.float32)
+        col = 0
         for e, mu, basis, s in zip(embs, self.means, self.bases, self.scales):
-            e = _unit(e)
-            blocks.append(((e - mu) @ basis / s).astype(np.float32))
-        return np.concatenate(blocks, axis=1)
+            k = basis.shape[1]
+            mu32, basis32 = mu.astype(np.float32), (basis / s).astype(np.float32)
+            for r in range(0, n, chunk):
+                x = np.asarray(e[r:r + chunk], dtype=np.float32)
+                x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+                out[r:r + chunk, col:col + k] = (x - mu32) @ basis32
+            col += k
+        return out
 
     def to_embedding(self, run: int, directions: np.ndarray) -> np.ndarray:
         """Directions ``[n, k]`` in run ``run``'s block back in its embedding space ``[n, dim]`` (for naming)."""
@@ -58,7 +66,8 @@ def fit_standardiser(embs: list[np.ndarray], pca_dim: int) -> Standardiser:
         mu = e.mean(axis=0)
         c = e - mu
         k = max(1, min(int(pca_dim), c.shape[1], max(len(c) - 1, 1)))
-        evals, evecs = np.linalg.eigh(c.T @ c)  # ascending; d x d is small next to n x d
+        c32 = c.astype(np.float32)  # the n x d x d product in float32 (half the time); the d x d solve in float64
+        evals, evecs = np.linalg.eigh((c32.T @ c32).astype(np.float64))  # ascending
         basis = evecs[:, ::-1][:, :k]
         basis = basis * np.where(basis[np.abs(basis).argmax(axis=0), np.arange(k)] < 0, -1.0, 1.0)  # fixed signs
         z = c @ basis
@@ -70,12 +79,16 @@ def fit_standardiser(embs: list[np.ndarray], pca_dim: int) -> Standardiser:
 
 @contextlib.contextmanager
 def one_thread():
-    """The crosscoder's ops are small: one thread is faster, and immune to a busy machine's spin-waiting (two
-    threads were 4-10x slower per step on the shared 2-core machine); the caller's setting is restored."""
+    """torch and numpy's BLAS on one thread: the crosscoder's ops are small, and one thread is immune to a busy
+    machine's spin-waiting (on the shared 2-core machine two threads were 4-10x slower per training step, and a
+    1024 x 1024 eigendecomposition 3x slower); the caller's settings are restored."""
+    from threadpoolctl import threadpool_limits
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        with threadpool_limits(limits=1):
+            yield
     finally:
         torch.set_num_threads(before)
 

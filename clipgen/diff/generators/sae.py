@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
-from clipgen.diff.crosscoder import Standardiser, encode, fit_standardiser, train_crosscoder
+from clipgen.diff.crosscoder import Standardiser, encode, fit_standardiser, one_thread, train_crosscoder
 from clipgen.diff.generators.cluster import compile_groups
 from clipgen.diff.generators.slice_diff import GroupIndex
 from clipgen.diff.metrics import benjamini_hochberg, split_metrics
@@ -92,15 +92,15 @@ def concept_names(std: Standardiser, model, latents: list[int], vocab: dict) -> 
     da = model.dims[0]
     dec = model.w_dec.detach().numpy().astype(np.float64)
     out: dict[int, dict] = {j: {} for j in latents}
-    for run, block in ((0, dec[:, :da]), (1, dec[:, da:])):
-        txt = np.asarray(vocab["ab"[run]], np.float64)
+    for run, key, block in ((0, "a", dec[:, :da]), (1, "b", dec[:, da:])):
+        txt = np.asarray(vocab[key], np.float64)
         txt = txt / np.maximum(np.linalg.norm(txt, axis=1, keepdims=True), 1e-12)
         dirs = std.to_embedding(run, block[latents])
         dirs = dirs / np.maximum(np.linalg.norm(dirs, axis=1, keepdims=True), 1e-12)
         sims = dirs @ txt.T
         for i, j in enumerate(latents):
             w = int(np.argmax(sims[i]))
-            out[j]["ab"[run]] = {"concept": vocab["words"][w], "cosine": round(float(sims[i, w]), 4)}
+            out[j][key] = {"concept": vocab["words"][w], "cosine": round(float(sims[i, w]), 4)}
     return out
 
 
@@ -110,8 +110,9 @@ def _fit(codes: Codes, disc: np.ndarray, *, seed: int, latents: int, pca_dim: in
     fit = np.flatnonzero(disc)
     if len(fit) > max_points:
         fit = np.sort(np.random.default_rng(seed).choice(fit, size=max_points, replace=False))
-    std = fit_standardiser([recs.emb_a[fit], recs.emb_b[fit]], pca_dim)
-    x = std.transform([recs.emb_a, recs.emb_b])
+    with one_thread():
+        std = fit_standardiser([recs.emb_a[fit], recs.emb_b[fit]], pca_dim)
+        x = std.transform([recs.emb_a, recs.emb_b])
     dims = (std.bases[0].shape[1], std.bases[1].shape[1])
     model, summary = train_crosscoder(x[fit], dims, latents, steps=steps, batch_size=batch_size, lr=lr, l1=l1,
                                       seed=seed)
