@@ -200,6 +200,8 @@ def test_comparison_bad_input(tmp_path):
         run_diff(make_cfg(tmp_path, "diff.contrasts=[[cg_low]]"))
     with pytest.raises(ClipgenError, match="diff.recall_contrast"):
         run_diff(make_cfg(tmp_path, "diff.contrasts=[[cg_low,cg_high]]", "diff.recall_contrast=[lod,cg_high]"))
+    with pytest.raises(ClipgenError, match="diff.contrasts entry 'cg_hihg': unknown study.recipes entry"):
+        run_diff(make_cfg(tmp_path, "diff.contrasts=[[cg_low,cg_hihg]]"))
     with pytest.raises(ClipgenError, match="have no evaluation outputs"):
         run_diff(make_cfg(tmp_path, "diff.contrasts=[[cg_low,cg_high]]"))
     with pytest.raises(ClipgenError, match="diff.sae_steps=0"):
@@ -260,9 +262,10 @@ def test_comparison_of_a_trained_study_end_to_end(study, capsys):
     again = run_diff(cfg)
     assert again["computed_pairs"] == 1 and again["skipped"]  # the same key: the comparison itself is current
     after = json.loads(lost.read_text())
+    timings = ("seconds", "cpu_seconds")
     for g, m in before["generators"].items():
-        assert {k: v for k, v in m.items() if k != "seconds"} == \
-            {k: v for k, v in after["generators"][g].items() if k != "seconds"}
+        assert {k: v for k, v in m.items() if k not in timings} == \
+            {k: v for k, v in after["generators"][g].items() if k not in timings}
 
     html = report_section(study, study / "report")
     assert "Methods comparison: cmp" in html and html.count("<details>") == 4

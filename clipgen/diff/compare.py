@@ -58,7 +58,10 @@ def _contrasts(d: dict) -> list[tuple[str, str]]:
 def _run_dir(cfg: DictConfig, test_domain: str, recipe: str, seed: int) -> Path:
     from clipgen.launch.study import Job, job_config, run_dir_of  # the study's own naming of its runs
 
-    return run_dir_of(job_config(cfg, Job(test_domain, recipe, int(seed))))
+    try:
+        return run_dir_of(job_config(cfg, Job(test_domain, recipe, int(seed))))
+    except ClipgenError as e:
+        raise ClipgenError(f"diff.contrasts entry {recipe!r}: {e}") from None
 
 
 def plan(cfg: DictConfig, d: dict) -> list[dict]:

@@ -232,7 +232,7 @@ def _inputs(cfg: DictConfig, d: dict) -> dict:
     from clipgen.diff.compare import pair_settings
 
     key = stable_hash({"inputs": shas, "epoch": epoch, "diff": pair_settings(d), "seed_pairs": [str(p) for p in pairs],
-                       "noise_runs": [str(p) for p in noise_runs], "version": 4})
+                       "noise_runs": [str(p) for p in noise_runs], "version": 5})
     return {"dir_a": dir_a, "dir_b": dir_b, "dir_n": dir_n, "run_a": run_a, "run_b": run_b, "run_n": run_n,
             "epoch": epoch, "recs": recs, "null_recs": null_recs, "shas": shas, "pairs": pairs,
             "noise_runs": noise_runs, "name": name, "out_dir": layout.diffs_root(cfg) / name, "key": key}
