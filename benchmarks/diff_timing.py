@@ -1,6 +1,7 @@
 """clipgen-diff on two runs with 100k evaluation images: must finish in <= 60 s on 2 cores.
 
     python benchmarks/diff_timing.py [--images 100000] [--classes 345] [--emb-dim 1024] [--null] [--keep DIR]
+                                     [--generators slice_diff,cluster]
 
 Synthesises two runs' evaluation outputs in a temporary paths.root (``clipgen.diff.synthetic``: npz with
 sample ids, domains, labels, preds, f16 logits over ``--classes`` classes, f16 embeddings of ``--emb-dim``
@@ -67,6 +68,8 @@ def main() -> int:
     ap.add_argument("--emb-dim", type=int, default=1024)
     ap.add_argument("--null", action="store_true", help="also a seed-null run (a third diff pass)")
     ap.add_argument("--keep", type=str, default=None, help="paths.root to keep (default: a temporary directory)")
+    ap.add_argument("--generators", type=str, default=None,
+                    help="diff.generators, comma-separated (default: the config's, slice_diff,cluster,sae)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="clipgen-diff-bench-") as tmp:
@@ -77,7 +80,8 @@ def main() -> int:
         from clipgen.diff.run import run_diff
 
         cfg = compose_config([f"paths.root={root}", "logger=none", "run_a=A", "run_b=B"]
-                             + (["null_run=N"] if args.null else []))
+                             + (["null_run=N"] if args.null else [])
+                             + ([f"diff.generators=[{args.generators}]"] if args.generators else []))
         t0 = time.time()
         res = run_diff(cfg)
         wall = time.time() - t0
