@@ -9,7 +9,8 @@ is diffed from scratch and nothing is written into the study root. Prints the wa
 process (``resource.getrusage``, all threads; the machine may be shared, so CPU seconds are the number to compare),
 and each generator's CPU seconds summed over the pairs: the SAE generator's beside the baseline of the two
 generators clipgen-diff had before it (slice_diff + cluster), and the rest (loading, verification of the seed
-pairs, plots, files); importing torch (the SAE generator's only heavy import) is done and timed before, once. The study must have been trained and evaluated (``clipgen-study experiment=world_study``).
+pairs, plots, files); importing torch (the SAE generator's only heavy import) is done and timed before, once.
+The study must have been trained and evaluated (``clipgen-study experiment=world_study``).
 """
 from __future__ import annotations
 
