@@ -1,12 +1,13 @@
 """clipgen-diff on two runs with 100k evaluation images: must finish in <= 60 s on 2 cores.
 
     python benchmarks/diff_timing.py [--images 100000] [--classes 345] [--emb-dim 1024] [--null] [--keep DIR]
+                                     [--generators slice_diff,cluster]
 
 Synthesises two runs' evaluation outputs in a temporary paths.root (``clipgen.diff.synthetic``: npz with
 sample ids, domains, labels, preds, f16 logits over ``--classes`` classes, f16 embeddings of ``--emb-dim``
 dims, plus meta.json and recipe manifests with a held-out-class gap in the test domain), with seed-like noise
 everywhere and two planted differences (B fails on 30% of quickdraw; B better on sketch x axe). Then times
-``run_diff`` end to end as clipgen-diff runs it (loading, split, both generators, verification, scores,
+``run_diff`` end to end as clipgen-diff runs it (loading, split, the three generators, verification, scores,
 plots, summary; logger=none), with at most 2 threads for numpy/BLAS. Prints the wall time, the per-generator
 seconds and whether the planted differences are the accepted top hypotheses.
 """
@@ -67,6 +68,8 @@ def main() -> int:
     ap.add_argument("--emb-dim", type=int, default=1024)
     ap.add_argument("--null", action="store_true", help="also a seed-null run (a third diff pass)")
     ap.add_argument("--keep", type=str, default=None, help="paths.root to keep (default: a temporary directory)")
+    ap.add_argument("--generators", type=str, default=None,
+                    help="diff.generators, comma-separated (default: the config's, slice_diff,cluster,sae)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="clipgen-diff-bench-") as tmp:
@@ -77,13 +80,14 @@ def main() -> int:
         from clipgen.diff.run import run_diff
 
         cfg = compose_config([f"paths.root={root}", "logger=none", "run_a=A", "run_b=B"]
-                             + (["null_run=N"] if args.null else []))
+                             + (["null_run=N"] if args.null else [])
+                             + ([f"diff.generators=[{args.generators}]"] if args.generators else []))
         t0 = time.time()
         res = run_diff(cfg)
         wall = time.time() - t0
     print()
     for g, m in res["generators"].items():
-        print(f"  {g}: {m['seconds']:.1f} s, {m['accepted']}/{m['hypotheses']} accepted")
+        print(f"  {g}: {m['seconds']:.1f} s ({m['cpu_seconds']:.1f} s CPU), {m['accepted']}/{m['hypotheses']} accepted")
     top = res["top"][:5]
     found_qd = any(h["slice"] == {"domain": "quickdraw"} and h["direction"] == "A" for h in top)
     found_cell = any(h["slice"] == {"domain": "sketch", "class": "axe"} and h["direction"] == "B" for h in top)

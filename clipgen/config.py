@@ -226,7 +226,7 @@ class DiffConfig:
     epoch: int = -1  # checkpoint whose evaluation outputs are compared (-1 = last epoch both runs evaluated)
     alpha: float = 0.01  # acceptance margin: predicted side's share must exceed the other's by this much
     seed: int = 0  # discovery/verification split and every other random choice
-    generators: List[str] = field(default_factory=lambda: ["slice_diff", "cluster"])  # hypothesis generators
+    generators: List[str] = field(default_factory=lambda: ["slice_diff", "cluster", "sae"])  # hypothesis generators
     tau: float = 0.1  # behaviour true_prob: minimum difference in true-class probability
     confident: float = 0.5  # behaviour confident_error: minimum top probability of a wrong prediction
     fdr_q: float = 0.05  # Benjamini-Hochberg level of the generators, and slice_diff's child-vs-parent test level
@@ -234,6 +234,22 @@ class DiffConfig:
     max_hypotheses: int = 50  # per generator, strongest first
     cluster_max_points: int = 4000  # cluster: discordant images clustered at most (seeded subsample)
     cluster_pca_dim: int = 8  # cluster: PCA components kept of each run's embeddings
+    # sae: a crosscoder (shared sparse code, a decoder per run) on both runs' embeddings of the discovery images;
+    # latents whose activation differs most between A-wins and B-wins become hypotheses (clipgen/diff/generators/sae.py)
+    sae_latents: int = 256  # dictionary size
+    sae_pca_dim: int = 64  # each run's embedding rotated onto this many principal directions (the tiny model's 64: all)
+    sae_steps: int = 300  # Adam steps
+    sae_batch_size: int = 256
+    sae_lr: float = 3e-3
+    sae_l1: float = 0.02  # L1 weight on codes x decoder norms (reconstruction error is averaged over dimensions)
+    sae_max_points: int = 20000  # discovery images the dictionary is fitted on at most (seeded subsample)
+    sae_vocab_file: Optional[str] = None  # concepts, one per line, to name latents by (loads both runs' text towers)
+    # clipgen-diff without run_a/run_b: the methods comparison over a study's runs (diff=design_contrasts). Each
+    # contrast [A, B] names two study recipe entries; every seed of study.seeds is diffed, plus seed-null pairs
+    # (seeds 0-1, 2-3, ... of every recipe in the contrasts); one table per generator, mean [95% CI] over seeds.
+    contrasts: List[List[str]] = field(default_factory=list)
+    recall_contrast: List[str] = field(default_factory=list)  # [A, B] of contrasts: is "B better on D x C2" found?
+    recall_top: int = 5  # ... among each generator's top this many accepted hypotheses
     top_k: int = 10  # top hypotheses shown in summary.md and the report
     evidence: int = 5  # evidence image ids per hypothesis
     # Optional LLM (off by default; never downloads): paraphrases hypotheses and rates them as the paper's

@@ -25,7 +25,7 @@ import numpy as np
 from clipgen.diff.metrics import differs_from_rest, mcnemar_exact
 from clipgen.diff.predicates import comparable
 
-GENERATOR_ORDER = ("slice_diff", "cluster")  # on equal evidence the simpler, enumerated description is kept
+GENERATOR_ORDER = ("slice_diff", "cluster", "sae")  # on equal evidence the simpler, enumerated description is kept
 
 
 def _preference(h: dict) -> tuple:

@@ -215,7 +215,7 @@ class Records:
 def build_records(a: RunInfo, b: RunInfo, epoch: int) -> tuple[Records, dict]:
     """Align the two runs' outputs of ``epoch`` by sample id. Returns the records and the inputs' sha256s."""
     if list(a.meta["classes"]) != list(b.meta["classes"]):
-        raise ClipgenError(f"{b.run_dir / 'meta.json'}: classes differ from {a.run_dir / 'meta.json'} "
+        raise ClipgenError(f"{rundir.meta_path(b.run_dir)}: classes differ from {rundir.meta_path(a.run_dir)} "
                            "(expected two runs with the same classification universe)")
     pa, pb = outputs_path(a.run_dir, epoch), outputs_path(b.run_dir, epoch)
     za, zb = _load_npz(pa), _load_npz(pb)

@@ -1,8 +1,10 @@
-"""The study report's section on model diffs: one block per directory under ``{root}/diffs``.
+"""The study report's section on model diffs: methods comparisons, then one block per diff under ``{root}/diffs``.
 
-``report_section(root, report_dir)`` returns an HTML fragment (``""`` when no diff exists) with, per diff, the
-per-generator table (and the seed-null control), the top hypotheses with evidence, and the two plots, copied to
-``report_dir/diffs/<diff name>/`` and linked relatively. Every string goes through html.escape.
+``report_section(root, report_dir)`` returns an HTML fragment (``""`` when no diff exists) with, per methods
+comparison (``clipgen-diff experiment=world_study diff=design_contrasts``), its tables (one per generator, paired
+differences, recall); then per diff the per-generator table (and the seed-null control), the top hypotheses with
+evidence, and the two plots, copied to ``report_dir/diffs/<diff name>/`` and linked relatively; the diffs a
+comparison made are folded into ``<details>`` below it. Every string goes through html.escape.
 """
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 from clipgen.diff.null import sentence as null_sentence
-from clipgen.diff.run import FILES, top_hypotheses
-from clipgen.diff.summary import GENERATOR_COLUMNS, generator_rows, hypothesis_line
+from clipgen.diff.ranking import top_hypotheses
+from clipgen.diff.summary import FILES, GENERATOR_COLUMNS, generator_rows, hypothesis_line
 from clipgen.utils import atomic_write_bytes
 
 _PLOTS = ("accuracy_vs_frequency.png", "delta_accuracy.png")
@@ -92,16 +94,42 @@ def _one(diff_dir: Path, report_dir: Path, k: int) -> str:
     return "\n".join(parts)
 
 
+def _comparison(path: Path) -> tuple[str, set[str]]:
+    """A methods comparison's tables (``compare--{study}/comparison.json``) and the names of its pairs' diffs."""
+    comp = _read(path)
+    if not comp or "tables" not in comp:
+        return "", set()
+    from clipgen.diff.comparison import html_tables
+
+    return html_tables(comp), {Path(r["diff_dir"]).name for r in comp.get("pairs", [])}
+
+
 def report_section(root: Path, report_dir: Path, top_k: int = 5) -> str:
+    """Methods comparisons first (their pairs' diffs folded away below them), then every other diff in full."""
     base = Path(root) / "diffs"
     if not base.is_dir():
         return ""
+    comparisons, in_comparison = [], set()
+    for c in sorted(base.glob("compare--*/comparison.json")):
+        block, names = _comparison(c)
+        if block:
+            comparisons.append(block)
+            in_comparison |= names
     dirs = [d for d in sorted(base.iterdir()) if d.is_dir() and all((d / f).is_file() for f in FILES)
             and (d / "diff.json").is_file()]
-    blocks = [b for b in (_one(d, Path(report_dir), top_k) for d in dirs) if b]
-    if not blocks:
+    alone, folded = [], []
+    for d in dirs:
+        block = _one(d, Path(report_dir), top_k)
+        if block and d.name in in_comparison:
+            folded.append(f"<details><summary>{_e(d.name.replace('__vs__', ' vs '))}</summary>{block}</details>")
+        elif block:
+            alone.append(block)
+    if not (comparisons or alone or folded):
         return ""
     intro = ("<p class=muted>clipgen-diff: hypotheses (slice × behaviour × direction) about how run B behaves "
              "differently from run A, generated on 2/3 of the images and checked by a deterministic verifier on "
              "the other 1/3, which decides acceptance.</p>")
-    return "<h2>Model diffs</h2>\n" + intro + "\n" + "\n".join(blocks)
+    parts = ["<h2>Model diffs</h2>", intro, *comparisons]
+    if folded:
+        parts.append(f"<h3>The comparison's {len(folded)} diffs</h3>" + "".join(folded))
+    return "\n".join(parts + alone)

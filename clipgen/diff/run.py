@@ -25,30 +25,18 @@ from clipgen.diff.metrics import acceptance_rate
 from clipgen.diff.null import NullControl
 from clipgen.diff.null import summarise as summarise_null
 from clipgen.diff.predicates import BehaviourParams, Codes, hypothesis_text, slice_cells
+from clipgen.diff.ranking import rank_key, top_hypotheses
 from clipgen.diff.records import RunInfo, build_records, evaluated_epochs, load_run, pick_epoch, resolve_run
 from clipgen.diff.scores import score
 from clipgen.diff.split import split_mask
+from clipgen.diff.summary import FILES, clean_json
 from clipgen.diff.verify import Verifier
 from clipgen.errors import ClipgenError
-from clipgen.utils import atomic_write_json, read_json, stable_hash
+from clipgen.utils import atomic_write_json, read_json, sha256_file, stable_hash
 
 log = logging.getLogger("clipgen.diff")
 
-GENERATORS = ("slice_diff", "cluster")
-FILES = ("summary.md", "hypotheses.jsonl", "metrics.json", "accuracy_vs_frequency.png", "delta_accuracy.png")
-
-
-def _clean(obj):
-    """NaN/inf -> None, numpy scalars -> Python, so the JSON files are standard JSON."""
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
+GENERATORS = ("slice_diff", "cluster", "sae")
 
 
 def diff_config(cfg: DictConfig) -> dict:
@@ -64,28 +52,45 @@ def diff_config(cfg: DictConfig) -> dict:
         raise ClipgenError(f"diff.llm_backend={d['llm_backend']!r}: expected one of {', '.join(BACKENDS)}")
     if not 0 < float(d["fdr_q"]) < 1:
         raise ClipgenError(f"diff.fdr_q={d['fdr_q']}: expected a level in (0, 1)")
+    for k in ("sae_latents", "sae_pca_dim", "sae_steps", "sae_batch_size", "sae_max_points"):
+        if int(d[k]) < 1:
+            raise ClipgenError(f"diff.{k}={d[k]}: expected a positive integer")
+    if not float(d["sae_lr"]) > 0 or not float(d["sae_l1"]) >= 0:
+        raise ClipgenError(f"diff.sae_lr={d['sae_lr']}, diff.sae_l1={d['sae_l1']}: expected lr > 0 and l1 >= 0")
     return d
 
 
-def diff_pair(recs, d: dict) -> dict:
-    """Generate, verify and score hypotheses for one pair of runs' records. Pure (no files)."""
+def _generate(gen: str, codes: Codes, verify: np.ndarray, params: BehaviourParams, d: dict, index, vocab: dict | None,
+              fits: dict) -> list[dict]:
+    """One generator's raw hypotheses (discovery split only)."""
+    common = {"min_slice": int(d["min_slice"]), "max_hypotheses": int(d["max_hypotheses"]),
+              "fdr_q": float(d["fdr_q"]), "seed": int(d["seed"]), "index": index}
+    if gen == "slice_diff":
+        return slice_diff.generate(codes, verify, params, **common)
+    if gen == "cluster":
+        return cluster.generate(codes, verify, params, max_points=int(d["cluster_max_points"]),
+                                pca_dim=int(d["cluster_pca_dim"]), **common)
+    from clipgen.diff.generators import sae  # torch, only when the SAE generator runs
+
+    return sae.generate(codes, verify, params, latents=int(d["sae_latents"]), pca_dim=int(d["sae_pca_dim"]),
+                        steps=int(d["sae_steps"]), batch_size=int(d["sae_batch_size"]), lr=float(d["sae_lr"]),
+                        l1=float(d["sae_l1"]), max_points=int(d["sae_max_points"]), alpha=float(d["alpha"]),
+                        vocab=vocab, summary=fits.setdefault(gen, {}), **common)
+
+
+def diff_pair(recs, d: dict, vocab: dict | None = None) -> dict:
+    """Generate, verify and score hypotheses for one pair of runs' records. Pure (no files). ``vocab`` (from
+    ``concepts.vocabulary``) names the SAE generator's latents."""
     params = BehaviourParams(tau=float(d["tau"]), conf=float(d["confident"]))
     codes = Codes(recs)
     verify = split_mask(recs.sample_ids, recs.domain.astype(np.int64) * len(recs.classes) + recs.label, int(d["seed"]))
     index = slice_diff.GroupIndex(codes)
     verifier = Verifier(codes, verify, params, float(d["alpha"]))
-    hyps, per_gen = [], {}
+    hyps, per_gen, fits = [], {}, {}
     for gen in d["generators"]:
-        t0 = time.time()
-        if gen == "slice_diff":
-            raw = slice_diff.generate(codes, verify, params, fdr_q=float(d["fdr_q"]), min_slice=int(d["min_slice"]),
-                                      max_hypotheses=int(d["max_hypotheses"]), seed=int(d["seed"]), index=index)
-        else:
-            raw = cluster.generate(codes, verify, params, seed=int(d["seed"]), max_points=int(d["cluster_max_points"]),
-                                   pca_dim=int(d["cluster_pca_dim"]), min_slice=int(d["min_slice"]),
-                                   max_hypotheses=int(d["max_hypotheses"]), fdr_q=float(d["fdr_q"]), index=index)
+        t0, c0 = time.time(), time.process_time()
         out = []
-        for h in raw:
+        for h in _generate(gen, codes, verify, params, d, index, vocab, fits):
             e = verifier.evaluate(h, n_evidence=int(d["evidence"]))
             e["id"] = len(hyps) + len(out)
             e["text"] = hypothesis_text(codes, h["slice"], h["behaviour"], h["direction"], h.get("target"), params)
@@ -94,9 +99,11 @@ def diff_pair(recs, d: dict) -> dict:
             e["interestingness"], e["abstraction"] = score(codes, e)
             out.append(e)
         merge(out, verifier, float(d["fdr_q"]))  # a generator's rows must not restate each other
-        per_gen[gen] = generator_metrics(out, time.time() - t0)
+        per_gen[gen] = generator_metrics(out, time.time() - t0, time.process_time() - c0)
+        if gen in fits:
+            per_gen[gen]["dictionary"] = fits[gen]  # the crosscoder's fit: reconstruction, sparsity, dead latents
         hyps += out
-    # a cluster hypothesis that restates a slice_diff one is shown once, as found by both
+    # a cluster or SAE hypothesis that restates an earlier generator's is shown once, as found by both
     distinct = merge([h for h in hyps if h["duplicate_of"] is None], verifier, float(d["fdr_q"]), key="same_as",
                      members="also", across_generators=True)
     for h in hyps:
@@ -105,11 +112,12 @@ def diff_pair(recs, d: dict) -> dict:
     return {"hypotheses": hyps, "distinct": distinct, "generators": per_gen, "verifier": verifier, "codes": codes}
 
 
-def generator_metrics(out: list[dict], seconds: float) -> dict:
+def generator_metrics(out: list[dict], seconds: float, cpu_seconds: float) -> dict:
     """One generator's row: counts over its distinct hypotheses (its near-duplicates merged); acceptance,
     accuracy and frequency on the held-out verification split (the headline; accuracy and frequency averaged
     over every distinct hypothesis, since averaging over the verification-accepted ones would select on the
-    split that measures them); the discovery acceptance rate beside it, labelled; scores over the accepted."""
+    split that measures them); the discovery acceptance rate beside it, labelled; scores over the accepted; the
+    generator's wall and CPU seconds (generation, verification, scoring, its own near-duplicate merge)."""
     distinct = [h for h in out if h["duplicate_of"] is None]
     acc = [h for h in distinct if h["accepted"]]
 
@@ -124,29 +132,7 @@ def generator_metrics(out: list[dict], seconds: float) -> dict:
             "discovery_acceptance_rate": acceptance_rate(h["discovery"]["accepted"] for h in distinct),
             "interestingness": mean([float(h["interestingness"]["score"]) for h in acc]),
             "abstraction": mean([float(h["abstraction"]["score"]) for h in acc]),
-            "seconds": round(seconds, 3)}
-
-
-def _hyp_key(h: dict) -> tuple:
-    return (tuple(sorted(h["slice"].items())), h["behaviour"], h.get("target"), h["direction"])
-
-
-def rank_key(h: dict) -> tuple:
-    """Strongest evidence first: the discovery McNemar statistic toward the predicted side. (Ranking by effect
-    size instead favours small slices picked on discovery, which verify worse.)"""
-    return (-h["z"], h["text"])
-
-
-def top_hypotheses(hyps: list[dict], k: int) -> list[dict]:
-    """Accepted (verification) distinct hypotheses of every generator, near-duplicates left out (``dedup``) and
-    any remaining same predicate merged, ranked by ``rank_key``."""
-    best: dict = {}
-    for h in hyps:
-        if h["accepted"] and h.get("duplicate_of") is None and h.get("same_as") is None:
-            key = _hyp_key(h)
-            if key not in best or rank_key(h) < rank_key(best[key]):
-                best[key] = h
-    return sorted(best.values(), key=rank_key)[:k]
+            "seconds": round(seconds, 3), "cpu_seconds": round(cpu_seconds, 3)}
 
 
 def _siblings(runs_root: Path, run: RunInfo) -> dict[int, Path]:
@@ -205,7 +191,17 @@ def _log_wandb(cfg: DictConfig, out_dir: Path, name: str, hyps: list[dict], per_
 
 
 def run_diff(cfg: DictConfig) -> dict:
+    """One pair (``run_a``, ``run_b``), or without them and with ``diff.contrasts`` the methods comparison."""
     d = diff_config(cfg)
+    if not cfg.get("run_a") and not cfg.get("run_b") and d["contrasts"]:
+        from clipgen.diff.compare import run_comparison
+
+        return run_comparison(cfg, d, diff_runs)
+    return diff_runs(cfg, d)
+
+
+def _inputs(cfg: DictConfig, d: dict) -> dict:
+    """The two runs (and the null run), their aligned records at the diffed epoch, the other seeds, the key."""
     runs_root = layout.runs_root(cfg)
     dir_a = resolve_run(cfg.run_a, runs_root, "run_a")
     dir_b = resolve_run(cfg.run_b, runs_root, "run_b")
@@ -218,6 +214,11 @@ def run_diff(cfg: DictConfig) -> dict:
     if run_n is not None:
         null_recs, null_shas = build_records(run_a, run_n, epoch)
         shas["null"] = null_shas["b"]
+    if d["sae_vocab_file"] and "sae" in d["generators"]:
+        from clipgen.diff.concepts import read_vocab
+
+        read_vocab(d["sae_vocab_file"])  # a wrong path fails before any work
+        shas["vocab"] = sha256_file(Path(str(d["sae_vocab_file"])).expanduser())
 
     siblings_a, siblings_b = _siblings(runs_root, run_a), _siblings(runs_root, run_b)
     pairs = [(s, siblings_a[s], siblings_b[s]) for s in sorted(set(siblings_a) & set(siblings_b))
@@ -227,52 +228,71 @@ def run_diff(cfg: DictConfig) -> dict:
     noise_runs = [p for s, p in sorted(siblings_a.items()) if p != dir_a and epoch in evaluated_epochs(p)]
     if dir_n and dir_n not in noise_runs:
         noise_runs.append(dir_n)
-
     name = f"{run_a.name}__vs__{run_b.name}"
-    out_dir = layout.diffs_root(cfg) / name
-    key = stable_hash({"inputs": shas, "epoch": epoch, "diff": d, "seed_pairs": [str(p) for p in pairs],
-                       "noise_runs": [str(p) for p in noise_runs], "version": 3})
-    done = out_dir / "diff.json"
-    if done.is_file() and all((out_dir / f).is_file() for f in FILES):
-        prev = read_json(done, "diff record")
-        if prev.get("key") == key:
-            print(f"diff {name}: up to date (epoch {epoch}), nothing to do -> {out_dir}")
-            return {**prev, "skipped": True}
+    from clipgen.diff.compare import pair_settings
 
-    t0 = time.time()
-    res = diff_pair(recs, d)
-    hyps = res["hypotheses"]
+    key = stable_hash({"inputs": shas, "epoch": epoch, "diff": pair_settings(d), "seed_pairs": [str(p) for p in pairs],
+                       "noise_runs": [str(p) for p in noise_runs], "version": 5})
+    return {"dir_a": dir_a, "dir_b": dir_b, "dir_n": dir_n, "run_a": run_a, "run_b": run_b, "run_n": run_n,
+            "epoch": epoch, "recs": recs, "null_recs": null_recs, "shas": shas, "pairs": pairs,
+            "noise_runs": noise_runs, "name": name, "out_dir": layout.diffs_root(cfg) / name, "key": key}
 
-    null = None
-    if null_recs is not None:
-        nres = diff_pair(null_recs, d)  # the seed pair's own diff: the false-discovery baseline
-        control = NullControl(res["verifier"], null_recs, run_n.name)
-        for h in hyps:  # the same hypotheses on the same images, judged with A's and the null run's predictions
-            h["null"] = control.check(h)
-        checked = [h for h in res["distinct"] if h["accepted"]]
-        null = {"run": run_n.name, "generators": nres["generators"],
-                **summarise_null(checked, nres["generators"], float(d["fdr_q"]))}
 
-    # seed consistency: the same hypothesis on other seed pairs of the two configurations
-    if pairs:
-        verifiers = []
-        for s, pa, pb in pairs:
-            r, _ = build_records(load_run(pa), load_run(pb), epoch)
-            v = Verifier(Codes(r), np.zeros(r.n, dtype=bool), res["verifier"].params, float(d["alpha"]))
-            verifiers.append(v)
-        for h in hyps:
-            h["seed_consistency"] = float(np.mean([v.margin_all(h)[0] for v in verifiers]))
+def _seed_null(res: dict, inp: dict, d: dict) -> dict | None:
+    """The null pair's own diff (the false-discovery baseline) and every A-vs-B hypothesis re-judged on its own
+    images with A's and the null run's predictions."""
+    if inp["null_recs"] is None:
+        return None
+    nres = diff_pair(inp["null_recs"], d)
+    control = NullControl(res["verifier"], inp["null_recs"], inp["run_n"].name)
+    for h in res["hypotheses"]:
+        h["null"] = control.check(h)
+    checked = [h for h in res["distinct"] if h["accepted"]]
+    return {"run": inp["run_n"].name, "generators": nres["generators"],
+            **summarise_null(checked, nres["generators"], float(d["fdr_q"]))}
 
-    # per-domain accuracy, with the spread over A's other seeds (incl. the null run) as seed noise
-    dom = _domain_acc(recs)
+
+def _seed_consistency(res: dict, inp: dict, d: dict) -> None:
+    """The same hypotheses on the other seed pairs of the two configurations (share of pairs where each holds, on
+    all their images), and per generator its mean over the accepted distinct hypotheses."""
+    if not inp["pairs"]:
+        return
+    verifiers = []
+    for _, pa, pb in inp["pairs"]:
+        r, _ = build_records(load_run(pa), load_run(pb), inp["epoch"])
+        verifiers.append(Verifier(Codes(r), np.zeros(r.n, dtype=bool), res["verifier"].params, float(d["alpha"])))
+    for h in res["hypotheses"]:
+        h["seed_consistency"] = float(np.mean([v.margin_all(h)[0] for v in verifiers]))
+    for g, m in res["generators"].items():  # over each generator's accepted distinct hypotheses
+        vals = [h["seed_consistency"] for h in res["hypotheses"]
+                if h["generator"] == g and h["accepted"] and h["duplicate_of"] is None]
+        m["seed_consistency"] = float(np.mean(vals)) if vals else float("nan")
+
+
+def _domain_accuracy(inp: dict) -> list[dict]:
+    """Per domain: images, A's and B's accuracy, and the spread over A's other seeds (incl. the null run)."""
+    dom = _domain_acc(inp["recs"])
     noise: dict[str, list[float]] = {k: [v[1]] for k, v in dom.items()}
-    for p in noise_runs:
-        r, _ = build_records(run_a, load_run(p), epoch)
+    for p in inp["noise_runs"]:
+        r, _ = build_records(inp["run_a"], load_run(p), inp["epoch"])
         for k, v in _domain_acc(r).items():
             noise.setdefault(k, []).append(v[2])
-    domain_acc = [{"domain": k, "n": v[0], "acc_a": v[1], "acc_b": v[2],
-                   "seed_std": float(np.std(noise[k], ddof=1)) if len(noise[k]) > 1 else None} for k, v in dom.items()]
+    return [{"domain": k, "n": v[0], "acc_a": v[1], "acc_b": v[2],
+             "seed_std": float(np.std(noise[k], ddof=1)) if len(noise[k]) > 1 else None} for k, v in dom.items()]
 
+
+def _top_record(h: dict) -> dict:
+    return {"text": h["text"], "generator": h["generator"], "slice": h["slice"], "behaviour": h["behaviour"],
+            "direction": h["direction"], "target": h.get("target"), "cells": h["cells"], "accepted": h["accepted"],
+            "verification_accuracy": h["verification"]["accuracy"],
+            "verification_margin": h["verification"]["margin"], "z": h["z"], "merged": len(h["merged"]),
+            "also_found_by": h["also_found_by"], "null": h.get("null")}
+
+
+def _write(cfg: DictConfig, d: dict, inp: dict, res: dict, null: dict | None, domain_acc: list[dict],
+           t0: float) -> dict:
+    """summary.md, hypotheses.jsonl, metrics.json, the plots, W&B, and diff.json last (the key)."""
+    hyps, out_dir, recs = res["hypotheses"], inp["out_dir"], inp["recs"]
     top = top_hypotheses(hyps, int(d["top_k"]))
     llm_agreement = None
     if d["llm_backend"] != "none":
@@ -284,37 +304,61 @@ def run_diff(cfg: DictConfig) -> dict:
         llm_agreement = annotate(chosen, llm)
     plots = {"accuracy vs frequency": S.plot_accuracy_vs_frequency(hyps, out_dir / "accuracy_vs_frequency.png"),
              "Δ accuracy per domain x class": S.plot_delta_heatmap(recs, out_dir / "delta_accuracy.png")}
-    hyps_out = [_clean(dict(h)) for h in hyps]
-    S.write_jsonl(out_dir / "hypotheses.jsonl", hyps_out)
-    metrics = _clean({"generators": res["generators"], "null": null, "epoch": epoch, "alpha": d["alpha"],
-                      "domain_accuracy": domain_acc, "seed_pairs": len(pairs), "n_images": recs.n,
-                      "llm_agreement": llm_agreement,
-                      "n_verification": int(res["verifier"].verify_mask.sum())})
-    atomic_write_json(out_dir / "metrics.json", metrics)
-    S.write_summary(out_dir / "summary.md", run_a=run_a, run_b=run_b, epoch=epoch, alpha=float(d["alpha"]),
-                    domain_acc=domain_acc, generators=res["generators"], null=null, hypotheses=hyps, top=top,
-                    domains=recs.domains, plots=plots, llm_agreement=llm_agreement)
-    _log_wandb(cfg, out_dir, name, hyps, res["generators"])
-    seconds = time.time() - t0
-    result = _clean({"key": key, "diff_dir": str(out_dir), "run_a": str(dir_a), "run_b": str(dir_b),
-                     "null_run": str(dir_n) if dir_n else None, "epoch": epoch, "n_images": recs.n,
-                     "generators": res["generators"], "null": null,
-                     "top": [{"text": h["text"], "generator": h["generator"], "slice": h["slice"],
-                              "behaviour": h["behaviour"], "direction": h["direction"], "target": h.get("target"),
-                              "cells": h["cells"], "accepted": h["accepted"],
-                              "verification_accuracy": h["verification"]["accuracy"],
-                              "verification_margin": h["verification"]["margin"], "z": h["z"],
-                              "merged": len(h["merged"]), "also_found_by": h["also_found_by"],
-                              "null": h.get("null")} for h in top],
-                     "seconds": round(seconds, 2), "inputs": shas})
-    atomic_write_json(done, result)
-    print(f"diff {name} (epoch {epoch}, {recs.n} images, {seconds:.1f} s):")
-    for g, m in res["generators"].items():
+    S.write_jsonl(out_dir / "hypotheses.jsonl", [clean_json(dict(h)) for h in hyps])
+    atomic_write_json(out_dir / "metrics.json", clean_json({
+        "generators": res["generators"], "null": null, "epoch": inp["epoch"], "alpha": d["alpha"],
+        "domain_accuracy": domain_acc, "seed_pairs": len(inp["pairs"]), "n_images": recs.n,
+        "llm_agreement": llm_agreement, "n_verification": int(res["verifier"].verify_mask.sum())}))
+    S.write_summary(out_dir / "summary.md", run_a=inp["run_a"], run_b=inp["run_b"], epoch=inp["epoch"],
+                    alpha=float(d["alpha"]), domain_acc=domain_acc, generators=res["generators"], null=null,
+                    hypotheses=hyps, top=top, domains=recs.domains, plots=plots, llm_agreement=llm_agreement)
+    _log_wandb(cfg, out_dir, inp["name"], hyps, res["generators"])
+    result = clean_json({"key": inp["key"], "diff_dir": str(out_dir), "run_a": str(inp["dir_a"]),
+                     "run_b": str(inp["dir_b"]), "null_run": str(inp["dir_n"]) if inp["dir_n"] else None,
+                     "epoch": inp["epoch"], "n_images": recs.n, "generators": res["generators"], "null": null,
+                     "top": [_top_record(h) for h in top], "seconds": round(time.time() - t0, 2),
+                     "inputs": inp["shas"]})
+    atomic_write_json(out_dir / "diff.json", result)
+    return result
+
+
+def _print_result(result: dict, quiet: bool) -> None:
+    name = Path(result["diff_dir"]).name
+    if quiet:
+        print(f"diff {name}: " + ", ".join(f"{g} {m['accepted']}/{m['hypotheses']}"
+                                           for g, m in result["generators"].items()) + " accepted")
+        return
+    print(f"diff {name} (epoch {result['epoch']}, {result['n_images']} images, {result['seconds']:.1f} s):")
+    for g, m in result["generators"].items():
         print(f"  {g}: {m['accepted']}/{m['hypotheses']} distinct hypotheses accepted on the verification split")
+    null = result.get("null")
     if null:
         print(f"  seed-null control ({null['run']}): {null['same_difference']}/{null['checked']} accepted also hold "
               f"between the seeds, {null['exceeds_null']}/{null['checked']} exceed them")
-    for i, h in enumerate(top[:3], 1):
+    for i, h in enumerate(result["top"][:3], 1):
         print(f"  {i}. {h['text']}")
-    print(f"  -> {out_dir}/summary.md")
+    print(f"  -> {result['diff_dir']}/summary.md")
+
+
+def diff_runs(cfg: DictConfig, d: dict | None = None, quiet: bool = False) -> dict:
+    """The diff of ``cfg.run_a`` and ``cfg.run_b`` (``quiet``: one line, for the comparison's many pairs)."""
+    d = d or diff_config(cfg)
+    inp = _inputs(cfg, d)
+    done = inp["out_dir"] / "diff.json"
+    if done.is_file() and all((inp["out_dir"] / f).is_file() for f in FILES):
+        prev = read_json(done, "diff record")
+        if prev.get("key") == inp["key"]:
+            print(f"diff {inp['name']}: up to date (epoch {inp['epoch']}), nothing to do -> {inp['out_dir']}")
+            return {**prev, "skipped": True}
+    t0 = time.time()
+    vocab = None
+    if "vocab" in inp["shas"]:
+        from clipgen.diff.concepts import vocabulary
+
+        vocab = vocabulary(d["sae_vocab_file"], inp["run_a"], inp["run_b"], inp["epoch"], str(cfg.eval.templates))
+    res = diff_pair(inp["recs"], d, vocab)
+    null = _seed_null(res, inp, d)
+    _seed_consistency(res, inp, d)
+    result = _write(cfg, d, inp, res, null, _domain_accuracy(inp), t0)
+    _print_result(result, quiet)
     return {**result, "skipped": False}

@@ -14,6 +14,8 @@ import numpy as np
 from clipgen.diff.null import sentence as null_sentence
 from clipgen.utils import atomic_write_bytes, atomic_write_text
 
+# The files of a diff directory besides diff.json (written last: its presence with these means finished).
+FILES = ("summary.md", "hypotheses.jsonl", "metrics.json", "accuracy_vs_frequency.png", "delta_accuracy.png")
 # Generator table: (metrics key, column header, decimals); verification first (the headline), discovery labelled.
 GENERATOR_COLUMNS = (("hypotheses", "distinct hypotheses", 0), ("merged", "near-duplicates merged", 0),
                      ("accepted", "accepted (verification)", 0),
@@ -21,7 +23,21 @@ GENERATOR_COLUMNS = (("hypotheses", "distinct hypotheses", 0), ("merged", "near-
                      ("verification_accuracy", "accuracy (verification)", 3),
                      ("verification_frequency", "frequency (verification)", 4),
                      ("discovery_acceptance_rate", "acceptance rate (discovery, where generated)", 3),
-                     ("interestingness", "interestingness", 2), ("abstraction", "abstraction", 2))
+                     ("interestingness", "interestingness", 2), ("abstraction", "abstraction", 2),
+                     ("seed_consistency", "seed consistency (other seed pairs)", 2))
+
+
+def clean_json(obj):
+    """NaN/inf -> None, numpy scalars -> Python, so the JSON files are standard JSON."""
+    if isinstance(obj, dict):
+        return {k: clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean_json(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def _save(fig, path: Path) -> Path:
@@ -134,6 +150,23 @@ def generator_rows(generators: dict, fmt) -> list[list[str]]:
             for g, m in generators.items()]
 
 
+def latent_line(lat: dict, fmt) -> str:
+    """An SAE hypothesis's latent: the activation contrast, where it fires (enrichment), concepts, and how the
+    latent itself (not the slice it compiled to) does on the verification images it fires on."""
+    enr = "; ".join(f"{attr} " + ", ".join(f"{v} {share:.0%} (x{lift:g})" for v, share, lift in vals)
+                    for attr, vals in (lat.get("enrichment") or {}).items() if vals)
+    out = (f"SAE latent {lat['index']}: fires on {fmt(lat['active_when_b_wins'], 2)} of the images where B wins "
+           f"vs {fmt(lat['active_when_a_wins'], 2)} where A wins ({lat['contrast']}), decoder share of B "
+           f"{fmt(lat.get('decoder_share_b'), 2)}" + (f"; mostly {enr}" if enr else ""))
+    concepts = lat.get("concepts")
+    if concepts:
+        out += "; concept " + " / ".join(f"{run.upper()}: '{c['concept']}'" for run, c in sorted(concepts.items()))
+    v = lat.get("verification")
+    if v:
+        out += f"; the latent itself on verification: margin {fmt(v['margin'])} over {v['n_slice']} images"
+    return out
+
+
 def hypothesis_line(h: dict, fmt) -> str:
     """Verification numbers first, then discovery (labelled), merges, the seed-null check and scores."""
     d, v = h["discovery"], h["verification"]
@@ -142,6 +175,8 @@ def hypothesis_line(h: dict, fmt) -> str:
              f"verification: A {v['n_a']} / B {v['n_b']} of {v['n_slice']} images, margin {fmt(v['margin'])}, "
              f"accuracy {fmt(v['accuracy'])}, frequency {fmt(v['frequency'], 4)}",
              f"discovery (where generated): margin {fmt(d['margin'])}, accuracy {fmt(d['accuracy'])}"]
+    if h.get("latent"):
+        parts.append(latent_line(h["latent"], fmt))
     if h.get("merged"):
         parts.append(f"merges {len(h['merged'])} near-duplicate{'s' if len(h['merged']) > 1 else ''}")
     n = h.get("null")
@@ -170,8 +205,9 @@ def write_summary(path: Path, *, run_a, run_b, epoch: int, alpha: float, domain_
     L += ["", "## Generators", "", _md_row(["generator", *(h for _, h, _ in GENERATOR_COLUMNS)]),
           _md_row(["---"] * (len(GENERATOR_COLUMNS) + 1))]
     L += [_md_row(r) for r in generator_rows(generators, _f)]
-    L += ["", "Accuracy and frequency are means over each generator's distinct hypotheses; interestingness and "
-          "abstraction over its accepted ones.", "", f"**{null_sentence(null)}**"]
+    L += ["", "Accuracy and frequency are means over each generator's distinct hypotheses; interestingness, "
+          "abstraction and seed consistency (the share of the other seed pairs of the two configurations where the "
+          "hypothesis also holds; – without other seeds) over its accepted ones.", "", f"**{null_sentence(null)}**"]
     if llm_agreement:
         L += ["", "**LLM autorater vs rule-based scores**: " + "; ".join(
             f"{k}: exact {_f(a['exact'], 2)}, within one point {_f(a['within_1'], 2)}, Spearman {_f(a['spearman'], 2)} "

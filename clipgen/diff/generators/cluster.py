@@ -66,10 +66,13 @@ def generate(codes: Codes, verify_mask: np.ndarray, params: BehaviourParams, *, 
 
 def compile_groups(codes: Codes, verify_mask: np.ndarray, params: BehaviourParams, pool: np.ndarray,
                    groups: list[np.ndarray], generator: str, *, min_slice: int = 10, max_hypotheses: int = 50,
-                   fdr_q: float = 0.05, index: GroupIndex | None = None) -> list[dict]:
-    """Hypotheses from groups of discovery images (the clusters): each group's best slice by
-    Jaccard against the pool, its net behaviour (correct / true_prob) and majority side, then BH at ``fdr_q``
-    over the groups' exact McNemar p-values on their slices; z is signed toward the predicted side."""
+                   fdr_q: float = 0.05, index: GroupIndex | None = None,
+                   info: list[dict] | None = None) -> list[dict]:
+    """Hypotheses from groups of discovery images (the clusters, or the images an SAE latent fires on): each
+    group's best slice by Jaccard against the pool, its net behaviour (correct / true_prob) and majority side,
+    then BH at ``fdr_q`` over the groups' exact McNemar p-values on their slices; z is signed toward the predicted
+    side. ``info[i]`` (optional) is merged into group i's hypothesis (its provenance); a group whose slice,
+    behaviour and direction an earlier group already gave is left out (groups come strongest first)."""
     recs = codes.recs
     disc = ~verify_mask
     s_corr = behaviour_side(recs, "correct", None, params)
@@ -78,7 +81,7 @@ def compile_groups(codes: Codes, verify_mask: np.ndarray, params: BehaviourParam
     n_disc = {t: np.bincount(ix.gid[t][disc], minlength=ix.size[t]) for t in ix.types}
     in_pool = {t: np.bincount(ix.gid[t][pool], minlength=ix.size[t]) for t in ix.types}
     out, seen = [], set()
-    for members in groups:
+    for gi, members in enumerate(groups):
         best = (-1.0, None, None)
         for t in ix.types:
             inter = np.bincount(ix.gid[t][members], minlength=ix.size[t])
@@ -106,7 +109,8 @@ def compile_groups(codes: Codes, verify_mask: np.ndarray, params: BehaviourParam
                     # z is signed toward the predicted direction: a group's majority can oppose its slice's
                     "p_value": float(mcnemar_exact(na, nb)),
                     "z": float(mcnemar_z(na, nb)) * (1 if direction == "B" else -1),
-                    "group_size": int(len(members)), "group_jaccard": round(best[0], 4)})
+                    "group_size": int(len(members)), "group_jaccard": round(best[0], 4),
+                    **(info[gi] if info is not None else {})})
     if out:  # a group that compiles to a slice without a significant difference is noise
         q = benjamini_hochberg([h["p_value"] for h in out])
         for h, qv in zip(out, q):

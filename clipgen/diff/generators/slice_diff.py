@@ -99,16 +99,9 @@ def _explained_parents(ix: GroupIndex, rows: list, kept: list[int], fdr_q: float
     return explained
 
 
-def generate(codes: Codes, verify_mask: np.ndarray, params: BehaviourParams, *, fdr_q: float = 0.05,
-             min_slice: int = 10, max_hypotheses: int = 50, seed: int = 0,
-             index: GroupIndex | None = None) -> list[dict]:
-    recs = codes.recs
-    ix = index or GroupIndex(codes)
-    disc = ~verify_mask
-    sig = ix.signatures(seed)
-    n_disc = {t: np.bincount(ix.gid[t][disc], minlength=ix.size[t]) for t in ix.types}
-
-    # 1. unique slices (first type wins), with at least min_slice discovery images
+def _unique_slices(ix: GroupIndex, sig: dict, n_disc: dict, min_slice: int) -> dict:
+    """Step 1: per slice type, the groups kept as candidates: at least ``min_slice`` discovery images, and the
+    first type (simplest description) that yields their set of images."""
     seen: set = set()
     keep = {}
     for t in ix.types:
@@ -120,8 +113,14 @@ def generate(codes: Codes, verify_mask: np.ndarray, params: BehaviourParams, *, 
                 seen.add(key)
                 ok[g] = True
         keep[t] = ok
+    return keep
 
-    # 2. counts of A / B verdicts per slice and behaviour (confusions: per slice x target class)
+
+def _verdict_counts(ix: GroupIndex, disc: np.ndarray, params: BehaviourParams) -> tuple[dict, list]:
+    """Step 2: counts of A / B verdicts per slice and behaviour on discovery (confusions: per slice x target
+    class, also for the parents of the slice types with a class, which the child-vs-parent test needs); and the
+    slice types whose candidates include confusions."""
+    recs = ix.codes.recs
     counts = {}
     for beh in SIMPLE_BEHAVIOURS:
         side = behaviour_side(recs, beh, None, params)
@@ -139,6 +138,20 @@ def generate(codes: Codes, verify_mask: np.ndarray, params: BehaviourParams, *, 
         na = np.bincount(g[wrong_a] * C + recs.pred_a[wrong_a], minlength=ix.size[t] * C).reshape(ix.size[t], C)
         nb = np.bincount(g[wrong_b] * C + recs.pred_b[wrong_b], minlength=ix.size[t] * C).reshape(ix.size[t], C)
         counts[(t, "confusion")] = (na, nb)
+    return counts, conf_types
+
+
+def generate(codes: Codes, verify_mask: np.ndarray, params: BehaviourParams, *, fdr_q: float = 0.05,
+             min_slice: int = 10, max_hypotheses: int = 50, seed: int = 0,
+             index: GroupIndex | None = None) -> list[dict]:
+    recs = codes.recs
+    ix = index or GroupIndex(codes)
+    disc = ~verify_mask
+    sig = ix.signatures(seed)
+    n_disc = {t: np.bincount(ix.gid[t][disc], minlength=ix.size[t]) for t in ix.types}
+
+    keep = _unique_slices(ix, sig, n_disc, min_slice)  # 1.
+    counts, conf_types = _verdict_counts(ix, disc, params)  # 2.
 
     # 3. candidate table
     rows = []  # (type index, group, behaviour, target, n_a, n_b, n_slice)
