@@ -25,6 +25,7 @@ from clipgen.facts import DEFAULT_JPEG_QUALITY, RECIPE_IMAGE_FORMATS
 from clipgen.utils import process_pool
 
 _PIL_FORMAT = {"png": "PNG", "jpg": "JPEG"}
+SERIAL_BELOW = 4096  # samples: fewer are written in this process (starting a pool costs more than it saves)
 
 
 def read_source_bytes(path: str) -> bytes:
@@ -142,7 +143,7 @@ def write_shard_set(out_dir: Path, samples: list[Sample], captions: list[str], i
                       bounds[si])
             for si in range(k)]
     try:
-        if workers <= 1 or k == 1:
+        if workers <= 1 or k == 1 or n < SERIAL_BELOW:
             columns = [_write_shard(job) for job in jobs]
         else:
             with process_pool(min(workers, k)) as pool:
