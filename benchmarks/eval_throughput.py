@@ -76,7 +76,7 @@ def plain_open_clip(run_dir: Path, batch_size: int, workers: int) -> tuple[float
     from omegaconf import OmegaConf
     from PIL import Image
 
-    from clipgen.eval.run import list_checkpoints
+    from clipgen.rundir import checkpoints as list_checkpoints
     from clipgen.eval.testsets import select_test_samples, task_domains
     from clipgen.facts import zeroshot_templates
     from clipgen.models.factory import register_clipgen_models

@@ -47,6 +47,7 @@ from clipgen.utils import stable_hash
 
 META, CONFIG, LATEST = "meta.json", "config.yaml", "latest.pt"
 CHECKPOINTS, EVAL, OUTPUTS, RESULTS, ANALYSIS = "checkpoints", "eval", "outputs", "results.jsonl", "analysis"
+HEAD = "zeroshot_head.json"
 _EPOCH_FILE = re.compile(r"^epoch_(\d+)\.(pt|npz)$")
 
 # Headline settings shown in a run name when they differ from the defaults, in this order.
@@ -226,6 +227,11 @@ def export_dir(run_dir: str | Path, epoch: int) -> Path:
 
 def results_path(run_dir: str | Path) -> Path:
     return eval_dir(run_dir) / RESULTS
+
+
+def head_path(run_dir: str | Path) -> Path:
+    """The evaluation head's class names and templates (one head per eval directory)."""
+    return eval_dir(run_dir) / HEAD
 
 
 def output_path(run_dir: str | Path, epoch: int, task: str | None = None) -> Path:

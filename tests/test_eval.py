@@ -175,7 +175,7 @@ def test_class_embeddings_are_normalised_means():
 def test_load_image_resizes_the_short_side_and_centre_crops(tmp_path):
     from PIL import Image
 
-    from clipgen.eval.zeroshot import load_image
+    from clipgen.eval.images import load_image
     from clipgen.models.zeroshot import normalize_images
 
     pix = np.zeros((32, 96, 3), dtype=np.uint8)  # h 32, w 96: thirds red | green | blue
@@ -189,27 +189,34 @@ def test_load_image_resizes_the_short_side_and_centre_crops(tmp_path):
 
 
 def test_random_tiny_model_scores_near_chance_on_tiny_world(tiny_root):
+    """evaluate_checkpoint, the pure function behind clipgen-eval, on the tiny world's real + sketch test images."""
     from clipgen.data.sources import domainnet_index
-    from clipgen.eval.zeroshot import decode_images, evaluate
+    from clipgen.eval.images import decode_images
+    from clipgen.eval.run import evaluate_checkpoint
+    from clipgen.eval.testsets import EvalSet
     from clipgen.facts import zeroshot_templates
     from clipgen.models.factory import create_clip
+    from clipgen.models.kinds import kind_for
 
     cfg = make_cfg(tiny_root, "debug=smoke")
     test = [s for s in domainnet_index(cfg) if s.split == "test" and s.domain in ("real", "sketch")]
     classes = sorted({s.class_name for s in test}, key=domainnet_label)
-    images = decode_images([s.path for s in test], 32)
-    labels = np.array([classes.index(s.class_name) for s in test])
+    domains = np.array([s.domain for s in test])
+    evalset = EvalSet(sample_ids=np.array([s.sample_id for s in test]), domains=domains,
+                      labels=np.array([classes.index(s.class_name) for s in test]),
+                      images=decode_images([s.path for s in test], 32),
+                      tasks={"domainnet-sketch": ("sketch", np.ones(len(test), dtype=bool))})
     heldout = [c for c in cfg.heldout.classes if c in classes]
     torch.manual_seed(0)
     model, tok = create_clip("clipgen-tiny-rn", 32)
-    out = evaluate(model, images, labels, tok, classes, zeroshot_templates("paper86"), "cpu", 256,
-                   domains=[s.domain for s in test], heldout=heldout, report_domains=["sketch", "real"])
+    metrics, out = evaluate_checkpoint(model, tok, kind_for("clip"), evalset, classes, heldout,
+                                       list(zeroshot_templates("paper86")), ["domainnet-sketch"], "cpu", 256)
     chance = 1 / len(classes)
-    acc = out["metrics"]["sketch-acc"]
-    n = out["metrics"]["sketch-n-ood"] + out["metrics"]["sketch-n-id"]
+    m = metrics["domainnet-sketch"]
+    acc, n = m["sketch-acc"], m["sketch-n-ood"] + m["sketch-n-id"]
     # A random model is a (near-)constant classifier: within 4 binomial standard errors of chance, or one class.
     assert abs(acc - chance) <= 4 * np.sqrt(chance * (1 - chance) / n) + 1 / len(classes)
-    assert out["logits"].shape == (len(test), len(classes))
+    assert out["logits"].shape == (len(test), len(classes)) and "real-lso-ood" in m
 
 
 # --- run_eval ------------------------------------------------------------------------------------------------
@@ -523,7 +530,7 @@ def test_trimmed_text_and_reused_models_match_plain_open_clip(tmp_path, fake_dat
     loaded into one reused model instead of a fresh one each."""
     from clipgen.eval.run import run_eval
     from clipgen.eval.testsets import select_test_samples
-    from clipgen.eval.zeroshot import decode_images
+    from clipgen.eval.images import decode_images
     from clipgen.facts import zeroshot_templates
     from clipgen.models.factory import create_clip
     from clipgen.models.zeroshot import _trimmable, class_embeddings, normalize_images

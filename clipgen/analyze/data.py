@@ -87,7 +87,7 @@ class ImageSet:
     paths: list | None = None
 
     def decode(self, image_px: int) -> "ImageSet":
-        from clipgen.eval.zeroshot import decode_images
+        from clipgen.eval.images import decode_images
 
         if self.images is None:
             self.images = decode_images(self.paths, image_px)
@@ -128,8 +128,10 @@ def compare_with_eval(info: RunInfo, sample_ids: np.ndarray, emb: np.ndarray) ->
     the max |difference| over the images both hold. None when the epoch has no saved outputs."""
     if info.eval_outputs is None:
         return None
-    with np.load(info.eval_outputs, allow_pickle=False) as z:
-        ids, saved = z["sample_ids"], z["image_embeddings"].astype(np.float32)
+    from clipgen.eval import outputs
+
+    z = outputs.load(info.eval_outputs, ("sample_ids", "image_embeddings"))
+    ids, saved = z["sample_ids"], z["image_embeddings"].astype(np.float32)
     pos = {str(s): i for i, s in enumerate(ids)}
     common = [(i, pos[str(s)]) for i, s in enumerate(sample_ids) if str(s) in pos]
     if not common:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from clipgen import rundir
+from clipgen.eval import outputs
 from clipgen.errors import ClipgenError
 from clipgen.facts import DOMAINS
 from clipgen.utils import read_json, sha256_file
@@ -114,15 +115,7 @@ def _load_npz(path: Path) -> dict:
 
 
 def _read_npz(path: Path) -> dict:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            need = ("sample_ids", "domains", "labels", "preds", "logits", "image_embeddings")
-            missing = [k for k in need if k not in z.files]
-            if missing:
-                raise ClipgenError(f"{path}: arrays {missing} missing (expected {', '.join(need)})")
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise ClipgenError(f"{path}: not a readable npz ({e})") from None
+    return outputs.load(path, ("sample_ids", "domains", "labels", "preds", "logits", "image_embeddings"))
 
 
 def exposure_matrix(manifest: dict | None, domains: list[str], classes: list[str]) -> np.ndarray | None:

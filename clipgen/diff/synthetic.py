@@ -7,13 +7,13 @@ probabilities, ranks and margins are consistent with the predictions.
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 
 from clipgen import rundir
-from clipgen.utils import atomic_write_bytes, atomic_write_json
+from clipgen.eval import outputs as eval_outputs
+from clipgen.utils import atomic_write_json
 
 
 def make_test_set(domains: list[str], classes: list[str], per_cell: int | np.ndarray) -> dict:
@@ -64,9 +64,8 @@ def write_run(root: Path, name: str, arrays: dict, classes: list[str], heldout: 
         "run_name": name, "recipe_id": rid, "recipe_kind": "synthetic", "recipe_dir": str(recipe_dir),
         "test_domain": test_domain, "heldout_classes": heldout, "classes": classes, "seed": seed,
         "model_name": "synthetic", "epochs": epoch, "status": "finished"})
-    buf = io.BytesIO()
-    (np.savez_compressed if compressed else np.savez)(buf, **arrays)
-    atomic_write_bytes(rundir.output_path(run_dir, epoch), buf.getvalue())
+    eval_outputs.save(rundir.output_path(run_dir, epoch), arrays["sample_ids"], arrays["domains"], arrays["labels"],
+                 arrays, compressed)
     return run_dir
 
 

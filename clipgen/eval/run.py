@@ -9,9 +9,8 @@ same templates). Images are decoded once, every checkpoint embeds them once, tex
 
     {run}/eval/results.jsonl         one line per (checkpoint, task), appended + fsynced; finished pairs skipped
                                      (clipgen.eval.results)
-    {run}/eval/outputs/epoch_NNN.npz sample_ids, domains, labels, preds, logits (f16), image_embeddings (f16),
-                                     logit_scale (logits = logit_scale x cosine, so softmax = the model's probs)
-    {run}/eval/outputs/epoch_NNN.imagenet-val.npz  sample_ids, labels, top5 (ImageNet indices, best first)
+    {run}/eval/outputs/epoch_NNN.npz the checkpoint's predictions, logits and image embeddings
+                                     (clipgen.eval.outputs, which also writes the imagenet-val ones)
     {run}/eval/zeroshot_head.json    the head's class names and templates (results never mix two heads)
 
 With ``logger.backend=wandb`` each new checkpoint's metrics also go to the training run's W&B run as
@@ -22,35 +21,22 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from clipgen import rundir
 from clipgen.errors import ClipgenError
+from clipgen.eval import outputs
 from clipgen.eval.results import append_result, done_key, exclusive, read_results, rewrite_results
 from clipgen.eval.testsets import (IMAGENET_TASK, EvalSet, imagenet_classnames, imagenet_val_samples, load_eval_set,
                                    load_imagenet_set, task_domains, task_name)
 from clipgen.facts import NATURAL_DOMAIN, zeroshot_templates
 from clipgen.models.kinds import kind_for, load_checkpoint, model_kind
-from clipgen.utils import atomic_write_bytes, atomic_write_json, git_sha, read_json, sha256_file
-
-# Re-exported: the report and older callers import these from here.
-__all__ = ["run_eval", "read_results", "append_result", "list_checkpoints", "resolve_run_dir",
-           "task_name", "task_domains", "EvalSet", "load_eval_set"]
+from clipgen.utils import atomic_write_json, git_sha, read_json, sha256_file
 
 log = logging.getLogger("clipgen.eval")
-
-
-
-# --- the run -------------------------------------------------------------------------------------------------
-def resolve_run_dir(cfg: DictConfig) -> Path:
-    """``eval.run_dir`` if set, else the run the config names (recipe, model, seed or ``run_name``)."""
-    return rundir.resolve_run_dir(cfg, cfg.eval.get("run_dir"), "eval.run_dir")
-
-
-list_checkpoints = rundir.checkpoints  # re-exported for older callers
 
 
 def _device(cfg: DictConfig) -> str:
@@ -94,7 +80,8 @@ def read_run_meta(run_dir: Path) -> tuple[dict, Path]:
 
 
 def _load_run(cfg: DictConfig):
-    run_dir = resolve_run_dir(cfg)
+    """``eval.run_dir`` if set, else the run the config names: its directory, meta.json path and meta, config."""
+    run_dir = rundir.resolve_run_dir(cfg, cfg.eval.get("run_dir"), "eval.run_dir")
     meta, meta_path = read_run_meta(run_dir)
     bad = [c for c in meta["heldout_classes"] if c not in meta["classes"]]
     if bad:
@@ -103,159 +90,224 @@ def _load_run(cfg: DictConfig):
     return run_dir, meta_path, meta, OmegaConf.load(rundir.config_path(run_dir))
 
 
-# --- the stage -----------------------------------------------------------------------------------------------
-def run_eval(cfg: DictConfig) -> dict:
-    """Evaluate every checkpoint of a run on its task(s); see the module docstring for outputs."""
-    import torch
-
+# --- one checkpoint --------------------------------------------------------------------------------------------
+def evaluate_checkpoint(model, tokenizer, run_kind, evalset: EvalSet, classes: list[str], heldout: list[str],
+                        templates: list[str], tasks: list[str], device: str = "cpu", batch_size: int = 512,
+                        tokens=None) -> tuple[dict[str, dict], dict]:
+    """The DomainNet tasks ``tasks`` of one loaded checkpoint: ``({task: metrics}, outputs)``. Every image of
+    ``evalset`` is embedded once and classified over ``classes`` by the run kind's head (CLIP's zero-shot head over
+    ``templates``, or the supervised baseline's columns); each task's metrics (clipgen.eval.metrics.lso_metrics
+    for its test domain and real) come from its mask over those outputs, which are what clipgen.eval.outputs
+    keeps: ``{"logits", "preds", "image_embeddings", "logit_scale"}``."""
     from clipgen.eval.metrics import lso_metrics
-    from clipgen.eval.testsets import imagenet_metrics
-    from clipgen.eval.tracking import EvalTracker
-    from clipgen.models.zeroshot import tokenize_prompts
-    from clipgen.preflight import check_values
 
-    check_values(cfg)  # trainer.seed=-1 would look for a run "--seed-1"; eval.batch_size=0 fails in torch
+    out = run_kind.outputs(model, tokenizer, evalset.images, classes, templates, device, batch_size, tokens)
+    metrics = {}
+    for task in tasks:
+        d, mask = evalset.tasks[task]
+        metrics[task] = lso_metrics(out["logits"][mask], evalset.labels[mask], evalset.domains[mask], classes,
+                                    heldout, [d, NATURAL_DOMAIN])
+    return metrics, out
+
+
+# --- the stage -----------------------------------------------------------------------------------------------
+@dataclass
+class _Job:
+    """What run_eval resolved before evaluating: the run, its head, its tasks and settings."""
+    run_dir: Path
+    meta_path: Path
+    meta: dict
+    run_cfg: DictConfig
+    kind: str
+    run_kind: object
+    classes: list[str]
+    heldout: list[str]
+    image_px: int
+    templates: list[str]
+    max_templates: int
+    batch_size: int
+    device: str
+    tasks: list[str]
+    head: dict
+    imagenet_root: str | None = None
+    imagenet_samples: list | None = None
+
+
+def _job(cfg: DictConfig) -> _Job:
     run_dir, meta_path, meta, run_cfg = _load_run(cfg)
     kind = model_kind(meta, meta_path)
     run_kind = kind_for(kind)
-    text_head = run_kind.text_head  # CLIP's zero-shot head (templates, ImageNet) or a classifier's
-    classes, heldout = list(meta["classes"]), list(meta["heldout_classes"])
-    image_px = int(meta.get("image_px") or run_cfg.model.image_px)
     templates = list(zeroshot_templates(cfg.eval.templates))
     max_templates = int(cfg.eval.get("max_templates") or 0)
     if max_templates:
         templates = templates[:max_templates]
         log.warning("%s: eval.max_templates=%d: zero-shot head of the first %d of the %s templates (a rehearsal "
                     "setting, not the paper's head)", run_dir.name, max_templates, len(templates), cfg.eval.templates)
-    batch_size = int(cfg.eval.batch_size)
-    if cfg.trainer.get("threads"):
-        torch.set_num_threads(int(cfg.trainer.threads))
-    device = _device(cfg)
-    tasks = [task_name(d) for d in task_domains(meta)]
-    head = {"model_kind": kind, "classes": classes, "templates": templates if text_head else []}
-    imagenet_root, imagenet_samples = cfg.eval.get("imagenet_val_root"), None
-    if imagenet_root and not text_head:
+    job = _Job(run_dir=run_dir, meta_path=meta_path, meta=meta, run_cfg=run_cfg, kind=kind, run_kind=run_kind,
+               classes=list(meta["classes"]), heldout=list(meta["heldout_classes"]),
+               image_px=int(meta.get("image_px") or run_cfg.model.image_px), templates=templates,
+               max_templates=max_templates, batch_size=int(cfg.eval.batch_size), device=_device(cfg),
+               tasks=[task_name(d) for d in task_domains(meta)], head={})
+    job.head = {"model_kind": kind, "classes": job.classes, "templates": templates if run_kind.text_head else []}
+    root = cfg.eval.get("imagenet_val_root")
+    if root and not run_kind.text_head:
         # Its ImageNet classes that map to DomainNet were trained on one shared DomainNet column (e.g. 118 dog
         # breeds on "dog"), so a 1000-way ImageNet accuracy is not defined for it.
         log.warning("%s: %s run, skipping imagenet-val (no 1000-way ImageNet head)", run_dir.name, kind)
-    elif imagenet_root:
-        imagenet_samples = imagenet_val_samples(imagenet_root)  # a wrong folder fails before any work
-        tasks.append(IMAGENET_TASK)
-        head["imagenet_classes"] = imagenet_classnames()
-    tracker = EvalTracker(cfg, run_dir, meta)  # checks logger.* before any work
+    elif root:
+        job.imagenet_root, job.imagenet_samples = root, imagenet_val_samples(root)  # a wrong folder fails first
+        job.tasks.append(IMAGENET_TASK)
+        job.head["imagenet_classes"] = imagenet_classnames()
+    return job
 
-    eval_dir = rundir.eval_dir(run_dir)
-    rundir.output_path(run_dir, 0).parent.mkdir(parents=True, exist_ok=True)
-    results_path = rundir.results_path(run_dir)
-    checkpoints = list_checkpoints(run_dir)
+
+def _todo(job: _Job, done: set) -> list[tuple[int, Path, str, list[str]]]:
+    """(epoch, checkpoint, its sha256, the tasks it still lacks) of every checkpoint with something to do."""
+    checkpoints = rundir.checkpoints(job.run_dir)
     if not checkpoints:
-        raise ClipgenError(f"no checkpoints/epoch_*.pt in {run_dir}: expected at least the untrained epoch_000.pt")
+        raise ClipgenError(f"no checkpoints/epoch_*.pt in {job.run_dir}: expected at least the untrained "
+                           "epoch_000.pt")
+    todo = []
+    for epoch, path in checkpoints:
+        sha = sha256_file(path)
+        missing = [t for t in job.tasks if (path.name, sha, t) not in done]
+        if missing:
+            todo.append((epoch, path, sha, missing))
+    return todo
 
+
+class _Inputs:
+    """The test sets (decoded on first need, once), tokenised prompts and models, shared by every checkpoint."""
+
+    def __init__(self, job: _Job, cache: Path):
+        self.job, self.cache = job, cache
+        self.evalset = self.inset = None
+        self.tokens: dict[tuple[str, str], object] = {}  # (model, task family) -> prompts tokenised once per run
+        self.models: dict = {}  # one model per architecture, reloaded with each checkpoint's weights
+
+    def domainnet(self) -> EvalSet:
+        j = self.job
+        self.evalset = self.evalset or load_eval_set(j.run_cfg, j.meta, j.meta_path, j.image_px, self.cache)
+        return self.evalset
+
+    def imagenet(self):
+        j = self.job
+        self.inset = self.inset or load_imagenet_set(j.imagenet_root, j.image_px, self.cache, j.imagenet_samples)
+        return self.inset
+
+    def prompts(self, name: str, family: str, tokenizer, classnames: list[str]):
+        from clipgen.models.zeroshot import tokenize_prompts
+
+        if self.job.run_kind.text_head and (name, family) not in self.tokens:
+            self.tokens[(name, family)] = tokenize_prompts(tokenizer, classnames, self.job.templates)
+        return self.tokens.get((name, family))
+
+
+def _evaluate(job: _Job, inputs: _Inputs, epoch: int, path: Path, missing: list[str], save: bool):
+    """One checkpoint's missing tasks: ``(ckpt, {task: metrics}, {task: images}, {task: logit_scale})``; its
+    outputs saved when ``save``."""
+    from clipgen.eval.testsets import imagenet_metrics
+
+    model, tokenizer, ckpt = load_checkpoint(path, job.meta, job.image_px, job.kind, reuse=inputs.models)
+    if int(ckpt.get("epoch", epoch)) != epoch:
+        raise ClipgenError(f"checkpoint {str(path)!r} records epoch {ckpt.get('epoch')}: expected {epoch} as in "
+                           "its file name")
+    name, by_task, sizes, scales = ckpt["model_name"], {}, {}, {}
+    dn_tasks = [t for t in missing if t != IMAGENET_TASK]
+    if dn_tasks:
+        es = inputs.domainnet()
+        by_task, out = evaluate_checkpoint(model, tokenizer, job.run_kind, es, job.classes, job.heldout,
+                                           job.templates, dn_tasks, job.device, job.batch_size,
+                                           inputs.prompts(name, "dn", tokenizer, job.classes))
+        if save:
+            outputs.save(rundir.output_path(job.run_dir, epoch), es.sample_ids, es.domains, es.labels, out)
+        for task in dn_tasks:
+            sizes[task], scales[task] = int(es.tasks[task][1].sum()), out["logit_scale"]
+    if IMAGENET_TASK in missing:
+        inset, names = inputs.imagenet(), job.head["imagenet_classes"]
+        iout = job.run_kind.outputs(model, tokenizer, inset.images, names, job.templates, job.device,
+                                    job.batch_size, inputs.prompts(name, "in", tokenizer, names))
+        if save:
+            outputs.save_imagenet(rundir.output_path(job.run_dir, epoch, IMAGENET_TASK), inset.sample_ids,
+                                  inset.labels, iout["logits"])
+        by_task[IMAGENET_TASK] = imagenet_metrics(iout["logits"], inset.labels)
+        sizes[IMAGENET_TASK], scales[IMAGENET_TASK] = len(inset.labels), iout["logit_scale"]
+    return ckpt, by_task, sizes, scales
+
+
+def _record(job: _Job, cfg: DictConfig, task: str, metrics: dict, path: Path, sha: str, epoch: int, ckpt: dict,
+            size: int, scale: float, seconds: float, eval_sha: str | None, test_domain: str | None) -> dict:
+    """One line of results.jsonl, with its provenance (protocol §6)."""
+    meta = job.meta
+    return {"task": task, "metrics": metrics, "run": meta.get("run_name", job.run_dir.name),
+            "recipe_id": meta.get("recipe_id"), "recipe_kind": meta.get("recipe_kind"),
+            "manifest_sha256": meta.get("manifest_sha256"), "seed": meta.get("seed"), "test_domain": test_domain,
+            "checkpoint": str(path), "checkpoint_sha256": sha, "epoch": epoch, "step": ckpt.get("step"),
+            "samples_seen": ckpt.get("samples_seen"), "git_sha": meta.get("git_sha"), "eval_git_sha": eval_sha,
+            "model_kind": job.kind,
+            "eval_config": {"templates": str(cfg.eval.templates), "max_templates": job.max_templates,
+                            "batch_size": job.batch_size},
+            "model_name": ckpt["model_name"], "num_images": size, "logit_scale": scale, "seconds": seconds}
+
+
+def run_eval(cfg: DictConfig) -> dict:
+    """Evaluate every checkpoint of a run on its task(s); see the module docstring for outputs."""
+    import torch
+
+    from clipgen.eval.tracking import EvalTracker
+    from clipgen.preflight import check_values
+
+    check_values(cfg)  # trainer.seed=-1 would look for a run "--seed-1"; eval.batch_size=0 fails in torch
+    job = _job(cfg)
+    if cfg.trainer.get("threads"):
+        torch.set_num_threads(int(cfg.trainer.threads))
+    tracker = EvalTracker(cfg, job.run_dir, job.meta)  # checks logger.* before any work
+    eval_dir, results_path = rundir.eval_dir(job.run_dir), rundir.results_path(job.run_dir)
+    rundir.output_path(job.run_dir, 0).parent.mkdir(parents=True, exist_ok=True)
     n_new, eval_sha = 0, git_sha()
     with exclusive(eval_dir), tempfile.TemporaryDirectory(prefix=".cache-", dir=eval_dir) as cache, tracker:
-        records, truncated = read_results(results_path)
-        if truncated:
-            log.warning("%s: dropping a truncated last line left by an interrupted evaluation", results_path)
-            rewrite_results(results_path, records)
-        done = {done_key(r) for r in records}
-        _check_head(eval_dir / "zeroshot_head.json", head)
-
-        todo = []
-        for epoch, path in checkpoints:
-            sha = sha256_file(path)
-            missing = [t for t in tasks if (path.name, sha, t) not in done]
-            if missing:
-                todo.append((epoch, path, sha, missing))
-        n_done = len(checkpoints) * len(tasks) - sum(len(m) for *_, m in todo)
-        tokens: dict[tuple[str, str], object] = {}  # (model, task family) -> prompts tokenised once per run
-        evalset = inset = None  # decoded only when there is something to evaluate
-        models: dict = {}  # one model per architecture, reloaded with each checkpoint's weights
+        records = _read_records(results_path)
+        _check_head(rundir.head_path(job.run_dir), job.head)
+        todo = _todo(job, {done_key(r) for r in records})
+        n_done = len(rundir.checkpoints(job.run_dir)) * len(job.tasks) - sum(len(m) for *_, m in todo)
+        inputs = _Inputs(job, Path(cache))
         for epoch, path, sha, missing in todo:
             t0 = time.time()
-            model, tokenizer, ckpt = load_checkpoint(path, meta, image_px, kind, reuse=models)
-            if int(ckpt.get("epoch", epoch)) != epoch:
-                raise ClipgenError(f"checkpoint {str(path)!r} records epoch {ckpt.get('epoch')}: expected {epoch} "
-                                   "as in its file name")
-            name = ckpt["model_name"]
-            by_task, sizes, scales = {}, {}, {}
-            dn_tasks = [t for t in missing if t != IMAGENET_TASK]
-            if dn_tasks:
-                evalset = evalset or load_eval_set(run_cfg, meta, meta_path, image_px, Path(cache))
-                if text_head and (name, "dn") not in tokens:
-                    tokens[(name, "dn")] = tokenize_prompts(tokenizer, classes, templates)
-                # Every image of every task is embedded once per checkpoint; tasks are subsets of them.
-                out = run_kind.outputs(model, tokenizer, evalset.images, classes, templates, device, batch_size,
-                                      tokens.get((name, "dn")))
-                if cfg.eval.save_outputs:
-                    _save_outputs(rundir.output_path(run_dir, epoch), evalset, out)
-                for task in dn_tasks:
-                    d, mask = evalset.tasks[task]
-                    by_task[task] = lso_metrics(out["logits"][mask], evalset.labels[mask], evalset.domains[mask],
-                                                classes, heldout, [d, NATURAL_DOMAIN])
-                    sizes[task], scales[task] = int(mask.sum()), out["logit_scale"]
-            if IMAGENET_TASK in missing:
-                inset = inset or load_imagenet_set(imagenet_root, image_px, Path(cache), imagenet_samples)
-                names = head["imagenet_classes"]
-                if (name, "in") not in tokens:
-                    tokens[(name, "in")] = tokenize_prompts(tokenizer, names, templates)
-                iout = run_kind.outputs(model, tokenizer, inset.images, names, templates, device, batch_size,
-                                       tokens[(name, "in")])
-                if cfg.eval.save_outputs:
-                    _save_imagenet_outputs(rundir.output_path(run_dir, epoch, IMAGENET_TASK), inset,
-                                           iout["logits"])
-                by_task[IMAGENET_TASK] = imagenet_metrics(iout["logits"], inset.labels)
-                sizes[IMAGENET_TASK], scales[IMAGENET_TASK] = len(inset.labels), iout["logit_scale"]
+            ckpt, by_task, sizes, scales = _evaluate(job, inputs, epoch, path, missing, bool(cfg.eval.save_outputs))
             seconds = round(time.time() - t0, 3)
             for task, metrics in by_task.items():
-                d = evalset.tasks[task][0] if task != IMAGENET_TASK else None
-                rec = {"task": task, "metrics": metrics, "run": meta.get("run_name", run_dir.name),
-                       "recipe_id": meta.get("recipe_id"), "recipe_kind": meta.get("recipe_kind"),
-                       "manifest_sha256": meta.get("manifest_sha256"), "seed": meta.get("seed"), "test_domain": d,
-                       "checkpoint": str(path), "checkpoint_sha256": sha, "epoch": epoch, "step": ckpt.get("step"),
-                       "samples_seen": ckpt.get("samples_seen"), "git_sha": meta.get("git_sha"),
-                       "eval_git_sha": eval_sha, "model_kind": kind,
-                       "eval_config": {"templates": str(cfg.eval.templates), "max_templates": max_templates,
-                                       "batch_size": batch_size},
-                       "model_name": name, "num_images": sizes[task], "logit_scale": scales[task],
-                       "seconds": seconds}
+                d = inputs.evalset.tasks[task][0] if task != IMAGENET_TASK else None
+                rec = _record(job, cfg, task, metrics, path, sha, epoch, ckpt, sizes[task], scales[task], seconds,
+                              eval_sha, d)
                 append_result(results_path, rec)
                 records.append(rec)
                 n_new += 1
                 headline = f"{d}-lso-ood" if d else "imagenet-top1"
-                log.info("%s %s epoch %d: %s=%.4f (%d images, %.1fs)", run_dir.name, task, epoch, headline,
+                log.info("%s %s epoch %d: %s=%.4f (%d images, %.1fs)", job.run_dir.name, task, epoch, headline,
                          metrics[headline], sizes[task], seconds)
             tracker.log(epoch, by_task)
+    return _summary(job, results_path, records, n_new, n_done)
 
+
+def _read_records(results_path: Path) -> list[dict]:
+    records, truncated = read_results(results_path)
+    if truncated:
+        log.warning("%s: dropping a truncated last line left by an interrupted evaluation", results_path)
+        rewrite_results(results_path, records)
+    return records
+
+
+def _summary(job: _Job, results_path: Path, records: list[dict], n_new: int, n_done: int) -> dict:
+    """Print the run's summary; the stage's result."""
     by_task = {t: sorted((r for r in records if r.get("task") == t), key=lambda r: int(r.get("epoch", -1)))
-               for t in tasks}
+               for t in job.tasks}
     cols = {task: (f"{d}-lso-ood", f"{d}-lso-id", f"{NATURAL_DOMAIN}-lso-ood")
-            for task, d in zip(tasks, task_domains(meta))}
+            for task, d in zip(job.tasks, task_domains(job.meta))}
     cols[IMAGENET_TASK] = ("imagenet-top1", "imagenet-top5")
-    print(eval_summary(run_dir.name, results_path, n_new, n_done, {t: by_task[t] for t in tasks}, cols))
-    main = by_task[tasks[0]]
-    return {"run_dir": str(run_dir), "evaluated": n_new, "skipped": n_done, "results": str(results_path),
-            "final": main[-1]["metrics"] if main else {}, "tasks": tasks}
-
-
-def _save_outputs(path: Path, evalset: EvalSet, out: dict) -> None:
-    import io
-
-    buf = io.BytesIO()
-    np.savez_compressed(buf, sample_ids=evalset.sample_ids, domains=evalset.domains, labels=evalset.labels,
-                        preds=out["preds"].astype(np.int64), logits=out["logits"].astype(np.float16),
-                        image_embeddings=out["image_embeddings"].astype(np.float16),
-                        logit_scale=np.float32(out["logit_scale"]))
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _save_imagenet_outputs(path: Path, inset, logits: np.ndarray) -> None:
-    import io
-
-    k = min(5, logits.shape[1])
-    top5 = np.argsort(-logits, axis=1, kind="stable")[:, :k].astype(np.int16)
-    buf = io.BytesIO()
-    np.savez_compressed(buf, sample_ids=inset.sample_ids, labels=inset.labels, top5=top5)
-    atomic_write_bytes(path, buf.getvalue())
+    print(eval_summary(job.run_dir.name, results_path, n_new, n_done, by_task, cols))
+    main = by_task[job.tasks[0]]
+    return {"run_dir": str(job.run_dir), "evaluated": n_new, "skipped": n_done, "results": str(results_path),
+            "final": main[-1]["metrics"] if main else {}, "tasks": job.tasks}
 
 
 def _value(record: dict, metric: str) -> str:

@@ -94,7 +94,7 @@ def subset_indices(sample_ids: Sequence[str], domains: Sequence[str], labels: Se
 
 
 def _decode(paths: list[str], image_px: int, cache_dir: Path | None, name: str) -> np.ndarray:
-    from clipgen.eval.zeroshot import decode_images
+    from clipgen.eval.images import decode_images
 
     n, out = len(paths), None
     if cache_dir is not None and n * 3 * image_px * image_px > IN_MEMORY_LIMIT:

@@ -34,7 +34,7 @@ PROVENANCE = "clipgen_export.json"
 
 
 def preprocess_cfg() -> dict:
-    """clipgen-eval's image preprocessing in open_clip's terms (clipgen.eval.zeroshot.load_image)."""
+    """clipgen-eval's image preprocessing in open_clip's terms (clipgen.eval.images.load_image)."""
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
     return {"mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD), "interpolation": "bicubic",

@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 
 from clipgen import rundir
+from clipgen.errors import ClipgenError
+from clipgen.eval import outputs
 
 COLLAPSE_TOP_SHARE = 0.5
 COLLAPSE_OVER_TRUE = 2.0
@@ -67,10 +69,10 @@ def run_concentration(run_dir: Path, epoch: int, domains: list[str]) -> list[dic
     path = rundir.output_path(run_dir, epoch)
     try:
         meta = json.loads(rundir.meta_path(run_dir).read_text(encoding="utf-8"))
-        with np.load(path, allow_pickle=False) as z:
-            preds, labels, doms = z["preds"], z["labels"], z["domains"].astype(str)
-    except (OSError, ValueError, KeyError):
+        z = outputs.load(path, ("preds", "labels", "domains"))
+    except (OSError, ValueError, ClipgenError):
         return []  # the report shows what exists; clipgen-eval reports broken outputs when it runs
+    preds, labels, doms = z["preds"], z["labels"], z["domains"].astype(str)
     classes = list(meta.get("classes") or [])
     ood = [classes.index(c) for c in meta.get("heldout_classes") or [] if c in classes]
     rows = []
