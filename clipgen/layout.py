@@ -66,10 +66,3 @@ def report_dir(cfg: DictConfig) -> Path:
 def study_report_dir(cfg: DictConfig) -> Path:
     """A study's own report (its runs only)."""
     return root(cfg) / "reports" / str(cfg.study.name)
-
-
-def run_name(cfg: DictConfig, recipe_id: str) -> str:
-    """The run directory name (clipgen.rundir: runs are named by their settings)."""
-    from clipgen import rundir
-
-    return rundir.run_name(cfg, recipe_id)

@@ -268,18 +268,17 @@ def is_run(run_dir: str | Path) -> bool:
     return meta_path(run_dir).is_file()
 
 
-def resolve_run_dir(cfg: DictConfig, explicit: str | None, key: str) -> Path:
+def resolve_run_dir(cfg: DictConfig, explicit: str | None, key: str, recipe_id: str) -> Path:
     """``explicit`` (the value of config key ``key``, e.g. eval.run_dir) if set, else the run the config names
-    (recipe, model, settings, seed or ``run_name``); one error naming what to do when it holds no run."""
+    (``recipe_id``, the config's recipe's, and the model, settings, seed or ``run_name``); one error naming what to
+    do when it holds no run."""
     import os
 
     if explicit:
         path = Path(os.path.expanduser(str(explicit))).resolve()
         todo = f"point {key} at a run directory written by clipgen-train"
     else:
-        from clipgen.recipes.naming import recipe_spec
-
-        path = run_dir(cfg, recipe_spec(cfg.recipe).recipe_id)
+        path = run_dir(cfg, recipe_id)
         todo = (f"train it first (clipgen-train recipe={cfg.recipe.kind} recipe.test_domain={cfg.recipe.test_domain} "
                 f"model.name={cfg.model.name} trainer.seed={cfg.trainer.seed} with the same overrides) or set {key}")
     if not path.is_dir():

@@ -276,7 +276,7 @@ def test_latents_named_from_a_vocabulary(study, tmp_path):
     """diff.sae_vocab_file embeds the words with each run's own text tower at the diffed epoch."""
     from clipgen.diff.concepts import vocabulary
     from clipgen.diff.records import load_run
-    from clipgen.launch.study import Job, job_config, run_dir_of
+    from clipgen.recipes.grid import Job, job_config, run_dir_of
 
     cfg = make_cfg(study, *STUDY)
     runs = [load_run(run_dir_of(job_config(cfg, Job("sketch", r, 0)))) for r in ("cg_low", "cg_low_pseudo")]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from clipgen import layout
+from clipgen import layout, rundir
 from clipgen.errors import ClipgenError
 from clipgen.eval import metrics as M
 from clipgen.facts import DOMAINS, class_folder, domainnet_label
@@ -61,7 +61,7 @@ def make_fake_run(root, data_root, kind="cg_low", seed=0, epochs=2, model_name="
 
     cfg = fake_run_cfg(root, data_root, kind, seed, *extra)
     rid = recipe_spec(cfg.recipe).recipe_id
-    name = layout.run_name(cfg, rid)
+    name = rundir.run_name(cfg, rid)
     run_dir = layout.runs_root(cfg) / name
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

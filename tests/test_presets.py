@@ -12,7 +12,8 @@ import pytest
 from conftest import make_cfg, scratch_dir
 from clipgen.errors import ClipgenError
 from clipgen.facts import DOMAIN_LETTERS, TEST_DOMAINS, domainnet_classes, zeroshot_templates
-from clipgen.launch.study import LAUNCHERS, job_config, study_jobs
+from clipgen.launch.study import LAUNCHERS
+from clipgen.recipes.grid import job_config, study_jobs
 from clipgen.preflight import check_run_config, native_image_size, uses_world
 from clipgen.recipes.naming import recipe_spec
 from clipgen.train.objective import check_objective_name, objective_for

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 from clipgen.launch.progress import StudyProgress, units
-from clipgen.launch.study import run_dir_of, run_many
+from clipgen.launch.study import run_many
+from clipgen.recipes.grid import run_dir_of
 
 from conftest import make_cfg
 

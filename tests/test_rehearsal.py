@@ -19,7 +19,8 @@ from omegaconf import OmegaConf
 from conftest import make_cfg
 from clipgen.data.sources import base_index, domainnet_index
 from clipgen.facts import domainnet_classes, domainnet_to_imagenet
-from clipgen.launch.study import job_config, run_study, study_jobs
+from clipgen.launch.study import run_study
+from clipgen.recipes.grid import job_config, study_jobs
 from clipgen.preflight import check_run_config
 from clipgen.recipes.build import build_recipe
 from clipgen.recipes.naming import recipe_spec

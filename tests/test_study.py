@@ -11,7 +11,8 @@ import pytest
 from conftest import make_cfg, run_name_of
 
 from clipgen.errors import ClipgenError
-from clipgen.launch.study import job_config, parse_recipe_entry, run_dir_of, run_study, study_jobs
+from clipgen.launch.study import run_study
+from clipgen.recipes.grid import job_config, parse_recipe_entry, run_dir_of, study_jobs
 from clipgen.recipes.naming import recipe_spec
 
 DATA = ("data.domainnet_root=/data/domainnet", "data.imagenet_captions_json=/data/ic.json",

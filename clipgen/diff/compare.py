@@ -56,7 +56,7 @@ def _contrasts(d: dict) -> list[tuple[str, str]]:
 
 
 def _run_dir(cfg: DictConfig, test_domain: str, recipe: str, seed: int) -> Path:
-    from clipgen.launch.study import Job, job_config, run_dir_of  # the study's own naming of its runs
+    from clipgen.recipes.grid import Job, job_config, run_dir_of  # the study's own naming of its runs
 
     try:
         return run_dir_of(job_config(cfg, Job(test_domain, recipe, int(seed))))

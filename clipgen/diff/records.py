@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clipgen import rundir
+from clipgen import recipedir, rundir
 from clipgen.eval import outputs
 from clipgen.errors import ClipgenError
 from clipgen.facts import DOMAINS
@@ -50,17 +50,8 @@ def resolve_run(spec: str | None, runs_root: Path, key: str) -> Path:
 
 
 def _find_manifest(run_dir: Path, meta: dict) -> Path | None:
-    rd = meta.get("recipe_dir")
-    if not rd:
-        return None
-    cands = [Path(rd)]
-    if not Path(rd).is_absolute():
-        cands.append(run_dir / rd)
-    cands.append(run_dir.parent.parent / "recipes" / Path(rd).name)  # a moved paths.root
-    for c in cands:
-        if (c / "manifest.json").is_file():
-            return c / "manifest.json"
-    return None
+    found = recipedir.find(meta["recipe_dir"], run_dir) if meta.get("recipe_dir") else None
+    return recipedir.manifest_path(found) if found else None
 
 
 def load_run(run_dir: Path) -> RunInfo:

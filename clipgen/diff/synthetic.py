@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clipgen import rundir
+from clipgen import recipedir, rundir
 from clipgen.eval import outputs as eval_outputs
 from clipgen.utils import atomic_write_json
 
@@ -56,7 +56,7 @@ def write_run(root: Path, name: str, arrays: dict, classes: list[str], heldout: 
     run_dir = root / "runs" / name
     rid = recipe_id or name
     recipe_dir = root / "recipes" / f"{rid}-recipe"
-    atomic_write_json(recipe_dir / "manifest.json", {
+    atomic_write_json(recipedir.manifest_path(recipe_dir), {
         "recipe_id": rid, "kind": "synthetic", "test_domain": test_domain, "domains": sorted(counts),
         "classes": classes, "heldout_classes": heldout, "counts": counts,
         "num_samples": int(sum(sum(c.values()) for c in counts.values()))})

@@ -81,7 +81,9 @@ def read_run_meta(run_dir: Path) -> tuple[dict, Path]:
 
 def _load_run(cfg: DictConfig):
     """``eval.run_dir`` if set, else the run the config names: its directory, meta.json path and meta, config."""
-    run_dir = rundir.resolve_run_dir(cfg, cfg.eval.get("run_dir"), "eval.run_dir")
+    from clipgen.recipes.naming import recipe_spec
+
+    run_dir = rundir.resolve_run_dir(cfg, cfg.eval.get("run_dir"), "eval.run_dir", recipe_spec(cfg.recipe).recipe_id)
     meta, meta_path = read_run_meta(run_dir)
     bad = [c for c in meta["heldout_classes"] if c not in meta["classes"]]
     if bad:

@@ -54,7 +54,10 @@ def run_export(cfg: DictConfig) -> dict:
     from clipgen.preflight import check_values
 
     check_values(cfg)
-    run_dir = rundir.resolve_run_dir(cfg, cfg.export.get("run_dir"), "export.run_dir")
+    from clipgen.recipes.naming import recipe_spec
+
+    run_dir = rundir.resolve_run_dir(cfg, cfg.export.get("run_dir"), "export.run_dir",
+                                     recipe_spec(cfg.recipe).recipe_id)
     out = export_run(run_dir, int(cfg.export.epoch), cfg.export.get("dir"))
     what = "exported" if out["written"] else "already exported"
     print(f"clipgen: {what} epoch {out['epoch']} of {run_dir.name} -> {out['dir']} ({out['bytes'] / 1e6:.1f} MB); "

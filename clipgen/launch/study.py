@@ -17,7 +17,6 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -26,99 +25,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from clipgen.errors import ClipgenError
 from clipgen.preflight import check_run_config, check_study_grid
 from clipgen.procs import bind_stage_worker, orphaned
-from clipgen.recipes.naming import RECIPE_KINDS, recipe_spec
-
-
-@dataclass(frozen=True)
-class Job:
-    test_domain: str
-    recipe: str  # study entry: a recipe kind, or "allow:P" / "interpolation:LETTERS"
-    seed: int
-
-
-def parse_recipe_entry(entry: str, test_domain: str) -> dict:
-    """Study recipe entries: a kind (``cg_high``), ``allow:0.2`` or ``allow:0.2:cg_low`` (p and the base
-    recipe), ``interpolation:cqrs`` (letters of all included domains, as in the paper's lists); a ``+aligned``
-    suffix gives the aligned-caption variant (``cg_high+aligned``)."""
-    from clipgen.facts import DOMAIN_LETTERS, NATURAL_DOMAIN
-
-    entry, plus, suffix = str(entry).partition("+")
-    if plus and suffix != "aligned":
-        raise ClipgenError(f"study.recipes entry {entry}+{suffix!r}: expected the suffix '+aligned' or none")
-    kind, _, arg = entry.partition(":")
-    if kind not in RECIPE_KINDS:
-        raise ClipgenError(f"unknown study.recipes entry {entry!r}: expected one of {', '.join(RECIPE_KINDS)} "
-                           "(allow:P and interpolation:LETTERS take an argument)")
-    out: dict = {"kind": kind}
-    if plus:
-        out["aligned_captions"] = True
-    if kind == "allow":
-        p, _, base = arg.partition(":")
-        try:
-            out["allow_p"] = float(p)
-        except ValueError:
-            raise ClipgenError(f"study.recipes entry {entry!r}: expected allow:P[:BASE] with P a number") from None
-        if base:
-            out["allow_base"] = base
-    elif kind == "interpolation":
-        by_letter = {v: k for k, v in DOMAIN_LETTERS.items()}
-        if not arg or any(ch not in by_letter for ch in arg):
-            raise ClipgenError(f"study.recipes entry {entry!r}: expected interpolation:LETTERS, e.g. "
-                               "interpolation:cqrs")
-        out["extra_domains"] = [by_letter[ch] for ch in arg
-                                if by_letter[ch] not in (NATURAL_DOMAIN, test_domain)]
-    elif arg:
-        raise ClipgenError(f"study.recipes entry {entry!r}: kind {kind!r} takes no argument")
-    return out
-
-
-def job_config(cfg: DictConfig, job: Job) -> DictConfig:
-    """The config of one training run of the study (what ``clipgen-train`` would get with overrides)."""
-    sub = copy.deepcopy(cfg)
-    with open_dict(sub):
-        for key, value in parse_recipe_entry(job.recipe, job.test_domain).items():
-            sub.recipe[key] = value
-        sub.recipe.test_domain = job.test_domain
-        sub.trainer.seed = job.seed
-        if sub.logger.group is None:
-            sub.logger.group = cfg.study.name
-    recipe_spec(sub.recipe)  # validate before any work starts
-    return sub
-
-
-def study_jobs(cfg: DictConfig) -> list[Job]:
-    """The study's runs, one per distinct run directory: natural-only is the same run for every test domain, so
-    it appears once (with the first test domain)."""
-    from clipgen.recipes.naming import PAPER_INTERPOLATIONS
-
-    grid = []
-    for d in cfg.study.test_domains:
-        for r in cfg.study.recipes:
-            entries = [r]
-            if str(r) == "interpolation:paper":  # the paper's list for this test domain (protocol §4)
-                if d not in PAPER_INTERPOLATIONS:
-                    raise ClipgenError(f"study.recipes entry 'interpolation:paper' has no paper list for test "
-                                       f"domain {d!r}: expected one of {', '.join(PAPER_INTERPOLATIONS)}")
-                entries = [f"interpolation:{letters}" for letters in PAPER_INTERPOLATIONS[d]]
-            grid += [Job(d, e, int(s)) for e in entries for s in cfg.study.seeds]
-    if not grid:
-        raise ClipgenError("the study has no runs: expected non-empty study.test_domains, study.recipes and "
-                           "study.seeds")
-    jobs, seen = [], set()
-    for j in grid:
-        sub = job_config(cfg, j)
-        name = run_dir_of(sub).name
-        if name not in seen:
-            seen.add(name)
-            jobs.append(j)
-    return jobs
-
-
-def run_dir_of(sub: DictConfig) -> Path:
-    """The run directory of a study job: named by its settings (clipgen.rundir)."""
-    from clipgen import rundir
-
-    return rundir.run_dir(sub, recipe_spec(sub.recipe).recipe_id)
+from clipgen.recipes.grid import job_config, run_dir_of, study_jobs
+from clipgen.recipes.naming import recipe_spec
 
 
 def settings_conflict(sub: DictConfig, meta: dict) -> str | None:
@@ -443,13 +351,13 @@ def _eval_after(sub: DictConfig) -> DictConfig | None:
 def _planned(subs: list[DictConfig], recipes: dict) -> dict[Path, dict]:
     """Run directory -> its steps and checkpoint evaluations when done, from the built recipes' manifests: the
     progress line's totals, known before any run starts."""
+    from clipgen import recipedir
     from clipgen.launch.progress import planned_units
-    from clipgen.utils import read_json
 
     out = {}
     for sub in subs:
         recipe_dir = Path(recipes[(sub.recipe.test_domain, str(recipe_spec(sub.recipe).recipe_id))]["recipe_dir"])
-        out[run_dir_of(sub)] = planned_units(sub, read_json(recipe_dir / "manifest.json", "recipe manifest"))
+        out[run_dir_of(sub)] = planned_units(sub, recipedir.read_manifest(recipe_dir))
     return out
 
 
@@ -460,90 +368,132 @@ def _print_trained(results: list[dict]) -> None:
 
 
 def run_study(cfg: DictConfig) -> dict:
-    from clipgen import layout
-    from clipgen.eval.run import run_eval
-    from clipgen.recipes.build import build_recipe
-    from clipgen.report.build import run_report
-    from clipgen.train.loop import run_train
-    from clipgen.world.generate import run_world
-
-    launcher = str(cfg.study.launcher)
-    if launcher not in LAUNCHERS:
-        raise ClipgenError(f"unknown study.launcher {launcher!r}: expected one of {', '.join(LAUNCHERS)}")
-    check_run_config(cfg)  # one clear line before any world, recipe or job (recipe keys are checked per job)
-    check_study_grid(cfg)
-    parallel = int(cfg.study.parallel)
+    """The whole study of the config (module docstring): grid, world and recipes, training and evaluation,
+    analyses, the study's report, a status and a time table."""
+    launcher = _check_launcher(cfg)
     jobs = study_jobs(cfg)
     subs = [job_config(cfg, job) for job in jobs]
-    times: list[tuple[str, float]] = []
     print(f"study {cfg.study.name}: {len(jobs)} runs "
           f"({len(cfg.study.test_domains)} test domains x {len(cfg.study.recipes)} recipes x "
           f"{len(cfg.study.seeds)} seeds, each run once), launcher {launcher}")
     states = [run_state(sub) for sub in subs]
     if cfg.study.dry_run:
-        print(format_runs([(i + 1, run_dir_of(sub).name, j.test_domain, *st, other_settings(sub))
-                           for i, (sub, j, st) in enumerate(zip(subs, jobs, states))]))
-        n_train = sum(st[0] != "finished" for st in states)
-        n_eval = sum(st[1] != "done" for st in states)
-        print(f"dry run: {n_train} runs to train, {n_eval} to evaluate; nothing was launched")
-        return {"runs": [str(run_dir_of(sub)) for sub in subs], "dry_run": True, "to_train": n_train,
-                "to_eval": n_eval}
+        return _dry_run(subs, jobs, states)
+    _refuse_conflicts(subs, states)
+    times: list[tuple[str, float]] = []
+    failed: dict[str, dict] = {}
+    planned = _world_and_recipes(cfg, subs, times)
+    to_train, n_eval = _train_and_evaluate(cfg, subs, planned, failed, times)
+    if cfg.study.analyze:
+        _analyze(cfg, subs, failed, times)
+    report = _report(cfg, subs, failed, times)
+    _print_end(subs, jobs, failed, times, report)
+    if failed:
+        raise ClipgenError(f"{len(failed)} of {len(subs)} runs failed (their logs are listed above); relaunch the "
+                           "same command to retry them: finished work is skipped")
+    return {"runs": [str(run_dir_of(sub)) for sub in subs], "report": report["report"], "times": dict(times),
+            "total_seconds": sum(t for _, t in times), "trained": len(to_train), "evaluated": n_eval}
+
+
+def _check_launcher(cfg: DictConfig) -> str:
+    """study.launcher, and one clear line for a bad config before any world, recipe or job."""
+    launcher = str(cfg.study.launcher)
+    if launcher not in LAUNCHERS:
+        raise ClipgenError(f"unknown study.launcher {launcher!r}: expected one of {', '.join(LAUNCHERS)}")
+    check_run_config(cfg)  # recipe keys are checked per job
+    check_study_grid(cfg)
+    return launcher
+
+
+def _dry_run(subs: list[DictConfig], jobs: list, states: list[tuple[str, str]]) -> dict:
+    print(format_runs([(i + 1, run_dir_of(sub).name, j.test_domain, *st, other_settings(sub))
+                       for i, (sub, j, st) in enumerate(zip(subs, jobs, states))]))
+    n_train = sum(st[0] != "finished" for st in states)
+    n_eval = sum(st[1] != "done" for st in states)
+    print(f"dry run: {n_train} runs to train, {n_eval} to evaluate; nothing was launched")
+    return {"runs": [str(run_dir_of(sub)) for sub in subs], "dry_run": True, "to_train": n_train, "to_eval": n_eval}
+
+
+def _refuse_conflicts(subs: list[DictConfig], states: list[tuple[str, str]]) -> None:
     conflicts = [f"{run_dir_of(sub)} ({st[0]})" for sub, st in zip(subs, states) if st[0].startswith("other settings")]
     if conflicts:
         raise ClipgenError(f"{len(conflicts)} run directories hold runs with other settings than this study would "
                            f"train, so they cannot be reused or resumed: {'; '.join(conflicts)}; expected a "
                            "paths.root for this data (or remove the run_name= override)")
 
+
+def _world_and_recipes(cfg: DictConfig, subs: list[DictConfig], times: list) -> dict[Path, dict]:
+    """The world (when read) and every recipe of the study, built here; the runs' planned units."""
+    from clipgen.recipes.build import build_recipe
+    from clipgen.world.generate import run_world
+
     if cfg.data.source == "world" or cfg.data.base == "world":
         _timed(times, "world", run_world, cfg)
-    recipes = {}
-    t0 = time.time()
+    recipes, t0 = {}, time.time()
     for sub in subs:
         key = (sub.recipe.test_domain, str(recipe_spec(sub.recipe).recipe_id))
         if key not in recipes:
             recipes[key] = build_recipe(sub)
             print(f"  recipe {recipes[key]['recipe_id']}: {recipes[key]['num_samples']} samples")
     times.append(("recipes", time.time() - t0))
-    planned = _planned(subs, recipes)
+    return _planned(subs, recipes)
 
-    failed: dict[str, dict] = {}
+
+def _train_and_evaluate(cfg: DictConfig, subs: list[DictConfig], planned: dict, failed: dict,
+                        times: list) -> tuple[list[DictConfig], int]:
+    """Train what is not finished and evaluate what is not done: one pool that evaluates each run as soon as it
+    is trained (local, parallel > 1), else the two stages one after the other. (runs trained, runs evaluated)."""
+    from clipgen.eval.run import run_eval
+    from clipgen.train.loop import run_train
+
+    launcher, parallel = str(cfg.study.launcher), int(cfg.study.parallel)
     now = [(sub, run_state(sub)) for sub in subs]
     to_train = [sub for sub, (train, _) in now if train != "finished"]
     where = f"{launcher} jobs" if launcher != "local" else f"{parallel} at a time"
-    if launcher == "local" and parallel > 1:  # one pool: runs are evaluated while others still train
+    t0 = time.time()
+    if launcher == "local" and parallel > 1:
         before = [_eval_config(sub) for sub, (train, ev) in now if train == "finished" and ev != "done"]
-        t0 = time.time()
         trained, t_trained, n_eval, overlapped = train_and_evaluate(run_train, run_eval, to_train, before,
                                                                     _eval_after, parallel, planned)
         _print_trained(trained)
         times.append((f"train ({len(to_train)} of {len(subs)} runs, {where})", t_trained))
         times.append((f"eval ({n_eval} runs" + (f", {overlapped} while training" if overlapped else "") + ")",
                       time.time() - t0 - t_trained))
-    else:
-        t0 = time.time()
-        _print_trained(run_stage("train", "train", run_train, to_train, cfg, failed, planned))
-        times.append((f"train ({len(to_train)} of {len(subs)} runs, {where})", time.time() - t0))
-        to_eval = [_eval_config(sub) for sub in subs
-                   if run_dir_of(sub).name not in failed and run_state(sub)[1] != "done"]
-        t0, n_eval = time.time(), len(to_eval)
-        run_stage("eval", "eval", run_eval, to_eval, cfg, failed, planned)
-        times.append((f"eval ({n_eval} runs)", time.time() - t0))
+        return to_train, n_eval
+    _print_trained(run_stage("train", "train", run_train, to_train, cfg, failed, planned))
+    times.append((f"train ({len(to_train)} of {len(subs)} runs, {where})", time.time() - t0))
+    to_eval = [_eval_config(sub) for sub in subs if run_dir_of(sub).name not in failed and run_state(sub)[1] != "done"]
+    t0 = time.time()
+    run_stage("eval", "eval", run_eval, to_eval, cfg, failed, planned)
+    times.append((f"eval ({len(to_eval)} runs)", time.time() - t0))
+    return to_train, len(to_eval)
 
-    if cfg.study.analyze:  # clipgen-analyze on every run (skips analyses that are current)
-        from clipgen.analyze.run import pending_analyses, run_analyze
 
-        to_analyze = [_pointed_at_run(sub, "analysis.run_dirs", as_list=True) for sub in subs
-                      if run_dir_of(sub).name not in failed and pending_analyses(sub, run_dir_of(sub))]
-        t0 = time.time()
-        run_stage("analyze", "eval", run_analyze, to_analyze, cfg, failed)
-        times.append((f"analyze ({len(to_analyze)} runs)", time.time() - t0))
-    # The study's own report (its runs only) in reports/{study}; clipgen-report still aggregates every run.
+def _analyze(cfg: DictConfig, subs: list[DictConfig], failed: dict, times: list) -> None:
+    """clipgen-analyze on every run (study.analyze; analyses that are current are skipped)."""
+    from clipgen.analyze.run import pending_analyses, run_analyze
+
+    to_analyze = [_pointed_at_run(sub, "analysis.run_dirs", as_list=True) for sub in subs
+                  if run_dir_of(sub).name not in failed and pending_analyses(sub, run_dir_of(sub))]
+    t0 = time.time()
+    run_stage("analyze", "eval", run_analyze, to_analyze, cfg, failed)
+    times.append((f"analyze ({len(to_analyze)} runs)", time.time() - t0))
+
+
+def _report(cfg: DictConfig, subs: list[DictConfig], failed: dict, times: list) -> dict:
+    """The study's own report (its runs only) in reports/{study}; clipgen-report still aggregates every run."""
+    from clipgen import layout
+    from clipgen.report.build import run_report
+
     rcfg = copy.deepcopy(cfg)
     with open_dict(rcfg):
         rcfg.logger.group = cfg.logger.group or cfg.study.name
-    report = _timed(times, "report", run_report, rcfg, [run_dir_of(sub) for sub in subs if run_dir_of(sub).name
-                                                        not in failed], layout.study_report_dir(cfg), cfg.study.name)
+    runs = [run_dir_of(sub) for sub in subs if run_dir_of(sub).name not in failed]
+    return _timed(times, "report", run_report, rcfg, runs, layout.study_report_dir(cfg), cfg.study.name)
 
+
+def _print_end(subs: list[DictConfig], jobs: list, failed: dict, times: list, report: dict) -> None:
+    """The status table of every run (failures with their logs), the time table and the report's path."""
     rows = []
     for i, (sub, job) in enumerate(zip(subs, jobs)):
         name = run_dir_of(sub).name
@@ -557,8 +507,3 @@ def run_study(cfg: DictConfig) -> dict:
     print()
     print(format_time_table(times))
     print(f"\nreport: {report['report']}")
-    if failed:
-        raise ClipgenError(f"{len(failed)} of {len(subs)} runs failed (their logs are listed above); relaunch the "
-                           "same command to retry them: finished work is skipped")
-    return {"runs": [str(run_dir_of(sub)) for sub in subs], "report": report["report"], "times": dict(times),
-            "total_seconds": sum(t for _, t in times), "trained": len(to_train), "evaluated": n_eval}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from clipgen import layout
+from clipgen import layout, recipedir
 from clipgen.data.cache import derived
 from clipgen.data.index import Sample, index_hash, sample_ids_hash
 from clipgen.data.sampleindex import index_dir, index_key, shard_stats, write_index
@@ -33,7 +33,7 @@ from clipgen.recipes.naming import RecipeSpec, recipe_spec
 from clipgen.recipes.plan import Plan, check_no_leak, format_plan, plan_recipe, train_index
 from clipgen.recipes.shards import write_shard_set
 from clipgen.world.generate import ensure_world
-from clipgen.utils import (atomic_write_json, git_sha, is_disk_error, read_json, stable_hash, sweep_stale_dirs,
+from clipgen.utils import (git_sha, is_disk_error, stable_hash, sweep_stale_dirs,
                            write_error)
 
 RECIPE_FORMAT_VERSION = 1
@@ -56,7 +56,7 @@ def _publish(tmp: Path, final: Path) -> bool:
         os.rename(tmp, final)
         return True
     except OSError:
-        if (final / "manifest.json").is_file():
+        if recipedir.is_built(final):
             shutil.rmtree(tmp, ignore_errors=True)
             return False
         raise
@@ -108,8 +108,7 @@ def _write_dir(final: Path, samples: list[Sample], captions: list[str], cfg: Dic
                                f"{len(samples)}; nothing was published")
         manifest = {**manifest, "num_samples": len(samples), "shards": sizes,
                     "sample_ids_hash": sample_ids_hash(s.sample_id for s in samples)}
-        atomic_write_json(tmp / "sizes.json", sizes)
-        atomic_write_json(tmp / "manifest.json", manifest)
+        recipedir.write(tmp, sizes, manifest)
         key = index_key(shard_stats(tmp, sizes), r.image_px)
         write_index(index_dir(tmp, key), columns, r.image_px, key, "writer")
     except BaseException as e:
@@ -118,7 +117,7 @@ def _write_dir(final: Path, samples: list[Sample], captions: list[str], cfg: Dic
             raise write_error(final, e, "recipe") from None
         raise
     _publish(tmp, final)
-    return read_json(final / "manifest.json", "recipe manifest")
+    return recipedir.read_manifest(final)
 
 
 def _shuffled(items: list, seed) -> list:
@@ -150,8 +149,8 @@ def ensure_base(cfg: DictConfig, spec: dict | None = None) -> dict | None:
     if spec is None:
         return None
     final = layout.recipes_root(cfg) / base_dir_name(spec)
-    if (final / "manifest.json").is_file():
-        return read_json(final / "manifest.json", "base manifest")
+    if recipedir.is_built(final):
+        return recipedir.read_manifest(final, "base manifest")
     samples = base_index(cfg)
     # The order depends on the sample ids only, not on where the files live.
     samples = _shuffled(samples, "base:" + sample_ids_hash(s.sample_id for s in samples))
@@ -207,7 +206,7 @@ def build_recipe(cfg: DictConfig) -> dict:
         print(format_plan(plan))
         print(f"dry run: would write {plan.size} samples to {final}")
         return {**summary, "dry_run": True, "built": False}
-    if (final / "manifest.json").is_file():
+    if recipedir.is_built(final):
         return {**summary, "built": False, "seconds": time.time() - t0}
     base = ensure_base(cfg, bspec)
     samples = _shuffled(plan.samples, f"{spec.recipe_id}:{cfg.recipe.caption_seed}:{spec.seed}")

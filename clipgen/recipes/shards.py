@@ -22,6 +22,7 @@ from clipgen.data.index import Sample
 from clipgen.data.sampleindex import CATEGORICAL, ShardColumns, imagenet_wnid_index, shard_columns
 from clipgen.errors import ClipgenError
 from clipgen.facts import DEFAULT_JPEG_QUALITY, RECIPE_IMAGE_FORMATS
+from clipgen.recipedir import shard_name
 from clipgen.utils import process_pool
 
 _PIL_FORMAT = {"png": "PNG", "jpg": "JPEG"}
@@ -138,7 +139,7 @@ def write_shard_set(out_dir: Path, samples: list[Sample], captions: list[str], i
     n = len(samples)
     k = shard_count(n, shard_size, min_shards)
     bounds = [round(i * n / k) for i in range(k + 1)]
-    jobs = [_ShardJob(Path(out_dir) / f"shard-{si:05d}.tar", image_px, fmt, int(quality),
+    jobs = [_ShardJob(Path(out_dir) / shard_name(si), image_px, fmt, int(quality),
                       [(samples[i].path, captions[i], _meta(samples[i])) for i in range(bounds[si], bounds[si + 1])],
                       bounds[si])
             for si in range(k)]

@@ -9,7 +9,6 @@ not zero.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from clipgen import rundir
+from clipgen import recipedir, rundir
 from clipgen.errors import ClipgenError
 from clipgen.rundir import read_results
 from clipgen.report.stats import metric_range, t_interval
@@ -34,8 +33,8 @@ def _manifest(meta: dict, run_dir: Path) -> dict:
     p = Path(path)
     p = p if p.is_absolute() else run_dir / p
     try:
-        return json.loads((p / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        return recipedir.read_manifest(p)
+    except ClipgenError:
         return {}  # the recipe may live on another machine; the run config is the fallback
 
 

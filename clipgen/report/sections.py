@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from clipgen.facts import DOMAINS, NATURAL_DOMAIN, TEST_DOMAINS
-from clipgen import rundir
+from clipgen import recipedir, rundir
 from clipgen.recipes.naming import KIND_NAMES
 from clipgen.report.collapse import COLLAPSE_OVER_TRUE, COLLAPSE_TOP_SHARE
 
@@ -107,8 +107,8 @@ def composition_table(runs: pd.DataFrame, facts: pd.DataFrame) -> str:
         if not path or path in seen:
             continue
         seen.add(path)
-        manifest = _read_json(Path(path) / "manifest.json")
-        sizes = _read_json(Path(path) / "sizes.json")
+        manifest = _read_json(recipedir.manifest_path(path))
+        sizes = _read_json(recipedir.sizes_path(path))
         if not manifest:
             rows.append([_e(r["recipe_id"]), _e(KIND_NAMES.get(r["recipe_kind"], r["recipe_kind"])),
                          "<span class=muted>manifest.json not found</span>", "", "", "", "", ""])

@@ -38,11 +38,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from clipgen import recipedir
 from clipgen.errors import ClipgenError
 from clipgen.train.crop import apply_crop, crop_normalize, normalize
 from clipgen.data.sampleindex import META_FIELDS
 from clipgen.train.decode import BAD_SAMPLE_POLICIES, IMAGE_EXTS, ShardTask, decode_shards
-from clipgen.utils import read_json
 
 __all__ = ["IMAGE_EXTS", "META_FIELDS", "TrainData", "Batch", "EpochLoader", "load_train_data",
            "random_resized_crop", "crop_theta", "apply_crop", "normalize", "derive_seed", "leak_allowed",
@@ -103,13 +103,6 @@ def check_data_config(data_cfg) -> None:
         raise ClipgenError(f"data.max_memory_gb={data_cfg.max_memory_gb}: expected a positive number of GB")
 
 
-def _shard_counts(manifest: dict, where: Path) -> dict[str, int]:
-    shards = manifest.get("shards")
-    if not isinstance(shards, dict):
-        raise ClipgenError(f"manifest of {str(where)!r} has shards={shards!r}: expected {{name: count}}")
-    return {name: int(shards[name]) for name in sorted(shards)}  # shard-NNNNN.tar: name order is write order
-
-
 def _check_memory(recipe_dir: Path, n: int, image_px: int, max_memory_gb: float) -> None:
     need = n * 3 * image_px * image_px
     if need > max_memory_gb * 1e9:
@@ -121,12 +114,7 @@ def _check_memory(recipe_dir: Path, n: int, image_px: int, max_memory_gb: float)
 
 def data_sources(recipe_dir: Path, manifest: dict) -> list[tuple[Path, dict[str, int], int]]:
     """(directory, {shard name: count}, num_samples) of the recipe and of the base corpus it references."""
-    sources = [(recipe_dir, _shard_counts(manifest, recipe_dir), int(manifest["num_samples"]))]
-    base = manifest.get("base")
-    if base:
-        base_dir = (recipe_dir / base["dir"]).resolve()
-        sources.append((base_dir, _shard_counts(base, base_dir), int(base["num_samples"])))
-    return sources
+    return recipedir.sources(recipe_dir, manifest)
 
 
 def shard_tasks(sources) -> tuple[list[ShardTask], list[int]]:
@@ -193,7 +181,7 @@ def open_recipe(recipe_dir: str | Path, manifest: dict | None, on_bad_sample: st
         raise ClipgenError(f"unknown data.on_bad_sample {on_bad_sample!r}: expected one of "
                            f"{', '.join(BAD_SAMPLE_POLICIES)}")
     if manifest is None:
-        manifest = read_json(recipe_dir / "manifest.json", "recipe manifest")
+        manifest = recipedir.read_manifest(recipe_dir)
     return recipe_dir, manifest, data_sources(recipe_dir, manifest)
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from clipgen import rundir, runlock
+from clipgen import recipedir, rundir, runlock
 from clipgen.errors import ClipgenError
 from clipgen.eval.during_training import subset_evaluator
 from clipgen.models.checkpoint import unwrap
@@ -53,7 +53,7 @@ from clipgen.train.objective import check_objective_name, objective_for
 from clipgen.train.optim import check_optim_config
 from clipgen.train.session import Session, Target, resume, save_epoch, save_latest, setup, write_meta
 from clipgen.train.signals import StopSignals, requeue_after_stop
-from clipgen.utils import git_sha, read_json, sha256_file, sweep_temp_files
+from clipgen.utils import git_sha, sweep_temp_files
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +147,9 @@ def _run(cfg: DictConfig, denv: dist.DistEnv, device: torch.device, mcfg: dict, 
     recipe_dir = Path(ensure_recipe(cfg))
     if denv.is_main:
         dist.barrier(denv)
-    manifest = read_json(recipe_dir / "manifest.json", "recipe manifest")
+    manifest = recipedir.read_manifest(recipe_dir)
     t = Target(cfg=cfg, denv=denv, device=device, model_cfg=mcfg, recipe_dir=recipe_dir, manifest=manifest,
-               manifest_sha=sha256_file(recipe_dir / "manifest.json"),
+               manifest_sha=recipedir.manifest_sha256(recipe_dir),
                run_dir=rundir.run_dir(cfg, manifest["recipe_id"]), spec=rundir.train_spec(cfg), t_call=t_call)
     done = _finished(t)
     if done is None and denv.is_main:  # one trainer per run directory; the kernel releases it however we end
