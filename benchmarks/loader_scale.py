@@ -377,7 +377,8 @@ def report(rows: list[dict], costs: dict | None, label: str = "", before: list[d
         floor = 1.5 * small["first"] + 10
         grow = (large["rss_kb"] - small["rss_kb"]) * 1024 / (rows[-1]["n"] - rows[0]["n"])
         ok &= large["first"] <= floor and grow <= 64
-        print(f"{'':20s} floors: first step at N={rows[-1]['n']:,} {large['first']:.1f} s <= 1.5 x {small['first']:.1f} "
+        print(f"{'':20s} floors: first step at N={rows[-1]['n']:,} {large['first']:.1f} s <= 1.5 x "
+              f"{small['first']:.1f} "
               f"+ 10 = {floor:.1f} s ({'met' if large['first'] <= floor else 'NOT met'}); trainer RSS growth "
               f"{grow:+.1f} B/sample <= 64 ({'met' if grow <= 64 else 'NOT met'})")
     if len(rows) >= 2 and all("build" in r for r in rows):

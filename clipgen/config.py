@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING
 
-from clipgen.facts import DEFAULT_JPEG_QUALITY
+from clipgen.facts import DEFAULT_JPEG_QUALITY, PAPER_CAPTION_SEED
 
 
 @dataclass
@@ -89,14 +89,14 @@ class RecipeConfig:
     aligned_captions: bool = False  # captions use only neutral terms ("image", "picture"), never a domain word
     subsample: str = "first"  # first (paper: first n in split-file order) | random (seeded)
     seed: int = 0  # seed of the random subsample variant
-    caption_seed: int = 42  # seed of the caption templates (paper: 42)
+    caption_seed: int = PAPER_CAPTION_SEED  # seed of the caption templates (the paper's: 42)
     # images are resized to this size when written into shards; follows the model's input size unless set (a
     # recipe for training must match model.image_px: clipgen.preflight refuses a mismatch before any build)
     image_px: int = II("model.image_px")
     # png (lossless) | jpg | auto: the data source's (clipgen.facts.RECIPE_IMAGE_FORMAT: png for the world, jpg
     # for DomainNet and the paper presets)
     image_format: str = "auto"
-    jpeg_quality: int = DEFAULT_JPEG_QUALITY  # JPEG quality of re-encoded images (1..100; PIL's 4:2:0 chroma subsampling)
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY  # of re-encoded images (1..100; PIL's 4:2:0 chroma subsampling)
     shard_size: int = 2000  # samples per shard (upper bound)
     min_shards: int = 2  # at least this many shards (workers x ranks)
     # processes writing shards (each writes whole shards; any count writes the same bytes); null = every core this

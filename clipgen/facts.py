@@ -106,18 +106,6 @@ def domainnet_label(name: str) -> int:
     return lookup[key]
 
 
-def check_domain(name: str, where: str = "domain") -> str:
-    if name not in DOMAINS:
-        raise ValueError(f"unknown {where} {name!r}: expected one of {', '.join(DOMAINS)}")
-    return name
-
-
-def check_test_domain(name: str, where: str = "test domain") -> str:
-    if name not in TEST_DOMAINS:
-        raise ValueError(f"invalid {where} {name!r}: expected one of {', '.join(TEST_DOMAINS)} (never real)")
-    return name
-
-
 # --- zero-shot templates (protocol §6) -------------------------------------------------------------------------
 def _openai_imagenet_templates() -> tuple[str, ...]:
     # The 80 templates of OpenAI's ImageNet zero-shot evaluation, as shipped by open_clip.

@@ -3,7 +3,8 @@
     {root}/world/{name}-{hash}/       the synthetic world (DomainNet layout under domainnet/, base under natural/)
     {root}/recipes/base-{hash}/       the base corpus, sharded once and referenced by every recipe
     {root}/recipes/{recipe_id}-{hash}/ one recipe's shards, sizes.json, manifest.json
-    {root}/runs/{run_name}/           (named by its settings, clipgen.rundir) config.yaml, meta.json, checkpoints/, latest.pt, eval/
+    {root}/runs/{run_name}/           (named by its settings) config.yaml, meta.json, checkpoints/, latest.pt, eval/
+                                      (clipgen.rundir)
     {root}/runs/{run_name}/analysis/  clipgen-analyze's JSON results, figures and activation caches
     {root}/diffs/{run_a}__vs__{run_b}/ clipgen-diff's summary.md, hypotheses.jsonl, plots
     {root}/report/                    clipgen-report over every run: index.html, summary.csv, figures

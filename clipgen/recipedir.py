@@ -5,8 +5,8 @@ Every stage reaches a recipe directory through this module; no other module spel
 
     {root}/recipes/{recipe_id}-{hash}/   shard-NNNNN.tar  the samples, webdataset tars      shard_name, shards
                                          sizes.json       {shard: count}, for open_clip      sizes_path
-                                         manifest.json    what the recipe holds, written     manifest_path, read_manifest,
-                                                          last                               is_built, write
+                                         manifest.json    what the recipe holds (written     manifest_path, is_built,
+                                                          last)                              read_manifest, write
                                          index-{key}/     the sample index (clipgen.data.sampleindex owns it)
     {root}/recipes/base-{hash}/          the same for the base corpus, which every recipe's manifest references by
                                          its path relative to the recipe (``base.dir``)     base_dir, sources

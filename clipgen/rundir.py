@@ -48,6 +48,8 @@ from clipgen.utils import stable_hash
 META, CONFIG, LATEST = "meta.json", "config.yaml", "latest.pt"
 CHECKPOINTS, EVAL, OUTPUTS, RESULTS, ANALYSIS = "checkpoints", "eval", "outputs", "results.jsonl", "analysis"
 HEAD = "zeroshot_head.json"
+# What a killed trainer's atomic writes leave behind in a run directory (clipgen.utils: ".{name}.<random>.tmp").
+TRAINER_TEMP_FILES = (f".{LATEST}.*.tmp", f".{META}.*.tmp", f".{CONFIG}.*.tmp", f"{CHECKPOINTS}/.epoch_*.pt.*.tmp")
 _EPOCH_FILE = re.compile(r"^epoch_(\d+)\.(pt|npz)$")
 
 # Headline settings shown in a run name when they differ from the defaults, in this order.

@@ -59,7 +59,8 @@ def test_torchrun_two_process_gloo_matches_one_process(single, tiny_root, tmp_pa
     assert meta["world_size"] == 2 and one["world_size"] == 1
     assert meta["step"] == one["step"] and meta["samples_seen"] == one["samples_seen"]
     assert abs(meta["final_loss"] - one["final_loss"]) < 1e-4
-    a, b = _state(single, "checkpoints/epoch_000.pt")["state_dict"], _state(root, "checkpoints/epoch_000.pt")["state_dict"]
+    a = _state(single, "checkpoints/epoch_000.pt")["state_dict"]
+    b = _state(root, "checkpoints/epoch_000.pt")["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same init
     b = _state(root, "checkpoints/epoch_002.pt")["state_dict"]
     assert not any(k.startswith("module.") for k in b)

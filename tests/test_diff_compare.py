@@ -14,7 +14,7 @@ from conftest import make_cfg, scratch_dir
 from clipgen.diff import comparison as C
 from clipgen.diff import synthetic as syn
 from clipgen.errors import ClipgenError
-from clipgen.report.stats import t_interval
+from clipgen.stats import t_interval
 
 DOMAINS = ["clipart", "quickdraw", "real", "sketch"]
 CLASSES = ["aircraft carrier", "axe", "banana", "barn", "bed", "bicycle", "dolphin", "duck", "horse", "pants"]

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from clipgen.report.collapse import collect_concentration, concentration
-from clipgen.report.stats import metric_range, paired_differences, t_interval
+from clipgen.stats import metric_range, paired_differences, t_interval
 
 MATCH = ["task", "test_domain", "model_name", "settings"]
 

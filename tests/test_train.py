@@ -22,7 +22,7 @@ from clipgen.models.factory import create_clip, register_clipgen_models
 from clipgen.train import checkpoint as ckpt
 from clipgen.train import session
 from clipgen.train.data import EpochLoader, TrainData, load_train_data, random_resized_crop
-from clipgen.train.logger import stable_run_id
+from clipgen.wandb_run import stable_run_id
 from clipgen.train.loop import run_train
 from clipgen.train.optim import lr_at, param_groups
 

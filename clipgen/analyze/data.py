@@ -131,7 +131,7 @@ def compare_with_eval(info: RunInfo, sample_ids: np.ndarray, emb: np.ndarray) ->
     from clipgen.eval import outputs
 
     z = outputs.load(info.eval_outputs, ("sample_ids", "image_embeddings"))
-    ids, saved = z["sample_ids"], z["image_embeddings"].astype(np.float32)
+    ids, saved = z.sample_ids, z.image_embeddings.astype(np.float32)
     pos = {str(s): i for i, s in enumerate(ids)}
     common = [(i, pos[str(s)]) for i, s in enumerate(sample_ids) if str(s) in pos]
     if not common:

@@ -121,7 +121,8 @@ def shard_stats(set_dir: Path, shards: dict[str, int]) -> list[list]:
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            raise ClipgenError(f"shard {str(path)!r} listed in the manifest does not exist: rebuild the recipe") from None
+            raise ClipgenError(f"shard {str(path)!r} listed in the manifest does not exist: rebuild the "
+                               "recipe") from None
         out.append([name, int(st.st_size), int(st.st_mtime_ns), int(shards[name])])
     return out
 

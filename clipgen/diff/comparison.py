@@ -4,7 +4,7 @@ Input: one row per diffed pair (``compare.py``): its kind ("contrast": two recip
 of one recipe), its contrast label and seed, and the per-generator metrics of its ``diff.json``. Output:
 
 - per generator, per contrast (and "all contrasts": each seed's mean over the contrasts): every metric of
-  ``METRICS`` as mean [95% t-interval] over seeds (``clipgen.report.stats.t_interval``, clipped to the metric's
+  ``METRICS`` as mean [95% t-interval] over seeds (``clipgen.stats.t_interval``, clipped to the metric's
   range; a seed whose value is undefined, e.g. interestingness with nothing accepted, is left out of n);
 - per generator, the seed-null pairs: the same metrics over the null pairs, and how many accepted anything (every
   hypothesis accepted there is a false discovery: two seeds of one recipe have no designed difference);
@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from clipgen.report.stats import t_interval
+from clipgen.stats import t_interval
 
 # (metrics key, column header, decimals, range of the value)
 METRICS = (("hypotheses", "distinct hypotheses", 1, (0.0, math.inf)),

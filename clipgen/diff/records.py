@@ -91,7 +91,7 @@ outputs_path = rundir.output_path
 _NPZ_CACHE: dict = {}
 
 
-def _load_npz(path: Path) -> dict:
+def _load_npz(path: Path) -> outputs.Outputs:
     """The arrays of an eval-outputs npz; the last few are kept, since a diff with a null run and seed pairs
     reads run A's outputs several times (keyed by path, size and mtime)."""
     st = path.stat() if path.exists() else None
@@ -203,7 +203,7 @@ def build_records(a: RunInfo, b: RunInfo, epoch: int) -> tuple[Records, dict]:
                            "(expected two runs with the same classification universe)")
     pa, pb = outputs_path(a.run_dir, epoch), outputs_path(b.run_dir, epoch)
     za, zb = _load_npz(pa), _load_npz(pb)
-    ids_a, ids_b = za["sample_ids"].astype(str), zb["sample_ids"].astype(str)
+    ids_a, ids_b = za.sample_ids.astype(str), zb.sample_ids.astype(str)
     common, ia, ib = np.intersect1d(ids_a, ids_b, assume_unique=True, return_indices=True)
     if len(common) == 0:
         raise ClipgenError(f"{pa} and {pb} share no sample id (expected evaluations of the same test images)")
@@ -211,25 +211,25 @@ def build_records(a: RunInfo, b: RunInfo, epoch: int) -> tuple[Records, dict]:
         log.warning("diffing the %d images both runs were evaluated on (A: %d, B: %d)", len(common), len(ids_a),
                     len(ids_b))
     classes = [str(c) for c in a.meta["classes"]]
-    dom_names = za["domains"].astype(str)[ia]
+    dom_names = za.domains.astype(str)[ia]
     present = set(np.unique(dom_names).tolist())
     domains = [d for d in DOMAINS if d in present] + sorted(present - set(DOMAINS))
     uniq, inv = np.unique(dom_names, return_inverse=True)
     dom_idx = np.array([domains.index(d) for d in uniq], dtype=np.int16)[inv]
-    labels = za["labels"][ia].astype(np.int64)
-    if not np.array_equal(labels, zb["labels"][ib]):
+    labels = za.labels[ia].astype(np.int64)
+    if not np.array_equal(labels, zb.labels[ib]):
         raise ClipgenError(f"{pb}: labels differ from {pa} for the same sample ids")
     if labels.min() < 0 or labels.max() >= len(classes):
         raise ClipgenError(f"{pa}: labels outside 0..{len(classes) - 1} (the run's classes)")
-    la, lb = za["logits"][ia], zb["logits"][ib]
+    la, lb = za.logits[ia], zb.logits[ib]
     if la.shape[1] != len(classes) or lb.shape[1] != len(classes):
         raise ClipgenError(f"{pa}: logits have {la.shape[1]} columns, expected {len(classes)} (the classes)")
     recs = Records(
         sample_ids=common, domain=dom_idx, label=labels, domains=domains, classes=classes,
         heldout_classes=[str(c) for c in a.meta.get("heldout_classes", [])],
-        pred_a=za["preds"][ia].astype(np.int64), pred_b=zb["preds"][ib].astype(np.int64),
+        pred_a=za.preds[ia].astype(np.int64), pred_b=zb.preds[ib].astype(np.int64),
         stats_a=_softmax_stats(la, labels), stats_b=_softmax_stats(lb, labels),
-        emb_a=za["image_embeddings"][ia], emb_b=zb["image_embeddings"][ib],
+        emb_a=za.image_embeddings[ia], emb_b=zb.image_embeddings[ib],
         counts_a=exposure_matrix(a.manifest, domains, classes), counts_b=exposure_matrix(b.manifest, domains, classes),
         domains_a=list((a.manifest or {}).get("domains", [])), domains_b=list((b.manifest or {}).get("domains", [])))
     if recs.counts_a is None or recs.counts_b is None:

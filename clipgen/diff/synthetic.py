@@ -29,8 +29,8 @@ def make_test_set(domains: list[str], classes: list[str], per_cell: int | np.nda
     return {"sample_ids": np.array(ids), "domains": np.array(doms), "labels": np.array(labels, dtype=np.int64)}
 
 
-def outputs(ts: dict, correct: np.ndarray, n_classes: int, seed: int, emb_dim: int = 16) -> dict:
-    """npz arrays for one run: ``correct[i]`` decides whether image i's top logit is its true class."""
+def outputs(ts: dict, correct: np.ndarray, n_classes: int, seed: int, emb_dim: int = 16) -> eval_outputs.Outputs:
+    """Evaluation outputs of one run: ``correct[i]`` decides whether image i's top logit is its true class."""
     rng = np.random.default_rng(seed)
     n = len(ts["labels"])
     labels = ts["labels"]
@@ -43,13 +43,13 @@ def outputs(ts: dict, correct: np.ndarray, n_classes: int, seed: int, emb_dim: i
     centers = np.random.default_rng(12345).normal(size=(n_classes + 8, emb_dim))  # shared geometry
     emb = centers[labels] + 0.5 * centers[n_classes + dom_idx % 8] + rng.normal(0, 0.3, size=(n, emb_dim))
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    return {"sample_ids": ts["sample_ids"], "domains": ts["domains"], "labels": labels,
-            "preds": logits.argmax(axis=1).astype(np.int64), "logits": logits.astype(np.float16),
-            "image_embeddings": emb.astype(np.float16), "logit_scale": np.float32(10.0)}
+    return eval_outputs.Outputs(sample_ids=ts["sample_ids"], domains=ts["domains"], labels=labels,
+                                preds=logits.argmax(axis=1).astype(np.int64), logits=logits.astype(np.float16),
+                                image_embeddings=emb.astype(np.float16), logit_scale=np.float32(10.0))
 
 
-def write_run(root: Path, name: str, arrays: dict, classes: list[str], heldout: list[str], test_domain: str,
-              counts: dict, epoch: int = 2, seed: int = 0, recipe_id: str | None = None,
+def write_run(root: Path, name: str, arrays: eval_outputs.Outputs, classes: list[str], heldout: list[str],
+              test_domain: str, counts: dict, epoch: int = 2, seed: int = 0, recipe_id: str | None = None,
               compressed: bool = True) -> Path:
     """A run directory with one evaluated epoch and its recipe manifest (``counts``: domain -> class -> n)."""
     root = Path(root)
@@ -64,8 +64,9 @@ def write_run(root: Path, name: str, arrays: dict, classes: list[str], heldout: 
         "run_name": name, "recipe_id": rid, "recipe_kind": "synthetic", "recipe_dir": str(recipe_dir),
         "test_domain": test_domain, "heldout_classes": heldout, "classes": classes, "seed": seed,
         "model_name": "synthetic", "epochs": epoch, "status": "finished"})
-    eval_outputs.save(rundir.output_path(run_dir, epoch), arrays["sample_ids"], arrays["domains"], arrays["labels"],
-                 arrays, compressed)
+    a = arrays
+    eval_outputs.save(rundir.output_path(run_dir, epoch), a.sample_ids, a.domains, a.labels, a.preds, a.logits,
+                      a.image_embeddings, a.logit_scale, compressed)
     return run_dir
 
 

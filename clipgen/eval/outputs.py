@@ -13,6 +13,7 @@ diffing tool, each asking for the keys it needs.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,22 @@ import numpy as np
 from clipgen.errors import ClipgenError
 from clipgen.utils import atomic_write_bytes
 
+@dataclass
+class Outputs:
+    """The arrays of an outputs file that were asked for (the others None)."""
+    sample_ids: np.ndarray | None = None
+    domains: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    preds: np.ndarray | None = None
+    logits: np.ndarray | None = None
+    image_embeddings: np.ndarray | None = None
+    logit_scale: np.ndarray | None = None
+    top5: np.ndarray | None = None
+
+
 KEYS = ("sample_ids", "domains", "labels", "preds", "logits", "image_embeddings", "logit_scale")
 IMAGENET_KEYS = ("sample_ids", "labels", "top5")
+assert set(KEYS) | set(IMAGENET_KEYS) == {f.name for f in fields(Outputs)}
 
 
 def _write(path: Path, arrays: dict, compressed: bool = True) -> None:
@@ -30,30 +45,32 @@ def _write(path: Path, arrays: dict, compressed: bool = True) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def save(path: str | Path, sample_ids, domains, labels, out: dict, compressed: bool = True) -> None:
-    """One checkpoint's outputs on the DomainNet test images (``out``: a model kind's ``{"preds", "logits",
-    "image_embeddings", "logit_scale"}``)."""
-    _write(Path(path), {"sample_ids": np.asarray(sample_ids), "domains": np.asarray(domains),
-                        "labels": np.asarray(labels), "preds": np.asarray(out["preds"]).astype(np.int64),
-                        "logits": np.asarray(out["logits"]).astype(np.float16),
-                        "image_embeddings": np.asarray(out["image_embeddings"]).astype(np.float16),
-                        "logit_scale": np.float32(out["logit_scale"])}, compressed)
+def save(path: str | Path, sample_ids, domains, labels, preds, logits, image_embeddings, logit_scale,
+         compressed: bool = True) -> None:
+    """One checkpoint's outputs on the DomainNet test images (a model kind's head gives preds, logits,
+    image_embeddings and logit_scale: ``save(path, ids, domains, labels, **head_outputs)``)."""
+    arrays = Outputs(sample_ids=np.asarray(sample_ids), domains=np.asarray(domains), labels=np.asarray(labels),
+                     preds=np.asarray(preds).astype(np.int64), logits=np.asarray(logits).astype(np.float16),
+                     image_embeddings=np.asarray(image_embeddings).astype(np.float16),
+                     logit_scale=np.float32(logit_scale))
+    _write(Path(path), {k: getattr(arrays, k) for k in KEYS}, compressed)
 
 
 def save_imagenet(path: str | Path, sample_ids, labels, logits: np.ndarray) -> None:
     """ImageNet val outputs: the top-5 predictions, not the 1000 logits per image."""
     k = min(5, logits.shape[1])
     top5 = np.argsort(-logits, axis=1, kind="stable")[:, :k].astype(np.int16)
-    _write(Path(path), {"sample_ids": np.asarray(sample_ids), "labels": np.asarray(labels), "top5": top5})
+    arrays = Outputs(sample_ids=np.asarray(sample_ids), labels=np.asarray(labels), top5=top5)
+    _write(Path(path), {k: getattr(arrays, k) for k in IMAGENET_KEYS})
 
 
-def load(path: str | Path, keys: tuple[str, ...] = KEYS) -> dict[str, np.ndarray]:
+def load(path: str | Path, keys: tuple[str, ...] = KEYS) -> Outputs:
     """The arrays ``keys`` of an outputs file; a ClipgenError naming the file when it is unreadable or lacks one."""
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in keys if k not in z.files]
             if missing:
                 raise ClipgenError(f"{path}: arrays {missing} missing (expected {', '.join(keys)})")
-            return {k: z[k] for k in keys}
+            return Outputs(**{k: z[k] for k in keys})
     except (OSError, ValueError, EOFError) as e:
         raise ClipgenError(f"{path}: not a readable npz ({e})") from None

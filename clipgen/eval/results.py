@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from clipgen import runlock
-from clipgen.rundir import read_results, result_key  # noqa: F401 - re-exported: the reader lives with the run dir
+from clipgen.rundir import result_key
 from clipgen.utils import atomic_write_text
 
 log = logging.getLogger("clipgen.eval")

@@ -29,7 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 from clipgen import rundir
 from clipgen.errors import ClipgenError
 from clipgen.eval import outputs
-from clipgen.eval.results import append_result, done_key, exclusive, read_results, rewrite_results
+from clipgen.eval.results import append_result, done_key, exclusive, rewrite_results
+from clipgen.rundir import read_results
 from clipgen.eval.testsets import (IMAGENET_TASK, EvalSet, imagenet_classnames, imagenet_val_samples, load_eval_set,
                                    load_imagenet_set, task_domains, task_name)
 from clipgen.facts import NATURAL_DOMAIN, zeroshot_templates
@@ -222,7 +223,7 @@ def _evaluate(job: _Job, inputs: _Inputs, epoch: int, path: Path, missing: list[
                                            job.templates, dn_tasks, job.device, job.batch_size,
                                            inputs.prompts(name, "dn", tokenizer, job.classes))
         if save:
-            outputs.save(rundir.output_path(job.run_dir, epoch), es.sample_ids, es.domains, es.labels, out)
+            outputs.save(rundir.output_path(job.run_dir, epoch), es.sample_ids, es.domains, es.labels, **out)
         for task in dn_tasks:
             sizes[task], scales[task] = int(es.tasks[task][1].sum()), out["logit_scale"]
     if IMAGENET_TASK in missing:

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from clipgen import recipedir, rundir
 from clipgen.errors import ClipgenError
 from clipgen.rundir import read_results
-from clipgen.report.stats import metric_range, t_interval
+from clipgen.stats import metric_range, t_interval
 
 # A configuration: everything but the seed (clipgen.rundir: runs of one configuration differ only in their seed).
 CONFIG = ["recipe_kind", "recipe_id", "model_name", "settings"]

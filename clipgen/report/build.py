@@ -5,7 +5,7 @@ written to ``{root}/report/``), or from one study's runs (``clipgen-study``, wri
     {root}/report/index.html           one self-contained page (inline CSS; figures as relative PNG files)
     {root}/report/summary.csv          every metric at each recipe's final epoch, aggregated over seeds
     {root}/report/learning_curves.csv  the same for every evaluated epoch
-    {root}/report/paired_differences.csv  differences between recipes paired by seed (clipgen.report.stats)
+    {root}/report/paired_differences.csv  differences between recipes paired by seed (clipgen.stats)
     {root}/report/concentration.csv    prediction concentration and collapse flag per run (clipgen.report.collapse)
     {root}/report/figures/*.png        Fig. 2 bars and learning curves per test domain; Fig. 3 / 13 when the
                                        interpolation / allow runs exist
@@ -37,7 +37,7 @@ from clipgen.report import figures as F
 from clipgen.report import sections as S
 from clipgen.report.aggregate import CONFIG, aggregate, collect, final_epochs
 from clipgen.report.collapse import COLLAPSE_TOP_SHARE, collect_concentration
-from clipgen.report.stats import paired_differences
+from clipgen.stats import paired_differences
 from clipgen.utils import atomic_write_json, atomic_write_text, git_sha, stable_hash
 
 # Tables fit the page's width instead of scrolling sideways, so a printout or a screenshot shows every column:
@@ -251,7 +251,7 @@ def run_report(cfg: DictConfig, run_dirs: list[str | Path] | None = None, report
         f"<p>Built {_e(made_at)} by <code>{_e(' '.join(sys.argv) or 'run_report')}</code> from "
         f"<code>{_e(runs_root)}</code> with clipgen {_e(git_sha() or 'unknown')}. Aggregates are over seeds: mean, "
         "sample std, n and a 95% Student-t interval clipped to the metric's range (NaN with one seed); empty "
-        "groups are NaN and left out. Paired differences: clipgen.report.stats; collapse flag: "
+        "groups are NaN and left out. Paired differences: clipgen.stats; collapse flag: "
         "clipgen.report.collapse.</p>"
         f"<details><summary>config</summary><pre>{_e(OmegaConf.to_yaml(cfg))}</pre></details>"
         "</body></html>")

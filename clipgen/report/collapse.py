@@ -72,7 +72,7 @@ def run_concentration(run_dir: Path, epoch: int, domains: list[str]) -> list[dic
         z = outputs.load(path, ("preds", "labels", "domains"))
     except (OSError, ValueError, ClipgenError):
         return []  # the report shows what exists; clipgen-eval reports broken outputs when it runs
-    preds, labels, doms = z["preds"], z["labels"], z["domains"].astype(str)
+    preds, labels, doms = z.preds, z.labels, z.domains.astype(str)
     classes = list(meta.get("classes") or [])
     ood = [classes.index(c) for c in meta.get("heldout_classes") or [] if c in classes]
     rows = []

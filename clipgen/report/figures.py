@@ -16,7 +16,7 @@ from matplotlib.ticker import MaxNLocator
 
 from clipgen.recipes.naming import KIND_NAMES
 from clipgen.report.aggregate import CONFIG
-from clipgen.report.stats import metric_range, t_interval
+from clipgen.stats import metric_range, t_interval
 
 # Fig. 2's bar order (protocol §6) and a fixed colour per recipe kind, shared by every figure.
 FIG2_KINDS = ("natural_only", "cg_low", "cg_high", "lod", "cg_low_pseudo", "cg_high_pseudo")

@@ -143,7 +143,7 @@ def composition_table(runs: pd.DataFrame, facts: pd.DataFrame) -> str:
 
 # --- paired differences --------------------------------------------------------------------------------------
 def paired_table(pairs: pd.DataFrame) -> str:
-    """The rows of :func:`clipgen.report.stats.paired_differences` for one task, as HTML."""
+    """The rows of :func:`clipgen.stats.paired_differences` for one task, as HTML."""
     if pairs.empty:
         return ("<p class=muted>No recipes to pair: a paired difference needs two recipes run with the same "
                 "model, settings and seed.</p>")

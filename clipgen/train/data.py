@@ -108,7 +108,8 @@ def _check_memory(recipe_dir: Path, n: int, image_px: int, max_memory_gb: float)
     if need > max_memory_gb * 1e9:
         raise ClipgenError(f"recipe {str(recipe_dir)!r} would take {need / 1e9:.3g} GB decoded ({n} samples x 3 x "
                            f"{image_px} x {image_px} bytes), above data.max_memory_gb={max_memory_gb:g}: the "
-                           "in-memory loader is meant for synthetic worlds and small px; use data.loader=stream (or auto), "
+                           "in-memory loader is meant for synthetic worlds and small px; use data.loader=stream "
+                           "(or auto), "
                            "or raise data.max_memory_gb if this machine has the memory")
 
 

@@ -10,8 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-# Re-exported: older callers import these from here.
-from clipgen.wandb_run import BACKENDS, MODES, check_logger_config, open_run, stable_run_id, train_identity  # noqa: F401
+from clipgen.wandb_run import check_logger_config, open_run, stable_run_id, train_identity
 
 
 class NullLogger:

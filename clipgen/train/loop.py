@@ -48,7 +48,8 @@ from clipgen.train import checkpoint as ckpt
 from clipgen.train import dist
 from clipgen.train.data import check_data_config
 from clipgen.train.device import autocast, resolve_device, wrap_for_training
-from clipgen.train.logger import NullLogger, check_logger_config, make_logger
+from clipgen.train.logger import NullLogger, make_logger
+from clipgen.wandb_run import check_logger_config
 from clipgen.train.objective import check_objective_name, objective_for
 from clipgen.train.optim import check_optim_config
 from clipgen.train.session import Session, Target, resume, save_epoch, save_latest, setup, write_meta
@@ -57,8 +58,6 @@ from clipgen.utils import git_sha, sweep_temp_files
 
 log = logging.getLogger(__name__)
 
-# What a killed trainer's atomic writes leave behind (clipgen.utils: ".{name}.<random>.tmp").
-TRAINER_TEMP_FILES = (".latest.pt.*.tmp", ".meta.json.*.tmp", ".config.yaml.*.tmp", "checkpoints/.epoch_*.pt.*.tmp")
 
 
 # --- before training: config checks, the recipe, the run directory ------------------------------------------
@@ -155,7 +154,7 @@ def _run(cfg: DictConfig, denv: dist.DistEnv, device: torch.device, mcfg: dict, 
     if done is None and denv.is_main:  # one trainer per run directory; the kernel releases it however we end
         held.enter_context(runlock.exclusive(t.run_dir, "being trained", "one clipgen-train per run directory"))
         done = _finished(t)  # another trainer may have finished it meanwhile
-        sweep_temp_files(t.run_dir, TRAINER_TEMP_FILES)  # only a trainer writes these, and we hold the lock
+        sweep_temp_files(t.run_dir, rundir.TRAINER_TEMP_FILES)  # only a trainer writes these; we hold the lock
     if done is not None:
         if denv.is_main:
             _export_last(t)  # a run finished before exports existed, or killed between finishing and exporting

@@ -1,5 +1,5 @@
-"""Seed statistics of the report: Student-t intervals clipped to a metric's range, and differences between
-recipes paired by seed.
+"""Seed statistics, shared by the report, the analyses and the diffing tool: Student-t intervals clipped to a
+metric's range, and differences between recipes paired by seed.
 
 Runs that differ only in their recipe and share a seed start from the same initial weights and see their data in
 a seed-determined order, so their seed-to-seed noise is shared; an interval on the per-seed differences is much
