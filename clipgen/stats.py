@@ -21,7 +21,7 @@ _T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622
          2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639,
          2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
 
-# Comparisons shown beside Fig. 2 (better-by-design recipe first): the paper's directions (protocol §2: pseudo >
+# Comparisons shown beside Fig. 2 (better-by-design recipe first): the paper's directions (protocol §6: pseudo >
 # CG-high > CG-low, LOD and CG-low > natural-only) and CG-high vs LOD; only those with runs on both sides appear.
 PAIRED_COMPARISONS: tuple[tuple[str, str], ...] = (
     ("cg_low", "natural_only"), ("cg_high", "cg_low"), ("cg_high", "natural_only"), ("lod", "natural_only"),
