@@ -4,7 +4,7 @@ saved the old way and the new way.
     python benchmarks/checkpoint_save.py [--dir DIR] [--repeats 5] [--model clipgen-tiny-rn]
 
 old: mkstemp + ``torch.save(path)`` + ``os.replace`` (no fsync: a power loss could leave a renamed but empty file).
-new: ``clipgen.utils.atomic_torch_save``: ``torch.save`` into the open temporary file, chmod to the umask, fsync of
+new: ``clipgen.files.atomic_torch_save``: ``torch.save`` into the open temporary file, chmod to the umask, fsync of
 the file, rename, fsync of the directory; a failed write names the path and the free space.
 Prints the best of --repeats seconds for each side and their ratio (new / old). --dir should be on the disk the
 runs live on (the default is a temporary directory under /tmp).
@@ -26,7 +26,7 @@ from clipgen.models.checkpoint import model_state  # noqa: E402
 from clipgen.models.factory import create_clip  # noqa: E402
 from clipgen.train import checkpoint as ckpt  # noqa: E402
 from clipgen.train.optim import make_optimizer  # noqa: E402
-from clipgen.utils import atomic_torch_save  # noqa: E402
+from clipgen.files import atomic_torch_save
 
 
 def old_save(obj, path: Path) -> None:

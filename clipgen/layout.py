@@ -17,7 +17,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from clipgen.utils import output_root, stable_hash
+from clipgen.files import output_root
+from clipgen.hashing import stable_hash
 
 
 def root(cfg: DictConfig) -> Path:

@@ -1,7 +1,7 @@
 """Worker processes that die with the process that started them, on every path.
 
 Why this is needed: once a second thread runs (W&B's, for one), workers come from multiprocessing's fork server
-(see clipgen.utils.process_pool). Each child of the fork server inherits the write end of the pipe on which the
+(see process_pool below). Each child of the fork server inherits the write end of the pipe on which the
 server waits for its client to go away ("alive" fd). After a kill -9 of the trainer the server therefore never
 sees the end of that pipe, stays alive, and so do the DataLoader workers (their watchdog only checks that their
 parent, the server, is alive) and the resource tracker: about 0.5 GB per worker, for hours. A worker therefore
@@ -15,6 +15,7 @@ import ctypes.util
 import os
 import signal
 import sys
+from concurrent.futures import ProcessPoolExecutor
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _parent_pid: int | None = None  # the parent a bound worker was started by
@@ -92,3 +93,34 @@ def bound_forkserver(*modules: str) -> None:
     wanted = [PRELOAD, "torch", *modules]
     if forkserver._forkserver._forkserver_pid is None and forkserver._forkserver._preload_modules != wanted:
         forkserver.set_forkserver_preload(wanted)
+
+
+def process_pool(workers: int, initializer=None, initargs: tuple = ()):
+    """A process pool that is safe to start from any process. While this process runs no other Python thread,
+    workers are forked (fast: nothing is imported again). Once a thread runs (W&B's, a test runner's), forking
+    can deadlock on a lock that thread held, so workers come from a fork server instead. Either way the workers
+    die with this process (bind_to_parent). Use it as a context manager; ``pool.map`` keeps input order."""
+    import multiprocessing as mp
+    import threading
+
+    bound_forkserver()
+    methods = mp.get_all_start_methods()
+    if "fork" in methods and threading.active_count() == 1:
+        method = "fork"
+    else:
+        method = "forkserver" if "forkserver" in methods else "spawn"
+    return _Pool(max_workers=workers, mp_context=mp.get_context(method), initializer=_init_child,
+                 initargs=(initializer, *initargs))
+
+
+class _Pool(ProcessPoolExecutor):
+    def __exit__(self, exc_type, exc, tb):
+        # Leaving on an error or Ctrl-C: drop the queued work, wait only for the tasks that are running.
+        self.shutdown(wait=True, cancel_futures=exc_type is not None)
+        return False
+
+
+def _init_child(initializer, *args) -> None:
+    bind_to_parent()  # no orphans when the parent is killed; Ctrl-C is the parent's to handle
+    if initializer is not None:
+        initializer(*args)

@@ -18,7 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from clipgen.errors import ClipgenError
-from clipgen.utils import atomic_write_json, read_json, sha256_file
+from clipgen.files import atomic_write_json, read_json
+from clipgen.hashing import sha256_file
 
 MANIFEST, SIZES = "manifest.json", "sizes.json"
 

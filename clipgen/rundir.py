@@ -43,12 +43,12 @@ from omegaconf import DictConfig, OmegaConf
 from clipgen import layout
 from clipgen.errors import ClipgenError
 from clipgen.facts import DEFAULT_JPEG_QUALITY, RECIPE_IMAGE_FORMAT, recipe_image_format
-from clipgen.utils import stable_hash
+from clipgen.hashing import stable_hash
 
 META, CONFIG, LATEST = "meta.json", "config.yaml", "latest.pt"
 CHECKPOINTS, EVAL, OUTPUTS, RESULTS, ANALYSIS = "checkpoints", "eval", "outputs", "results.jsonl", "analysis"
 HEAD = "zeroshot_head.json"
-# What a killed trainer's atomic writes leave behind in a run directory (clipgen.utils: ".{name}.<random>.tmp").
+# What a killed trainer's atomic writes leave behind in a run directory (clipgen.files: ".{name}.<random>.tmp").
 TRAINER_TEMP_FILES = (f".{LATEST}.*.tmp", f".{META}.*.tmp", f".{CONFIG}.*.tmp", f"{CHECKPOINTS}/.epoch_*.pt.*.tmp")
 _EPOCH_FILE = re.compile(r"^epoch_(\d+)\.(pt|npz)$")
 
@@ -316,7 +316,7 @@ def load_meta(run_dir: str | Path, need: tuple[str, ...] = ()) -> dict:
 
 
 def write_meta(run_dir: str | Path, meta: dict) -> None:
-    from clipgen.utils import atomic_write_json
+    from clipgen.files import atomic_write_json
 
     atomic_write_json(meta_path(run_dir), meta)
 

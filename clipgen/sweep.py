@@ -48,7 +48,7 @@ def _log_path(job_dir: Path) -> str:
 def run_job(run: Callable[[DictConfig], dict], cfg: DictConfig) -> dict:
     """Run one sweep job, recording its outcome instead of letting a failure end the sweep."""
     from hydra.core.hydra_config import HydraConfig
-    from clipgen.utils import atomic_write_json, atomic_write_text
+    from clipgen.files import atomic_write_json, atomic_write_text
 
     hc = HydraConfig.get()
     job_dir = Path(hc.runtime.output_dir)

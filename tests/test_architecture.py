@@ -21,7 +21,7 @@ REPO = PACKAGE.parent
 
 # Lowest first; a unit is a subpackage of clipgen or a module of its top level.
 LAYERS = (
-    ("core", ("conf", "resources", "errors", "facts", "utils", "files", "hashing", "provenance", "procs",
+    ("core", ("conf", "resources", "errors", "facts", "files", "hashing", "provenance", "procs",
               "forkserver_preload", "config", "stats")),
     ("places", ("layout", "rundir", "runlock", "recipedir", "wandb_run")),
     ("world and models", ("world", "models")),

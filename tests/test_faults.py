@@ -25,7 +25,7 @@ from clipgen.models.factory import create_clip
 from clipgen.recipes.build import ensure_recipe
 from clipgen.train.data import load_train_data
 from clipgen.train.loop import run_train
-from clipgen.utils import STALE_TMP_S, WriteError, atomic_torch_save, atomic_write_json, sweep_stale_dirs
+from clipgen.files import STALE_TMP_S, WriteError, atomic_torch_save, atomic_write_json, sweep_stale_dirs
 from clipgen.world.generate import generate_world
 
 SMOKE = ("debug=smoke", "recipe=cg_high", "trainer.threads=1")

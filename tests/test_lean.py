@@ -118,7 +118,7 @@ def test_run_saved_with_the_full_vocabulary_is_not_resumed(tmp_path):
     """A run directory from before the compact vocabulary (its latest.pt records another model config) is refused
     with one line instead of a tensor-shape stack trace."""
     from clipgen.train.loop import run_train
-    from clipgen.utils import atomic_torch_save
+    from clipgen.files import atomic_torch_save
 
     over = ("debug=smoke", "recipe=cg_low", "trainer.max_steps=2")
     run = Path(run_train(make_cfg(tmp_path, *over))["run_dir"])

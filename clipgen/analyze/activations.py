@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from clipgen.errors import ClipgenError
-from clipgen.utils import atomic_write_bytes
+from clipgen.files import atomic_write_bytes
 
 log = logging.getLogger("clipgen.analyze")
 

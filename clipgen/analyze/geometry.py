@@ -84,7 +84,7 @@ def umap_plot(emb: np.ndarray, domains: np.ndarray, domain_list: Sequence[str], 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from clipgen.utils import atomic_write_bytes
+    from clipgen.files import atomic_write_bytes
 
     xy = umap_embed(emb, seed, n_neighbors)
     fig, ax = plt.subplots(figsize=(5.5, 5))

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from clipgen.utils import atomic_write_bytes
+from clipgen.files import atomic_write_bytes
 
 
 def _plt():

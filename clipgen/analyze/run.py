@@ -25,7 +25,8 @@ from clipgen.analyze import plots
 from clipgen.analyze.data import RunInfo, compare_with_eval, load_run, select_images
 from clipgen.errors import ClipgenError
 from clipgen.facts import DOMAINS, DOMAIN_TERMS, NATURAL_DOMAIN
-from clipgen.utils import atomic_write_json, read_json, sha256_file, stable_hash
+from clipgen.files import atomic_write_json, read_json
+from clipgen.hashing import sha256_file, stable_hash
 
 log = logging.getLogger("clipgen.analyze")
 
@@ -229,7 +230,7 @@ def _current(path: Path, key: str) -> bool:
 
 
 def _provenance(ctx: _Context, key: str, params: dict, seconds: float) -> dict:
-    from clipgen.utils import git_sha
+    from clipgen.provenance import git_sha
 
     m = ctx.info.meta
     return {"key": key, "run": m.get("run_name", ctx.info.run_dir.name), "recipe_id": m.get("recipe_id"),

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from clipgen.data.index import Sample
-from clipgen.utils import atomic_write_bytes, stable_hash
+from clipgen.files import atomic_write_bytes
+from clipgen.hashing import stable_hash
 
 log = logging.getLogger("clipgen.data")
 INDEX_CACHE_VERSION = 1

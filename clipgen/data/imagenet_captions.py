@@ -21,7 +21,7 @@ from pathlib import Path
 from clipgen.data.index import Sample
 from clipgen.errors import ClipgenError
 from clipgen.facts import domainnet_classes, domainnet_to_imagenet, imagenet_class_index
-from clipgen.utils import read_json
+from clipgen.files import read_json
 
 _WS = re.compile(r"\s+")
 

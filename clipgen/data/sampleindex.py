@@ -42,7 +42,7 @@ from typing import Iterable
 import numpy as np
 
 from clipgen.errors import ClipgenError
-from clipgen.utils import stable_hash
+from clipgen.hashing import stable_hash
 
 INDEX_VERSION = 1
 INDEX_PREFIX = "index-"

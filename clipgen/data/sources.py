@@ -12,7 +12,7 @@ from clipgen.data.cc import expand_shards, read_cc_shards
 from clipgen.data.domainnet import SPLITS, read_domainnet
 from clipgen.data.imagenet_captions import read_imagenet_captions, read_imagenet_sketch
 from clipgen.data.index import Sample, corpus_hash
-from clipgen.utils import stable_hash
+from clipgen.hashing import stable_hash
 from clipgen.errors import ClipgenError
 from clipgen.facts import DOMAINS
 from clipgen.preflight import check_data_keys

@@ -29,7 +29,8 @@ from clipgen.diff import comparison as C
 from clipgen.diff.ranking import generator_top
 from clipgen.diff.summary import clean_json
 from clipgen.errors import ClipgenError
-from clipgen.utils import atomic_write_json, atomic_write_text, read_json, stable_hash
+from clipgen.files import atomic_write_json, atomic_write_text, read_json
+from clipgen.hashing import stable_hash
 
 RECALL_JACCARD = 0.5  # a hypothesis holds the designed difference when its cells overlap the designed ones this much
 # Settings of the comparison only: they do not change a pair's diff, so they stay out of its key (clipgen.diff.run)

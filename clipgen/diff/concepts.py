@@ -13,7 +13,7 @@ import numpy as np
 from clipgen import rundir
 from clipgen.diff.records import RunInfo
 from clipgen.errors import ClipgenError
-from clipgen.utils import sha256_file
+from clipgen.hashing import sha256_file
 
 
 def read_vocab(path) -> list[str]:

@@ -17,7 +17,8 @@ from clipgen import recipedir, rundir
 from clipgen.eval import outputs
 from clipgen.errors import ClipgenError
 from clipgen.facts import DOMAINS
-from clipgen.utils import read_json, sha256_file
+from clipgen.files import read_json
+from clipgen.hashing import sha256_file
 
 log = logging.getLogger("clipgen.diff")
 

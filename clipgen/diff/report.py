@@ -17,7 +17,7 @@ from urllib.parse import quote
 from clipgen.diff.null import sentence as null_sentence
 from clipgen.diff.ranking import top_hypotheses
 from clipgen.diff.summary import FILES, GENERATOR_COLUMNS, generator_rows, hypothesis_line
-from clipgen.utils import atomic_write_bytes
+from clipgen.files import atomic_write_bytes
 
 _PLOTS = ("accuracy_vs_frequency.png", "delta_accuracy.png")
 

@@ -32,7 +32,8 @@ from clipgen.diff.split import split_mask
 from clipgen.diff.summary import FILES, clean_json
 from clipgen.diff.verify import Verifier
 from clipgen.errors import ClipgenError
-from clipgen.utils import atomic_write_json, read_json, sha256_file, stable_hash
+from clipgen.files import atomic_write_json, read_json
+from clipgen.hashing import sha256_file, stable_hash
 
 log = logging.getLogger("clipgen.diff")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from clipgen.diff.null import sentence as null_sentence
-from clipgen.utils import atomic_write_bytes, atomic_write_text
+from clipgen.files import atomic_write_bytes, atomic_write_text
 
 # The files of a diff directory besides diff.json (written last: its presence with these means finished).
 FILES = ("summary.md", "hypotheses.jsonl", "metrics.json", "accuracy_vs_frequency.png", "delta_accuracy.png")

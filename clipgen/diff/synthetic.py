@@ -13,7 +13,7 @@ import numpy as np
 
 from clipgen import recipedir, rundir
 from clipgen.eval import outputs as eval_outputs
-from clipgen.utils import atomic_write_json
+from clipgen.files import atomic_write_json
 
 
 def make_test_set(domains: list[str], classes: list[str], per_cell: int | np.ndarray) -> dict:

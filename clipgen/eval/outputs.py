@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from clipgen.errors import ClipgenError
-from clipgen.utils import atomic_write_bytes
+from clipgen.files import atomic_write_bytes
 
 @dataclass
 class Outputs:

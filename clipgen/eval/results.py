@@ -15,7 +15,7 @@ from pathlib import Path
 
 from clipgen import runlock
 from clipgen.rundir import result_key
-from clipgen.utils import atomic_write_text
+from clipgen.files import atomic_write_text
 
 log = logging.getLogger("clipgen.eval")
 

@@ -35,7 +35,9 @@ from clipgen.eval.testsets import (IMAGENET_TASK, EvalSet, imagenet_classnames, 
                                    load_imagenet_set, task_domains, task_name)
 from clipgen.facts import NATURAL_DOMAIN, zeroshot_templates
 from clipgen.models.kinds import kind_for, load_checkpoint, model_kind
-from clipgen.utils import atomic_write_json, git_sha, read_json, sha256_file
+from clipgen.files import atomic_write_json, read_json
+from clipgen.hashing import sha256_file
+from clipgen.provenance import git_sha
 
 log = logging.getLogger("clipgen.eval")
 

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from clipgen.errors import ClipgenError
 from clipgen.models.checkpoint import load
-from clipgen.utils import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from clipgen.files import atomic_write_bytes, atomic_write_json, read_json
+from clipgen.hashing import sha256_file
 
 CONFIG = "open_clip_config.json"
 WEIGHTS = "open_clip_model.safetensors"

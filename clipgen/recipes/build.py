@@ -33,8 +33,9 @@ from clipgen.recipes.naming import RecipeSpec, recipe_spec
 from clipgen.recipes.plan import Plan, check_no_leak, format_plan, plan_recipe, train_index
 from clipgen.recipes.shards import write_shard_set
 from clipgen.world.generate import ensure_world
-from clipgen.utils import (git_sha, is_disk_error, stable_hash, sweep_stale_dirs,
-                           write_error)
+from clipgen.files import is_disk_error, sweep_stale_dirs, write_error
+from clipgen.hashing import stable_hash
+from clipgen.provenance import git_sha
 
 RECIPE_FORMAT_VERSION = 1
 

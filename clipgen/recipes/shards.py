@@ -23,7 +23,7 @@ from clipgen.data.sampleindex import CATEGORICAL, ShardColumns, imagenet_wnid_in
 from clipgen.errors import ClipgenError
 from clipgen.facts import DEFAULT_JPEG_QUALITY, RECIPE_IMAGE_FORMATS
 from clipgen.recipedir import shard_name
-from clipgen.utils import process_pool
+from clipgen.procs import process_pool
 
 _PIL_FORMAT = {"png": "PNG", "jpg": "JPEG"}
 SERIAL_BELOW = 4096  # samples: fewer are written in this process (starting a pool costs more than it saves)

@@ -38,7 +38,9 @@ from clipgen.report import sections as S
 from clipgen.report.aggregate import CONFIG, aggregate, collect, final_epochs
 from clipgen.report.collapse import COLLAPSE_TOP_SHARE, collect_concentration
 from clipgen.stats import paired_differences
-from clipgen.utils import atomic_write_json, atomic_write_text, git_sha, stable_hash
+from clipgen.files import atomic_write_json, atomic_write_text
+from clipgen.hashing import stable_hash
+from clipgen.provenance import git_sha
 
 # Tables fit the page's width instead of scrolling sideways, so a printout or a screenshot shows every column:
 # cells wrap, but only where a reader would break them (between a mean and its interval, after the "-", "/",

@@ -11,7 +11,7 @@ import torch
 
 from clipgen import rundir
 from clipgen.models.checkpoint import load
-from clipgen.utils import atomic_torch_save
+from clipgen.files import atomic_torch_save
 
 # The run directory's file names live in clipgen.rundir.
 epoch_path = rundir.checkpoint_path

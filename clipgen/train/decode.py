@@ -30,7 +30,7 @@ from clipgen.data.imagecodec import decode_rgb
 from clipgen.data.sampleindex import CATEGORICAL, META_FIELDS, ShardColumns, imagenet_wnid_index, shard_columns
 from clipgen.errors import ClipgenError
 from clipgen.train.leakguard import check_sample
-from clipgen.utils import process_pool
+from clipgen.procs import process_pool
 
 IMAGE_EXTS = ("png", "jpg", "jpeg")
 BAD_SAMPLE_POLICIES = ("error", "skip")

@@ -54,7 +54,8 @@ from clipgen.train.objective import check_objective_name, objective_for
 from clipgen.train.optim import check_optim_config
 from clipgen.train.session import Session, Target, resume, save_epoch, save_latest, setup, write_meta
 from clipgen.train.signals import StopSignals, requeue_after_stop
-from clipgen.utils import git_sha, sweep_temp_files
+from clipgen.files import sweep_temp_files
+from clipgen.provenance import git_sha
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from clipgen.train.logger import NullLogger
 from clipgen.train.objective import Objective, objective_for
 from clipgen.train.optim import make_optimizer, schedule
 from clipgen.train.stream import make_loader
-from clipgen.utils import atomic_write_text
+from clipgen.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -372,7 +372,7 @@ class StreamLoader(EpochLoader):
         import multiprocessing as mp
 
         last = max(self.epochs or 0, epoch + 1)
-        # Like clipgen.utils.process_pool: fork only while no other thread runs (W&B's would make it unsafe).
+        # Like clipgen.procs.process_pool: fork only while no other thread runs (W&B's would make it unsafe).
         method = "fork" if threading.active_count() == 1 else "forkserver"
         bound_forkserver("open_clip", "clipgen.train.stream")  # workers unpickle the loader, then tokenize
         dl = torch.utils.data.DataLoader(

@@ -30,7 +30,9 @@ from clipgen import layout
 from clipgen.errors import ClipgenError
 from clipgen.facts import DOMAINS, NATURAL_DOMAIN, class_folder, domainnet_classes, domainnet_to_imagenet, \
     imagenet_class_index
-from clipgen.utils import is_disk_error, process_pool, stable_hash, sweep_stale_dirs, write_error
+from clipgen.files import is_disk_error, sweep_stale_dirs, write_error
+from clipgen.hashing import stable_hash
+from clipgen.procs import process_pool
 from clipgen.world.contact_sheet import make_contact_sheet
 from clipgen.world.shapes import make_class_shapes
 

@@ -1,17 +1,16 @@
-"""Small shared helpers: atomic writes, hashing, git provenance, output directories."""
+"""Files written so that nothing is lost: atomic writes (a reader sees the old file or the new one, never a part),
+one-line errors for a full disk, sweeping what killed writers left behind, reading JSON with an error that names
+the file, and the output root."""
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import math
 import os
 import shutil
-import subprocess
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -175,35 +174,6 @@ def sweep_stale_dirs(parent: str | os.PathLike, pattern: str, max_age_s: float =
     return removed
 
 
-def stable_hash(obj: Any, n: int = 12) -> str:
-    """Short sha256 of a JSON-serialisable object with sorted keys (spec hashes of worlds and recipes)."""
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode("utf-8")
-    return hashlib.sha256(blob).hexdigest()[:n]
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def git_sha() -> str | None:
-    """Commit of the clipgen checkout (with '-dirty' if it has local changes), or None outside git."""
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        if not sha:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def output_root(root: str) -> Path:
     """Resolve ``paths.root`` and check it is a writable directory (created if missing)."""
     path = Path(os.path.expanduser(str(root))).resolve()
@@ -226,38 +196,3 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         raise ClipgenError(f"{what} {str(path)!r} does not exist") from None
     except json.JSONDecodeError as e:
         raise ClipgenError(f"{what} {str(path)!r} is not valid JSON (line {e.lineno}: {e.msg})") from None
-
-
-def process_pool(workers: int, initializer=None, initargs: tuple = ()):
-    """A process pool that is safe to start from any process. While this process runs no other Python thread,
-    workers are forked (fast: nothing is imported again). Once a thread runs (W&B's, a test runner's), forking
-    can deadlock on a lock that thread held, so workers come from a fork server instead. Either way the workers
-    die with this process (clipgen.procs). Use it as a context manager; ``pool.map`` keeps input order."""
-    import multiprocessing as mp
-    import threading
-
-    from clipgen.procs import bound_forkserver
-
-    bound_forkserver()
-    methods = mp.get_all_start_methods()
-    if "fork" in methods and threading.active_count() == 1:
-        method = "fork"
-    else:
-        method = "forkserver" if "forkserver" in methods else "spawn"
-    return _Pool(max_workers=workers, mp_context=mp.get_context(method), initializer=_init_child,
-                 initargs=(initializer, *initargs))
-
-
-class _Pool(ProcessPoolExecutor):
-    def __exit__(self, exc_type, exc, tb):
-        # Leaving on an error or Ctrl-C: drop the queued work, wait only for the tasks that are running.
-        self.shutdown(wait=True, cancel_futures=exc_type is not None)
-        return False
-
-
-def _init_child(initializer, *args) -> None:
-    from clipgen.procs import bind_to_parent
-
-    bind_to_parent()  # no orphans when the parent is killed; Ctrl-C is the parent's to handle
-    if initializer is not None:
-        initializer(*args)
