@@ -17,7 +17,9 @@
 3. ``--ig-steps``: integrated gradients of the circuits at several step counts on the run's held-out test images
    (10 per domain x class): per layer the mean completeness gap relative to |M(x) - M(0)|, and how far the kept
    nodes (top 10% channels per domain x class) at each step count agree with those at the largest (Jaccard).
-4. ``--study-root``: the CPU seconds every analysis of every run under that root recorded (``cpu_seconds`` in
+4. ``--sae-seeds``: the SAE refitted with other seeds on the same embeddings (settings of the last preset): the
+   test domain's sharing score and the code density per seed, i.e. the SAE's own noise in the score.
+5. ``--study-root``: the CPU seconds every analysis of every run under that root recorded (``cpu_seconds`` in
    its JSON; a result copied from a run with the same weights counts the copy), summed per analysis and epoch.
 
 The machine's load average is printed with every timing: on a shared machine CPU seconds are the number to
@@ -131,6 +133,39 @@ def ig_steps(run_dir: Path, steps_list: list[int], threads: int) -> None:
         print(f"  kept nodes at {steps} vs {ref} steps, Jaccard per layer: " + " ".join(f"{v:.3f}" for v in jac))
 
 
+def sae_seeds(root: str, run_dir: Path, seeds: list[int], preset: str) -> None:
+    """The SAE's own noise: refit it with other seeds on the same embeddings; the test domain's sharing score (C2)
+    and the code density per seed."""
+    import numpy as np
+
+    from clipgen.analyze import sharing
+    from clipgen.analyze.data import load_run, select_images
+    from clipgen.analyze.run import Context
+    from clipgen.analyze.sae import encode, train_sae
+    from clipgen.facts import DOMAINS
+
+    cfg = compose_config([f"paths.root={root}", f"analysis={preset}"])
+    a = cfg.analysis
+    ctx = Context(cfg, load_run(run_dir), "cpu")
+    fit = ctx.embeddings(select_images(ctx.info, "train", int(a.sae_fit_per_group), int(a.seed)))
+    test = ctx.embeddings()
+    d = ctx.info.meta["test_domain"]
+    print(f"\nSAE refitted with other seeds on {run_dir.name}, epoch {ctx.info.epoch} (analysis={preset}; {_load()}):")
+    scores = []
+    for seed in seeds:
+        c0 = time.process_time()
+        model, summary = train_sae(fit, int(a.sae_expansion) * fit.shape[1], int(a.sae_steps), int(a.sae_batch_size),
+                                   float(a.sae_lr), float(a.sae_l1), seed)
+        hist, counts = sharing.histograms(encode(model, test), ctx.test.domains, ctx.test.labels, DOMAINS,
+                                          ctx.info.heldout_idx, int(a.sae_top_active))
+        score = sharing.domain_scores(sharing.share_matrix(hist, counts, list(a.sae_ks)), DOMAINS)[d]
+        scores.append(score)
+        print(f"  seed {seed}: {d} sharing score {score:.3f}, mean L0 {summary['mean_l0']:.1f} of "
+              f"{summary['num_features']}, explained variance {summary['explained_variance']:.3f} "
+              f"({time.process_time() - c0:.0f} CPU s)")
+    print(f"  spread over seeds: {min(scores):.3f}-{max(scores):.3f} (sd {np.std(scores, ddof=1):.3f})")
+
+
 def study_cpu(root: str, name: str | None) -> None:
     """CPU seconds recorded by every analysis result under ``root/runs`` (``name``: that study's runs only)."""
     from clipgen.analyze import store
@@ -200,7 +235,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=None, help="paths.root holding (or receiving) the tiny run")
     p.add_argument("--run-dir", default=None, help="time on this run instead (its analysis/ folder is replaced)")
-    p.add_argument("--presets", default="fast,default", help="analysis presets timed, comma-separated")
+    p.add_argument("--presets", default="fast,default",
+                   help="analysis presets timed, comma-separated ('' times none)")
     p.add_argument("--epochs", default="-1", help="analysis.epochs, comma-separated (e.g. 0,-1)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2: the machine's 2 cores)")
     p.add_argument("--repeats", type=int, default=5, help="extraction timings per side (best is reported)")
@@ -210,6 +246,7 @@ def main() -> int:
     p.add_argument("--min-images", type=int, default=2048, help="tile the test images up to this many")
     p.add_argument("--skip-extraction", action="store_true", help="skip the extraction comparison")
     p.add_argument("--ig-steps", default="", help="step counts for the completeness section, e.g. 10,20,50")
+    p.add_argument("--sae-seeds", default="", help="refit the SAE with these seeds, e.g. 0,1,2 (its own noise)")
     p.add_argument("--study-root", default=None, help="only sum the CPU seconds recorded under this root")
     p.add_argument("--study-name", default=None,
                    help="with --study-root: only the runs of this experiment preset (e.g. world_mech)")
@@ -232,6 +269,9 @@ def main() -> int:
                 print(f"  epoch {epoch:>3} {name:<9} {wall:7.1f} s wall {c:7.1f} CPU s")
     if args.ig_steps:
         ig_steps(run_dir, [int(x) for x in args.ig_steps.split(",")], args.extract_threads)
+    if args.sae_seeds:
+        presets = [x for x in args.presets.split(",") if x]
+        sae_seeds(root, run_dir, [int(x) for x in args.sae_seeds.split(",")], presets[-1] if presets else "default")
     if not args.skip_extraction:
         extraction(run_dir, args.repeats, args.extract_threads, args.min_images)
     return 0

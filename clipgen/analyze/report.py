@@ -138,21 +138,33 @@ def paired_table(pairs: pd.DataFrame, order: list[tuple[str, str]]) -> str:
             f"{head}</tr>" + "".join(body) + "</table></div>")
 
 
+VARIANTS = {"value": "the measure", "above_floor": "the measure minus its different-class floor"}
+
+
 def correlations(trained: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
-    """Per measure and layer: rank correlation across the trained runs with the accuracy (rankstats)."""
+    """Per variant (the value; the value above its floor), measure and layer: rank correlation across the trained
+    runs with the accuracy (rankstats). Bonferroni over the measures on top of the family-wise p over layers
+    (``p_all``), within each variant."""
     out = []
-    for measure in [m for m in MEASURES if m in set(trained["measure"])]:
-        sel = trained[trained["measure"] == measure]
-        wide = sel.pivot_table(index="run", columns="layer_index", values="value", aggfunc="first")
-        facts = sel.drop_duplicates("run").set_index("run").loc[wide.index]
-        names = sel.drop_duplicates("layer_index").set_index("layer_index")["layer"]
-        stats = correlation_by_layer(wide.to_numpy(np.float64), facts["accuracy"].to_numpy(np.float64),
-                                     facts["seed"].to_numpy(), facts["recipe_kind"].to_numpy(), N_PERM, N_BOOT, seed)
-        for li, st in zip(wide.columns, stats):
-            out.append({"measure": measure, "layer": names[li], "layer_index": int(li), **st})
+    trained = trained.assign(above_floor=trained["value"] - trained["floor"])
+    for variant in VARIANTS:
+        for measure in [m for m in MEASURES if m in set(trained["measure"])]:
+            sel = trained[trained["measure"] == measure]
+            wide = sel.pivot_table(index="run", columns="layer_index", values=variant, aggfunc="first",
+                                   dropna=False)
+            if wide.empty:
+                continue
+            facts = sel.drop_duplicates("run").set_index("run").loc[wide.index]
+            names = sel.drop_duplicates("layer_index").set_index("layer_index")["layer"]
+            stats = correlation_by_layer(wide.to_numpy(np.float64), facts["accuracy"].to_numpy(np.float64),
+                                         facts["seed"].to_numpy(), facts["recipe_kind"].to_numpy(), N_PERM, N_BOOT,
+                                         seed)
+            out += [{"variant": variant, "measure": measure, "layer": names[li], "layer_index": int(li), **st}
+                    for li, st in zip(wide.columns, stats)]
     res = pd.DataFrame(out)
-    if not res.empty:  # Bonferroni over the measures on top of the family-wise p over layers
-        res["p_all"] = np.minimum(1.0, res["p_family"] * res["measure"].nunique())
+    if not res.empty:
+        n = res.groupby("variant")["measure"].transform("nunique")
+        res["p_all"] = np.minimum(1.0, res["p_family"] * n)
     return res
 
 
@@ -160,13 +172,17 @@ def _p(v: float) -> str:
     return "–" if not math.isfinite(v) else (f"{v:.4f}" if v >= 1e-4 else "<1e-4")
 
 
+def _r(v: float) -> str:
+    return f"{v:+.3f}" if math.isfinite(v) else "–"
+
+
 def correlation_table(corr: pd.DataFrame, what: str) -> str:
     body = []
     for r in corr.itertuples():
         ci = f"[{r.boot_low:+.2f}, {r.boot_high:+.2f}]" if math.isfinite(r.boot_low) else "–"
         body.append(f"<tr><td class=l>{_e(MEASURES.get(r.measure, r.measure))}</td><td class=l>{_e(r.layer)}</td>"
-                    f"<td>{r.rho:+.3f}</td><td>{ci}</td><td>{_p(r.p_perm)}</td><td>{_p(r.p_family)}</td>"
-                    f"<td>{_p(r.p_all)}</td><td>{r.rho_within_recipe:+.3f}</td><td>{r.n}</td></tr>")
+                    f"<td>{_r(r.rho)}</td><td>{ci}</td><td>{_p(r.p_perm)}</td><td>{_p(r.p_family)}</td>"
+                    f"<td>{_p(r.p_all)}</td><td>{_r(r.rho_within_recipe)}</td><td>{r.n}</td></tr>")
     return (f"<div class=scroll><table><tr><th class=l>measure</th><th class=l>layer</th><th>Spearman rho with "
             f"{_e(what)}</th><th>95% bootstrap over seeds</th><th>p (shuffle within seed)</th><th>p family-wise "
             "over layers</th><th>p over layers and measures</th><th>rho within recipe</th><th>runs</th></tr>"
@@ -225,13 +241,17 @@ def _sae_density(run_dirs: list[Path], runs: set, epoch0: bool) -> tuple[list[fl
 def bounds(trained: pd.DataFrame, run_dirs: list[Path], all_runs: set) -> str:
     """What each measure is read with: IG completeness per layer, SAE density, CKA floor spread (trained runs)."""
     runs = set(trained["run"])
-    gaps = {}
+    gaps, n_classes = {}, set()
     for run_dir in map(Path, run_dirs):
         epochs = store.analysed_epochs(run_dir)
         res = store.read_epoch(run_dir, epochs[-1]) if epochs else {}
         if not res or next(iter(res.values())).get("run") not in runs:
             continue
-        for layer, c in ((res.get("circuits") or {}).get("completeness") or {}).get("per_layer", {}).items():
+        n_classes.add(len(((res.get("cka") or {}).get("subsets") or {}).get("heldout") or []))
+        circ = res.get("circuits") or {}
+        per_layer = (circ.get("completeness") or {}).get("per_layer", {})
+        for layer in circ.get("layers", []):
+            c = per_layer[layer]
             gaps.setdefault(layer, []).append((c["relative_gap"], c["mean_abs_gap"], c["max_abs_gap"]))
     l0, top = _sae_density(run_dirs, runs, epoch0=False)
     l0_untrained, _ = _sae_density(run_dirs, all_runs, epoch0=True)
@@ -242,8 +262,9 @@ def bounds(trained: pd.DataFrame, run_dirs: list[Path], all_runs: set) -> str:
                        for n, v in gaps.items())
         parts.append("<p class=muted>Integrated gradients: how far each layer's node attributions are from adding "
                      "up to M(x) − M(0) (completeness), over the trained runs. A relative gap of 0.1 means the "
-                     "attributions miss a tenth of the logit change they share out; kept nodes are the top "
-                     "channels by |attribution|, so a small gap leaves them unchanged.</p><table><tr><th class=l>"
+                     "attributions miss a tenth of the logit change they share out. Kept nodes are the top "
+                     "channels by |attribution|; benchmarks/analysis_timing.py --ig-steps measures how far they move "
+                     "with more steps.</p><table><tr><th class=l>"
                      "layer</th><th>mean relative gap</th><th>mean |gap| (logits)</th><th>max |gap|</th></tr>"
                      f"{rows}</table>")
     if l0:
@@ -258,7 +279,8 @@ def bounds(trained: pd.DataFrame, run_dirs: list[Path], all_runs: set) -> str:
                      f"{untrained}</p>")
     cka = trained[trained["measure"].str.startswith("cka")]
     if not cka.empty:
-        parts.append("<p class=muted>CKA uses the unbiased HSIC on 10-ish class means: for representations that "
+        n = "/".join(str(k) for k in sorted(n_classes)) or "the held-out"
+        parts.append(f"<p class=muted>CKA uses the unbiased HSIC on {n} class means: for representations that "
                      "share nothing it scatters around 0, negative values included. The floor (classes mismatched "
                      "by every cyclic shift) is that scatter's centre for these runs; a same-class value is shared "
                      f"structure only where it clears the floor (floor over runs and layers: "
@@ -271,24 +293,29 @@ def _nan(v) -> float:
 
 
 def reading(corr: pd.DataFrame, what: str) -> str:
-    """The numbers that answer the claim, in words (computed, never tuned): where a measure's rank correlation
-    with the accuracy is positive with p < 0.05 over layers and measures, and whether that happens before the
-    last layer."""
-    if corr.empty or corr["rho"].isna().all():
+    """The numbers that answer the claim, in words (computed, never tuned): per variant, where a measure's rank
+    correlation with the accuracy is positive with p < 0.05 over layers and measures, and how many of those lie
+    before the last layer."""
+    corr = corr.dropna(subset=["rho"])
+    if corr.empty:
         return "<p>Too few analysed runs for a rank correlation (it needs 3 or more with an accuracy).</p>"
-    sig = corr[(corr["rho"] > 0) & (corr["p_all"] < 0.05)]
-    mid = _intermediate(sig)
-    best = corr.dropna(subset=["rho"]).sort_values("rho", ascending=False).iloc[0]
-    where = "; ".join(f"{MEASURES.get(r.measure, r.measure)} at {r.layer} (rho {r.rho:+.2f}, p {_p(r.p_all)})"
-                      for r in sig.itertuples()) or "none"
-    text = (f"<p><b>Reading.</b> Positive rank correlations with {_e(what)} that survive the permutation test "
-            f"corrected over layers and measures (p &lt; 0.05): {_e(where)}. Of those, at an intermediate layer "
-            f"(between the first and the last): {len(mid)}. The largest rho is {best.rho:+.2f} "
-            f"({_e(MEASURES.get(best.measure, best.measure))} at {_e(best.layer)}; within recipes "
-            f"{best.rho_within_recipe:+.2f}). Across runs the recipes differ most, so a correlation here can come from "
-            "the recipe differences alone; the within-recipe rho says whether a measure also tracks the accuracy "
-            "among seeds of one recipe.</p>")
-    return text
+    parts = []
+    for variant, label in VARIANTS.items():
+        c = corr[corr["variant"] == variant]
+        if c.empty:
+            continue
+        sig = c[(c["rho"] > 0) & (c["p_all"] < 0.05)]
+        best = c.sort_values("rho", ascending=False).iloc[0]
+        where = "; ".join(f"{MEASURES.get(r.measure, r.measure)} at {r.layer} (rho {r.rho:+.2f}, p {_p(r.p_all)})"
+                          for r in sig.itertuples()) or "none"
+        parts.append(f"<li>{_e(label)}: {_e(where)}; of those at an intermediate layer: {len(_intermediate(sig))}. "
+                     f"Largest rho {best.rho:+.2f} ({_e(MEASURES.get(best.measure, best.measure))} at "
+                     f"{_e(best.layer)}; within recipes {_r(best.rho_within_recipe)}).</li>")
+    return (f"<p><b>Reading.</b> Positive rank correlations with {_e(what)} that survive the within-seed "
+            "permutation test corrected over layers and measures (p &lt; 0.05):</p><ul>" + "".join(parts) + "</ul>"
+            "<p class=muted>Across runs the recipes differ most, so a correlation can come from the recipe "
+            "differences alone; the within-recipe rho says whether a measure also tracks the accuracy among the "
+            "seeds of one recipe.</p>")
 
 
 def _family_section(t: pd.DataFrame, run_dirs: list[Path], fig_dir: Path, tag: str, seed: int) -> tuple[str, dict]:
@@ -304,10 +331,12 @@ def _family_section(t: pd.DataFrame, run_dirs: list[Path], fig_dir: Path, tag: s
     html_parts += ["<h4>Differences paired by seed</h4>", paired_table(pairs, _rows(trained))]
     corr = correlations(trained[np.isfinite(trained["accuracy"].astype(float))], seed) if not trained.empty \
         else pd.DataFrame()
-    if not corr.empty:
-        figs = figures(trained, corr, fig_dir, tag, what)
-        html_parts += [f"<h4>Does sharing track {_e(what)}?</h4>", reading(corr, what),
-                       correlation_table(corr, what)]
+    if not corr.empty and corr["rho"].notna().any():
+        figs = figures(trained, corr[corr["variant"] == "value"], fig_dir, tag, what)
+        html_parts += [f"<h4>Does sharing track {_e(what)}?</h4>", reading(corr, what)]
+        html_parts += [f"<p class=muted>Rank correlation of {_e(label)}:</p>"
+                       + correlation_table(corr[corr["variant"] == variant], what)
+                       for variant, label in VARIANTS.items()]
         html_parts += [f'<figure><img src="analysis/{_e(f)}" alt="{_e(c)}"><figcaption>{_e(c)}</figcaption>'
                        "</figure>" for f, c in figs]
     html_parts += ["<h4>Bounds</h4>", bounds(trained, run_dirs, set(t["run"]))]
