@@ -18,7 +18,8 @@
    (10 per domain x class): per layer the mean completeness gap relative to |M(x) - M(0)|, and how far the kept
    nodes (top 10% channels per domain x class) at each step count agree with those at the largest (Jaccard).
 4. ``--sae-seeds``: the SAE refitted with other seeds on the same embeddings (settings of the last preset): the
-   test domain's sharing score and the code density per seed, i.e. the SAE's own noise in the score.
+   test domain's sharing score and the code density per seed, i.e. the SAE's own noise in the score;
+   ``--sae-steps`` also fits the first seed for longer (does the density come from stopping early?).
 5. ``--study-root``: the CPU seconds every analysis of every run under that root recorded (``cpu_seconds`` in
    its JSON; a result copied from a run with the same weights counts the copy), summed per analysis and epoch.
 
@@ -133,9 +134,9 @@ def ig_steps(run_dir: Path, steps_list: list[int], threads: int) -> None:
         print(f"  kept nodes at {steps} vs {ref} steps, Jaccard per layer: " + " ".join(f"{v:.3f}" for v in jac))
 
 
-def sae_seeds(root: str, run_dir: Path, seeds: list[int], preset: str) -> None:
-    """The SAE's own noise: refit it with other seeds on the same embeddings; the test domain's sharing score (C2)
-    and the code density per seed."""
+def sae_seeds(root: str, run_dir: Path, seeds: list[int], preset: str, steps_list: list[int]) -> None:
+    """The SAE's own noise: refit it with other seeds (and step counts) on the same embeddings; the test domain's
+    sharing score (C2) and the code density per fit."""
     import numpy as np
 
     from clipgen.analyze import sharing
@@ -152,18 +153,21 @@ def sae_seeds(root: str, run_dir: Path, seeds: list[int], preset: str) -> None:
     d = ctx.info.meta["test_domain"]
     print(f"\nSAE refitted with other seeds on {run_dir.name}, epoch {ctx.info.epoch} (analysis={preset}; {_load()}):")
     scores = []
-    for seed in seeds:
+    for seed, steps in [(seed, int(a.sae_steps)) for seed in seeds] + [(seeds[0], n) for n in steps_list]:
         c0 = time.process_time()
-        model, summary = train_sae(fit, int(a.sae_expansion) * fit.shape[1], int(a.sae_steps), int(a.sae_batch_size),
+        model, summary = train_sae(fit, int(a.sae_expansion) * fit.shape[1], steps, int(a.sae_batch_size),
                                    float(a.sae_lr), float(a.sae_l1), seed)
         hist, counts = sharing.histograms(encode(model, test), ctx.test.domains, ctx.test.labels, DOMAINS,
                                           ctx.info.heldout_idx, int(a.sae_top_active))
         score = sharing.domain_scores(sharing.share_matrix(hist, counts, list(a.sae_ks)), DOMAINS)[d]
-        scores.append(score)
-        print(f"  seed {seed}: {d} sharing score {score:.3f}, mean L0 {summary['mean_l0']:.1f} of "
+        if steps == int(a.sae_steps):
+            scores.append(score)
+        print(f"  seed {seed}, {steps} steps: {d} sharing score {score:.3f}, mean L0 {summary['mean_l0']:.1f} of "
               f"{summary['num_features']}, explained variance {summary['explained_variance']:.3f} "
               f"({time.process_time() - c0:.0f} CPU s)")
-    print(f"  spread over seeds: {min(scores):.3f}-{max(scores):.3f} (sd {np.std(scores, ddof=1):.3f})")
+    if len(scores) > 1:
+        print(f"  spread over seeds at {a.sae_steps} steps: {min(scores):.3f}-{max(scores):.3f} "
+              f"(sd {np.std(scores, ddof=1):.3f})")
 
 
 def study_cpu(root: str, name: str | None) -> None:
@@ -247,6 +251,7 @@ def main() -> int:
     p.add_argument("--skip-extraction", action="store_true", help="skip the extraction comparison")
     p.add_argument("--ig-steps", default="", help="step counts for the completeness section, e.g. 10,20,50")
     p.add_argument("--sae-seeds", default="", help="refit the SAE with these seeds, e.g. 0,1,2 (its own noise)")
+    p.add_argument("--sae-steps", default="", help="with --sae-seeds: also fit the first seed this many steps")
     p.add_argument("--study-root", default=None, help="only sum the CPU seconds recorded under this root")
     p.add_argument("--study-name", default=None,
                    help="with --study-root: only the runs of this experiment preset (e.g. world_mech)")
@@ -262,8 +267,12 @@ def main() -> int:
     run_dir = Path(args.run_dir).resolve() if args.run_dir else make_run(root)
     for preset in [x for x in args.presets.split(",") if x]:
         first, cpu, rerun, parts = full_analysis(root, run_dir, preset, args.threads, args.epochs, not args.run_dir)
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"\nfull analysis set, analysis={preset}, epochs [{args.epochs}], {args.threads} threads: {first:.1f} s "
-              f"wall, {cpu:.1f} CPU s (rerun, all up to date: {rerun:.2f} s; {_load()})")
+              f"wall, {cpu:.1f} CPU s, peak RSS so far {peak:.0f} MB (rerun, all up to date: {rerun:.2f} s; "
+              f"{_load()})")
         for epoch, by_name in parts.items():
             for name, (wall, c) in by_name.items():
                 print(f"  epoch {epoch:>3} {name:<9} {wall:7.1f} s wall {c:7.1f} CPU s")
@@ -271,7 +280,8 @@ def main() -> int:
         ig_steps(run_dir, [int(x) for x in args.ig_steps.split(",")], args.extract_threads)
     if args.sae_seeds:
         presets = [x for x in args.presets.split(",") if x]
-        sae_seeds(root, run_dir, [int(x) for x in args.sae_seeds.split(",")], presets[-1] if presets else "default")
+        sae_seeds(root, run_dir, [int(x) for x in args.sae_seeds.split(",")], presets[-1] if presets else "default",
+                  [int(x) for x in args.sae_steps.split(",") if x])
     if not args.skip_extraction:
         extraction(run_dir, args.repeats, args.extract_threads, args.min_images)
     return 0

@@ -261,3 +261,23 @@ def test_world_mech_analyses_exactly_the_world_study_runs(tmp_path):
     assert mech_runs == study_runs and len(mech_runs) == 25
     assert mech.study.analyze and list(mech.analysis.epochs) == [0, -1] and mech.study.name == "world-mech"
     assert not any(tmp_path.iterdir())  # composing and naming wrote nothing
+
+
+def test_accuracy_is_the_analysed_test_domains_own():
+    """A natural-only run is evaluated on every test domain's task; its analyses (test domain sketch) must get
+    sketch-lso-ood at the analysed epoch, not a mean over the tasks."""
+    from clipgen.analyze.measures import with_accuracy
+
+    long = pd.DataFrame([
+        {"run": "nat", "task": "domainnet-sketch", "test_domain": "sketch", "epoch": 16, "metric": "sketch-lso-ood",
+         "value": 0.12},
+        {"run": "nat", "task": "domainnet-clipart", "test_domain": "clipart", "epoch": 16,
+         "metric": "clipart-lso-ood", "value": 0.30},
+        {"run": "nat", "task": "domainnet-sketch", "test_domain": "sketch", "epoch": 0, "metric": "sketch-lso-ood",
+         "value": 0.10},
+        {"run": "nat", "task": "domainnet-sketch", "test_domain": "sketch", "epoch": 16, "metric": "real-lso-ood",
+         "value": 0.60}])
+    table = pd.DataFrame([{"run": "nat", "test_domain": "sketch", "epoch": e, "measure": "sae", "value": 0.3}
+                          for e in (0, 4, 16)])
+    got = with_accuracy(table, long).set_index("epoch")["accuracy"]
+    assert got[16] == pytest.approx(0.12) and got[0] == pytest.approx(0.10) and math.isnan(got[4])

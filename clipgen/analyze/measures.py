@@ -116,5 +116,6 @@ def with_accuracy(table: pd.DataFrame, long: pd.DataFrame) -> pd.DataFrame:
         return table.assign(accuracy=pd.Series(dtype=float))
     acc = long[(long["task"] == "domainnet-" + long["test_domain"].astype(str))
                & (long["metric"] == long["test_domain"].astype(str) + "-lso-ood")]
-    acc = acc.groupby(["run", "epoch"], as_index=False)["value"].mean().rename(columns={"value": "accuracy"})
-    return table.merge(acc, on=["run", "epoch"], how="left")
+    # natural-only runs are evaluated on every test domain's task: match the analysis's own test domain
+    acc = acc.groupby(["run", "epoch", "test_domain"], as_index=False)["value"].mean()
+    return table.merge(acc.rename(columns={"value": "accuracy"}), on=["run", "epoch", "test_domain"], how="left")

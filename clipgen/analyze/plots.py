@@ -99,7 +99,7 @@ def errorbar_lines(xlabels: Sequence[str], series: dict[str, Sequence], path: Pa
     """One line per series over the ``xlabels``, each point ``(value, low, high)`` with its interval as an error
     bar (None: no point); series are offset a little sideways so their bars do not hide each other."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(xlabels) + 3.0), 4.0))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(xlabels) + 3.0) + 2.2, 4.0))
     x = np.arange(len(xlabels), dtype=np.float64)
     width = 0.5 / max(1, len(series))
     for i, (name, pts) in enumerate(series.items()):
@@ -114,7 +114,7 @@ def errorbar_lines(xlabels: Sequence[str], series: dict[str, Sequence], path: Pa
     ax.set_ylabel(ylabel)
     ax.set_ylim(-1.05, 1.05)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: it hid the last layer
     ax.set_title(title, fontsize=9)
     _save(fig, path)
 

@@ -292,6 +292,11 @@ def _nan(v) -> float:
     return float("nan") if v is None else float(v)
 
 
+def _listed(rows: pd.DataFrame) -> str:
+    return "; ".join(f"{MEASURES.get(r.measure, r.measure)} at {r.layer} (rho {r.rho:+.2f}, p {_p(r.p_all)})"
+                     for r in rows.itertuples()) or "none"
+
+
 def reading(corr: pd.DataFrame, what: str) -> str:
     """The numbers that answer the claim, in words (computed, never tuned): per variant, where a measure's rank
     correlation with the accuracy is positive with p < 0.05 over layers and measures, and how many of those lie
@@ -305,12 +310,12 @@ def reading(corr: pd.DataFrame, what: str) -> str:
         if c.empty:
             continue
         sig = c[(c["rho"] > 0) & (c["p_all"] < 0.05)]
+        neg = c[(c["rho"] < 0) & (c["p_all"] < 0.05)]
         best = c.sort_values("rho", ascending=False).iloc[0]
-        where = "; ".join(f"{MEASURES.get(r.measure, r.measure)} at {r.layer} (rho {r.rho:+.2f}, p {_p(r.p_all)})"
-                          for r in sig.itertuples()) or "none"
-        parts.append(f"<li>{_e(label)}: {_e(where)}; of those at an intermediate layer: {len(_intermediate(sig))}. "
-                     f"Largest rho {best.rho:+.2f} ({_e(MEASURES.get(best.measure, best.measure))} at "
-                     f"{_e(best.layer)}; within recipes {_r(best.rho_within_recipe)}).</li>")
+        parts.append(f"<li>{_e(label)}: {_e(_listed(sig))}; of those at an intermediate layer: "
+                     f"{len(_intermediate(sig))}. Largest rho {best.rho:+.2f} "
+                     f"({_e(MEASURES.get(best.measure, best.measure))} at {_e(best.layer)}; within recipes "
+                     f"{_r(best.rho_within_recipe)}). Negative correlations that survive: {_e(_listed(neg))}.</li>")
     return (f"<p><b>Reading.</b> Positive rank correlations with {_e(what)} that survive the within-seed "
             "permutation test corrected over layers and measures (p &lt; 0.05):</p><ul>" + "".join(parts) + "</ul>"
             "<p class=muted>Across runs the recipes differ most, so a correlation can come from the recipe "
