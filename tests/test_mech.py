@@ -281,3 +281,15 @@ def test_accuracy_is_the_analysed_test_domains_own():
                           for e in (0, 4, 16)])
     got = with_accuracy(table, long).set_index("epoch")["accuracy"]
     assert got[16] == pytest.approx(0.12) and got[0] == pytest.approx(0.10) and math.isnan(got[4])
+
+
+def test_leave_one_recipe_out_finds_a_correlation_made_by_one_recipe():
+    # four recipes with no relation among them, and one far below in both measure and accuracy
+    rng = np.random.default_rng(3)
+    recipes = np.repeat(np.arange(5), 5)
+    seeds = np.tile(np.arange(5), 5)
+    m, acc = rng.normal(size=25), rng.normal(size=25)
+    m[recipes == 0] -= 10
+    acc[recipes == 0] -= 10
+    (res,) = R.correlation_by_layer(m[:, None], acc, seeds, recipes, n_perm=200, n_boot=50, seed=0)
+    assert res["rho"] > 0.4 and res["loo_recipe"] == "0" and abs(res["rho_loo"]) < 0.4

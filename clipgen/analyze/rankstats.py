@@ -10,6 +10,8 @@ few seeds allows.
   and 97.5 percentiles. With 5 seeds this interval is coarse, and it says so by being wide.
 - Within-recipe rho: Spearman of measure and accuracy after subtracting each recipe's mean from both: whether the
   measure tracks accuracy among runs of one recipe (seeds), not only the recipe differences.
+- Leave one recipe out: rho without each recipe's runs in turn; the recipe whose removal weakens rho most and the
+  rho without it (a correlation that is one recipe against the rest shows here).
 
 Every random draw comes from ``numpy.random.default_rng(seed)``.
 """
@@ -70,7 +72,8 @@ def correlation_by_layer(values: np.ndarray, acc: np.ndarray, seeds: Sequence, r
             null[:, j] = [spearman(values[k, j], permuted[i, k]) for i, k in enumerate(keep)] if not keep.all() \
                 else _pearson_rows(np.tile(rankdata(values[:, j]), (n_perm, 1)), rankdata(permuted, axis=1))
         out.append({"rho": rho, "n": int(ok.sum()), **_boot(values[ok, j], acc[ok], seeds[ok], n_boot, seed),
-                    "rho_within_recipe": _within(values[ok, j], acc[ok], recipes[ok])})
+                    "rho_within_recipe": _within(values[ok, j], acc[ok], recipes[ok]),
+                    **_leave_one_recipe_out(values[ok, j], acc[ok], recipes[ok], rho)})
     for j, rec in enumerate(out):
         rho = rec["rho"]
         if not np.isfinite(rho):
@@ -98,6 +101,20 @@ def _boot(x: np.ndarray, y: np.ndarray, seeds: np.ndarray, n_boot: int, seed: in
         return {"boot_low": float("nan"), "boot_high": float("nan"), "n_seeds": int(len(uniq))}
     return {"boot_low": float(np.percentile(rhos, 2.5)), "boot_high": float(np.percentile(rhos, 97.5)),
             "n_seeds": int(len(uniq))}
+
+
+def _leave_one_recipe_out(x: np.ndarray, y: np.ndarray, recipes: np.ndarray, rho: float) -> dict:
+    """rho without each recipe's runs in turn: is the correlation one recipe against the rest? ``loo_recipe`` is
+    the recipe whose removal brings rho closest to 0 (or across it), ``rho_loo`` the rho without it."""
+    best = {"rho_loo": float("nan"), "loo_recipe": None}
+    for r in np.unique(recipes):
+        keep = recipes != r
+        if len(np.unique(recipes[keep])) < 2:
+            continue
+        v = spearman(x[keep], y[keep])
+        if np.isfinite(v) and (best["loo_recipe"] is None or v * np.sign(rho) < best["rho_loo"] * np.sign(rho)):
+            best = {"rho_loo": v, "loo_recipe": str(r)}
+    return best
 
 
 def _within(x: np.ndarray, y: np.ndarray, recipes: np.ndarray) -> float:

@@ -182,10 +182,13 @@ def correlation_table(corr: pd.DataFrame, what: str) -> str:
         ci = f"[{r.boot_low:+.2f}, {r.boot_high:+.2f}]" if math.isfinite(r.boot_low) else "–"
         body.append(f"<tr><td class=l>{_e(MEASURES.get(r.measure, r.measure))}</td><td class=l>{_e(r.layer)}</td>"
                     f"<td>{_r(r.rho)}</td><td>{ci}</td><td>{_p(r.p_perm)}</td><td>{_p(r.p_family)}</td>"
-                    f"<td>{_p(r.p_all)}</td><td>{_r(r.rho_within_recipe)}</td><td>{r.n}</td></tr>")
+                    f"<td>{_p(r.p_all)}</td><td>{_r(r.rho_within_recipe)}</td>"
+                    f"<td>{_r(r.rho_loo)} <span class=muted>{_e(KIND_NAMES.get(r.loo_recipe, r.loo_recipe))}</span>"
+                    f"</td><td>{r.n}</td></tr>")
     return (f"<div class=scroll><table><tr><th class=l>measure</th><th class=l>layer</th><th>Spearman rho with "
             f"{_e(what)}</th><th>95% bootstrap over seeds</th><th>p (shuffle within seed)</th><th>p family-wise "
-            "over layers</th><th>p over layers and measures</th><th>rho within recipe</th><th>runs</th></tr>"
+            "over layers</th><th>p over layers and measures</th><th>rho within recipe</th><th>rho without the "
+            "recipe that weakens it most</th><th>runs</th></tr>"
             + "".join(body) + "</table></div>")
 
 
@@ -315,7 +318,8 @@ def reading(corr: pd.DataFrame, what: str) -> str:
         parts.append(f"<li>{_e(label)}: {_e(_listed(sig))}; of those at an intermediate layer: "
                      f"{len(_intermediate(sig))}. Largest rho {best.rho:+.2f} "
                      f"({_e(MEASURES.get(best.measure, best.measure))} at {_e(best.layer)}; within recipes "
-                     f"{_r(best.rho_within_recipe)}). Negative correlations that survive: {_e(_listed(neg))}.</li>")
+                     f"{_r(best.rho_within_recipe)}; without {_e(KIND_NAMES.get(best.loo_recipe, best.loo_recipe))} "
+                     f"{_r(best.rho_loo)}). Negative correlations that survive: {_e(_listed(neg))}.</li>")
     return (f"<p><b>Reading.</b> Positive rank correlations with {_e(what)} that survive the within-seed "
             "permutation test corrected over layers and measures (p &lt; 0.05):</p><ul>" + "".join(parts) + "</ul>"
             "<p class=muted>Across runs the recipes differ most, so a correlation can come from the recipe "
