@@ -346,7 +346,8 @@ def _check_results(adir, epoch: int, words: list[str]) -> dict:
     assert {c["concept"] for c in results["sae"].get("concepts", {}).values()} <= set(words)
     geo = results["geometry"]
     assert geo["eval_check"]["images"] > 0 and geo["eval_check"]["max_abs_diff"] < 1e-2
-    assert {"umap_all.png", "umap_no_quickdraw.png"} <= set(geo["figures"])
+    if geo["settings"]["umap"]:
+        assert {"umap_all.png", "umap_no_quickdraw.png"} <= set(geo["figures"]) and geo["umap"]["all"]["domains"]
     assert geo["class_conditional_distance_floor"]["heldout"][5][4] is not None
     cka = results["cka"]
     assert cka["layers"] == ["stem", "layer1.0", "layer2.0", "layer3.0", "layer4.0", "attnpool"]
@@ -365,16 +366,17 @@ def _check_results(adir, epoch: int, words: list[str]) -> dict:
 
 
 def _analyze(root, vocab) -> dict:
-    """Run A at its last epoch and the untrained epoch 0, run B at its last epoch (fast settings, fewer IG steps:
-    the tests check structure; the steps' effect is tested in test_mech.py)."""
+    """Run A at its last epoch and the untrained epoch 0, run B at its last epoch without UMAP (fast settings, fewer
+    IG steps: the tests check structure; the steps' effect is tested in test_mech.py)."""
     from clipgen.analyze.run import run_analyze
 
     runs = sorted((root / "runs").glob("*seed[0-9]"))
     over = ["debug=smoke", "world.num_heldout=4", "analysis=fast", "analysis.threads=1", "analysis.circuit_steps=5",
             f"analysis.sae_vocab_file={vocab}"]
     out = {}
-    for run, epochs in ((runs[0], "[0,-1]"), (runs[1], "[-1]")):
-        cfg = make_cfg(root, *over, f"analysis.run_dirs=[{run}]", f"analysis.epochs={epochs}")
+    plan = ((runs[0], ["analysis.epochs=[0,-1]"]), (runs[1], ["analysis.epochs=[-1]", "analysis.umap=false"]))
+    for run, extra in plan:
+        cfg = make_cfg(root, *over, f"analysis.run_dirs=[{run}]", *extra)
         out[run.name] = run_analyze(cfg)["runs"][run.name]
     return {"runs": runs, "out": out, "over": over}
 
