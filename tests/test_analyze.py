@@ -7,6 +7,7 @@ import itertools
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -68,7 +69,7 @@ def test_cka_matrix_uses_the_class_list_it_is_given():
     labels = np.tile(np.repeat(np.arange(8), 3), 6)
     means, present = K.group_means(acts, domains, labels, DOMAINS, 8)
     held, other = [0, 2, 4, 6], [1, 3, 5, 7]
-    res = K.cka_by_layer({"l": acts}, domains, labels, DOMAINS, {"held": held, "other": other}, 8, ["linear"])
+    res, _ = K.cka_by_layer({"l": acts}, domains, labels, DOMAINS, {"held": held, "other": other}, 8, ["linear"])
     for subset, idx in (("held", held), ("other", other)):
         m = res["linear"][subset]["l"]
         for a, b in [(0, 5), (3, 4)]:
@@ -93,13 +94,14 @@ def test_sae_recovers_a_planted_sparse_dictionary():
     def best_match(model):
         return (atoms.T @ model.w_dec.detach().numpy()).max(axis=1)
 
-    untrained, _ = train_sae(x, 48, 0, 512, 1e-2, 0.3, seed=0)
+    # l1 = 0.3 / d: the reconstruction error is averaged over the d = 16 dimensions (protocol §7)
+    untrained, _ = train_sae(x, 48, 0, 512, 1e-2, 0.3 / d, seed=0)
     assert (best_match(untrained) > 0.9).mean() < 0.5  # random columns do not match by chance
-    sae, summary = train_sae(x, 48, 1000, 512, 1e-2, 0.3, seed=0)
+    sae, summary = train_sae(x, 48, 1000, 512, 1e-2, 0.3 / d, seed=0)
     assert best_match(sae).min() > 0.9  # every planted atom has a decoder column
     assert np.allclose(np.linalg.norm(sae.w_dec.detach().numpy(), axis=0), 1.0, atol=1e-5)
     assert summary["mean_l0"] < 8 and summary["explained_variance"] > 0.9
-    again, _ = train_sae(x, 48, 1000, 512, 1e-2, 0.3, seed=0)
+    again, _ = train_sae(x, 48, 1000, 512, 1e-2, 0.3 / d, seed=0)
     assert torch.equal(again.w_dec, sae.w_dec)  # seeded
 
 
@@ -312,6 +314,8 @@ def test_seeded_umap_subsample_and_domain_mean_distances():
     assert dist[r, s] == pytest.approx(np.hypot(1.0, 4.0)) and np.isnan(dist[0, r])
     cond = G.class_conditional_distances(emb, doms, labels, DOMAINS, [0, 1])
     assert cond[r, s] == pytest.approx((3.0 + np.hypot(2.0, 5.0)) / 2)
+    floor = G.class_conditional_distances(emb, doms, labels, DOMAINS, [0, 1], mismatched=True)
+    assert floor[r, s] == pytest.approx((5.0 + np.hypot(2.0, 3.0)) / 2)  # class 0 vs class 1 and 1 vs 0
     diffs = G.per_dimension_differences(emb, doms, DOMAINS, "real")
     assert diffs["sketch"] == pytest.approx([-1.0, 4.0])
 
@@ -328,51 +332,137 @@ def trained_root(tmp_path_factory):
         yield root
 
 
-@pytest.mark.slow
-def test_all_analyses_run_on_synthetic_world_runs_and_reruns_skip(trained_root, tmp_path):
-    from clipgen.analyze.report import report_section
+def _check_results(adir, epoch: int, words: list[str]) -> dict:
+    results = {n: json.loads((adir / f"{n}.json").read_text()) for n in ("sae", "geometry", "cka", "circuits")}
+    for r in results.values():
+        assert r["epoch"] == epoch and r["version"] == 2 and r["test_domain"] == "sketch"
+        assert len(r["checkpoint_sha256"]) == 64 and len(r["weights_sha256"]) == 64 and r["cpu_seconds"] >= 0
+        assert r["figures"] and all((adir / f).stat().st_size > 1000 for f in r["figures"])
+    sae = results["sae"]["subsets"]["heldout"]
+    assert sae["test_domain_score"] == sae["domain_scores"]["sketch"] is not None
+    assert len(sae["matrix"]) == 6 and sae["matrix"][5][5] is not None and sae["test_domain_floor"] is not None
+    assert results["sae"]["sae"]["loss"].startswith("squared error averaged")
+    assert results["sae"]["vocabulary"]["size"] == len(words)
+    assert {c["concept"] for c in results["sae"].get("concepts", {}).values()} <= set(words)
+    geo = results["geometry"]
+    assert geo["eval_check"]["images"] > 0 and geo["eval_check"]["max_abs_diff"] < 1e-2
+    if geo["settings"]["umap"]:
+        assert {"umap_all.png", "umap_no_quickdraw.png"} <= set(geo["figures"]) and geo["umap"]["all"]["domains"]
+    assert geo["class_conditional_distance_floor"]["heldout"][5][4] is not None
+    cka = results["cka"]
+    assert cka["layers"] == ["stem", "layer1.0", "layer2.0", "layer3.0", "layer4.0", "attnpool"]
+    for kernel in ("linear", "rbf"):
+        for subset in ("all", "heldout", "other"):
+            m = cka["cka"][kernel][subset]["attnpool"]
+            assert m[5][5] == pytest.approx(1.0) and m[5][4] is not None
+        assert len(cka["floor"][kernel]["heldout"]["stem"]["real"]) == 3  # 4 held-out classes: 3 shifts
+    circ = results["circuits"]
+    assert set(circ["node_jaccard"]) == set(cka["layers"]) and "stem" not in circ["circuit_jaccard"]
+    assert set(circ["node_jaccard_floor"]) == set(cka["layers"]) and circ["groups"]
+    assert len(circ["circuit_classes"]) == 4 and 0 < circ["node_jaccard_chance"]["layer4.0"] < 0.1
+    assert circ["whole_circuit"]["wl"][5][4] is not None and circ["whole_circuit"]["wl"][5][5] == 1.0
+    assert set(circ["completeness"]["per_layer"]) == set(cka["layers"])
+    return results
+
+
+def _analyze(root, vocab) -> dict:
+    """Run A at its last epoch and the untrained epoch 0, run B at its last epoch without UMAP (fast settings, fewer
+    IG steps: the tests check structure; the steps' effect is tested in test_mech.py)."""
     from clipgen.analyze.run import run_analyze
 
-    vocab = tmp_path / "concepts.txt"
-    words = ["stripes", "wheels", "water", "pencil lines", "bright colours", "text"]
-    vocab.write_text("\n".join(words) + "\n")
-    cfg = make_cfg(trained_root, "debug=smoke", "world.num_heldout=4", "analysis=fast", "analysis.threads=1",
-                   f"analysis.sae_vocab_file={vocab}")
-    out = run_analyze(cfg)
-    assert len(out["runs"]) == 2
-    for name, res in out["runs"].items():
-        assert all(v.startswith("computed") for v in res["analyses"].values()), res
-        adir = trained_root / "runs" / name / "analysis"
-        results = {n: json.loads((adir / f"{n}.json").read_text()) for n in ("sae", "geometry", "cka", "circuits")}
-        for r in results.values():
-            assert r["epoch"] == 1 and len(r["checkpoint_sha256"]) == 64 and r["test_domain"] == "sketch"
-            assert r["figures"] and all((adir / f).stat().st_size > 1000 for f in r["figures"])
-        sae = results["sae"]["subsets"]["heldout"]
-        assert sae["test_domain_score"] == sae["domain_scores"]["sketch"] is not None
-        assert len(sae["matrix"]) == 6 and sae["matrix"][5][5] is not None
-        concepts = results["sae"]["concepts"]
-        assert concepts and {c["concept"] for c in concepts.values()} <= set(words)
-        assert results["sae"]["vocabulary"] == {"source": str(vocab), "size": len(words)}
-        geo = results["geometry"]
-        assert geo["eval_check"]["images"] > 0 and geo["eval_check"]["max_abs_diff"] < 1e-2
-        assert {"umap_all.png", "umap_no_quickdraw.png"} <= set(geo["figures"])
-        cka = results["cka"]
-        assert cka["layers"] == ["stem", "layer1.0", "layer2.0", "layer3.0", "layer4.0", "attnpool"]
-        for kernel in ("linear", "rbf"):
-            for subset in ("all", "heldout", "other"):
-                m = cka["cka"][kernel][subset]["attnpool"]
-                assert m[5][5] == pytest.approx(1.0) and m[5][4] is not None
-        circ = results["circuits"]
-        assert set(circ["node_jaccard"]) == set(cka["layers"]) and "stem" not in circ["circuit_jaccard"]
-        assert circ["groups"] and len(circ["circuit_classes"]) == 4
-    again = run_analyze(cfg)
-    assert all(v == "up to date" for r in again["runs"].values() for v in r["analyses"].values())
+    runs = sorted((root / "runs").glob("*seed[0-9]"))
+    over = ["debug=smoke", "world.num_heldout=4", "analysis=fast", "analysis.threads=1", "analysis.circuit_steps=5",
+            f"analysis.sae_vocab_file={vocab}"]
+    out = {}
+    plan = ((runs[0], ["analysis.epochs=[0,-1]"]), (runs[1], ["analysis.epochs=[-1]", "analysis.umap=false"]))
+    for run, extra in plan:
+        cfg = make_cfg(root, *over, f"analysis.run_dirs=[{run}]", *extra)
+        out[run.name] = run_analyze(cfg)["runs"][run.name]
+    return {"runs": runs, "out": out, "over": over}
 
-    html = report_section(trained_root, tmp_path / "report")
-    assert html.startswith("<h2>") and "test domain sketch" in html and "(2)</span>" in html
-    figs = sorted(p.name for p in (tmp_path / "report" / "analysis").glob("*.png"))
-    assert "cka_linear_heldout_sketch.png" in figs and 'src="analysis/cka_linear_heldout_sketch.png"' in html
-    assert report_section(tmp_path / "empty", tmp_path / "report2") == ""
+
+@pytest.fixture(scope="module")
+def vocab(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vocab") / "concepts.txt"
+    path.write_text("\n".join(WORDS) + "\n")
+    return path
+
+
+WORDS = ["stripes", "wheels", "water", "pencil lines", "bright colours", "text"]
+
+
+@pytest.mark.slow
+def test_all_analyses_per_epoch_with_baselines_reruns_skip_and_shared_weights_are_copied(trained_root, vocab):
+    import shutil
+
+    from clipgen.analyze import store
+    from clipgen.analyze.run import run_analyze
+
+    words = WORDS
+    done = _analyze(trained_root, vocab)
+    runs, out = done["runs"], done["out"]
+    assert sorted(out[runs[0].name]["epochs"]) == [0, 1] and sorted(out[runs[1].name]["epochs"]) == [1]
+    for run, epochs in ((runs[0], (0, 1)), (runs[1], (1,))):
+        res = out[run.name]
+        assert all(v.startswith("computed") for r in res["epochs"].values() for v in r["analyses"].values()), res
+        for epoch in epochs:
+            _check_results(store.epoch_dir(run, epoch), epoch, words)
+        index = json.loads((run / "analysis" / "index.json").read_text())
+        assert index["epochs"] == list(epochs) and index["last_dir"] == "epoch_001"
+    again = _analyze(trained_root, vocab)["out"]
+    assert all(v == "up to date" for r in again.values() for e in r["epochs"].values() for v in e["analyses"].values())
+
+    # A run with the same weights (here: a copy under another name, as the epoch-0 checkpoints of two recipes
+    # that share a seed are) gets the results copied, with its own provenance and figures.
+    src = runs[0].name
+    twin = trained_root / "runs" / "twin--seed0"
+    shutil.copytree(trained_root / "runs" / src, twin, ignore=shutil.ignore_patterns("analysis"))
+    meta = json.loads((twin / "meta.json").read_text())
+    (twin / "meta.json").write_text(json.dumps({**meta, "run_name": twin.name, "recipe_kind": "lod"}))
+    try:
+        res = run_analyze(make_cfg(trained_root, *done["over"], f"analysis.run_dirs=[{twin}]", "analysis.epochs=[0]"))
+        assert all(v == f"copied from {src} (same weights)" for v in res["runs"][twin.name]["analyses"].values())
+        copied = _check_results(store.epoch_dir(twin, 0), 0, words)
+        original = json.loads((store.epoch_dir(trained_root / "runs" / src, 0) / "cka.json").read_text())
+        assert copied["cka"]["cka"] == original["cka"] and copied["cka"]["reused_from"] == src
+        assert copied["cka"]["run"] == twin.name and copied["cka"]["recipe_kind"] == "lod"
+    finally:
+        shutil.rmtree(twin)
+
+
+@pytest.mark.slow
+def test_single_folder_results_are_moved_and_recomputed_and_the_report_reads_its_own_runs(trained_root, vocab,
+                                                                                        tmp_path):
+    from clipgen.analyze import store
+    from clipgen.report.analyses import report_section
+    from clipgen.analyze.run import run_analyze
+    from clipgen.report.aggregate import collect
+
+    done = _analyze(trained_root, vocab)  # current where the test above ran first
+    runs, over = done["runs"], done["over"]
+    # the layout before per-epoch folders: results and figures in analysis/ itself, version 1
+    old, flat = store.epoch_dir(runs[1], 1), runs[1] / "analysis"
+    res = json.loads((old / "cka.json").read_text())
+    for f in res["figures"]:
+        (old / f).replace(flat / f)
+    (flat / "cka.json").write_text(json.dumps({**res, "version": 1, "key": "v1-key"}))
+    (old / "cka.json").unlink()
+    html = report_section(runs, tmp_path / "report", collect(trained_root / "runs", runs)[0])
+    assert "1 runs hold analyses in the layout before per-epoch folders" in html
+    again = run_analyze(make_cfg(trained_root, *over, f"analysis.run_dirs=[{runs[1]}]", "analysis.epochs=[-1]"))
+    assert again["runs"][runs[1].name]["analyses"]["cka"].startswith("computed")
+    assert not (flat / "cka.json").exists() and json.loads((old / "cka.json").read_text())["version"] == 2
+
+    html = report_section(runs, tmp_path / "report", collect(trained_root / "runs", runs)[0])
+    assert html.startswith("<h2 id=analyses>") and "test domain sketch" in html and "before per-epoch" not in html
+    assert "untrained (epoch 0)" in html and "node Jaccard" in html and "whole circuit" in html
+    table = pd.read_csv(tmp_path / "report" / "analysis_measures.csv")
+    assert set(table["epoch"]) == {0, 1} and set(table["run"]) == {r.name for r in runs}
+    assert set(table.loc[table["epoch"] == 0, "run"]) == {runs[0].name}
+    assert table.loc[table["epoch"] == 1, "accuracy"].notna().all()  # sketch-lso-ood of the analysed epoch
+    one = report_section(runs[:1], tmp_path / "report1", collect(trained_root / "runs", runs[:1])[0])
+    assert set(pd.read_csv(tmp_path / "report1" / "analysis_measures.csv")["run"]) == {runs[0].name} and one
+    assert report_section([], tmp_path / "report2", collect(trained_root / "runs", [])[0]) == ""
 
 
 @pytest.mark.slow
@@ -385,5 +475,7 @@ def test_bad_analysis_settings_fail_with_one_line(trained_root):
         run_analyze(make_cfg(trained_root, f"analysis.run_dirs=[{trained_root}]"))
     with pytest.raises(ClipgenError, match="sae_vocab_file"):
         run_analyze(make_cfg(trained_root, "analysis.sae_vocab_file=/nonexistent/vocab.txt"))
-    with pytest.raises(ClipgenError, match="analysis.epoch=7"):
-        run_analyze(make_cfg(trained_root, "debug=smoke", "world.num_heldout=4", "analysis.epoch=7"))
+    with pytest.raises(ClipgenError, match="analysis.epochs has 7"):
+        run_analyze(make_cfg(trained_root, "debug=smoke", "world.num_heldout=4", "analysis.epochs=[7]"))
+    with pytest.raises(ClipgenError, match="analysis.epochs"):
+        run_analyze(make_cfg(trained_root, "analysis.epochs=[]"))

@@ -104,7 +104,7 @@ def test_world_study_on_submitit_local_then_relaunch_does_nothing(tiny_root, tmp
     assert f"{run.name}  sketch       finished  done" in out.stdout
     assert list((tmp_path / "logs" / "study" / "local-jobs" / "train").glob("*/*_log.out"))  # submitit's logs
     assert "submitted 1 analyze jobs" in out.stdout
-    assert sorted(p.name for p in (run / "analysis").glob("*.json")) == ["cka.json", "geometry.json"]
+    assert sorted(p.name for p in (run / "analysis").glob("epoch_*/*.json")) == ["cka.json", "geometry.json"]
     assert "Mechanistic analyses" in (tmp_path / "reports" / "local-jobs" / "index.html").read_text()
     again = subprocess.run(["clipgen-study", *over], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -173,13 +173,16 @@ def analyse_circuits(stage_list: Sequence[Stage], images: np.ndarray, labels: np
     channels = [_channels_sum(a).shape[1] for a in probe]
     sums = [np.zeros((len(uniq), c)) for c in channels]
     counts = np.bincount(gindex, minlength=len(uniq)).astype(np.float64)
-    gaps = []  # completeness: |sum of attributions - (M(x) - M(0))| per image and layer
+    # completeness per layer: |sum of attributions - (M(x) - M(0))| and |M(x) - M(0)| per image
+    gaps: list[list] = [[] for _ in names]
+    spans: list[list] = [[] for _ in names]
     for start in range(0, n_img, chunk):
         idx = np.arange(start, min(n_img, start + chunk))
         attrs, full, zeros = node_attributions(stage_list, batch_images(idx), labels_t[idx].to(device), metric, steps)
         for li, at in enumerate(attrs):
             np.add.at(sums[li], gindex[idx], at.cpu().double().numpy())
-            gaps.append((at.sum(dim=1) - (full - zeros[li])).abs().cpu().numpy())
+            gaps[li].append((at.sum(dim=1) - (full - zeros[li])).abs().cpu().numpy())
+            spans[li].append((full - zeros[li]).abs().cpu().numpy())
     mean_attr = [s / counts[:, None] for s in sums]
     nodes = [[top_nodes(mean_attr[li][g], top_frac) for li in range(len(names))] for g in range(len(uniq))]
 
@@ -208,35 +211,147 @@ def analyse_circuits(stage_list: Sequence[Stage], images: np.ndarray, labels: np
                 rec["edges"][name] = [list(e) for e in circuit_edges(edge_w[li][g], nodes[g][li - 1],
                                                                      nodes[g][li], top_edges)]
         out_groups[str(gid)] = rec
-    gaps_all = np.concatenate(gaps) if gaps else np.zeros(0)
-    return {"layers": names, "groups": out_groups,
-            "completeness": {"max_abs_gap": float(gaps_all.max()) if gaps_all.size else 0.0,
-                             "mean_abs_gap": float(gaps_all.mean()) if gaps_all.size else 0.0},
-            "images": int(n_img)}
+    return {"layers": names, "groups": out_groups, "completeness": completeness(names, gaps, spans),
+            "images": int(n_img), "channels": dict(zip(names, channels))}
+
+
+def completeness(names: Sequence[str], gaps: list[list], spans: list[list]) -> dict:
+    """How far the node attributions are from adding up to M(x) - M(0) (integrated gradients' completeness),
+    overall and per layer: mean / max absolute gap in logits, and the mean gap relative to the mean |M(x) - M(0)|
+    (the quantity the attributions share out), so a gap can be read against what it is a gap in."""
+    per_layer, all_gaps = {}, []
+    for name, g, s in zip(names, gaps, spans):
+        g = np.concatenate(g) if g else np.zeros(0)
+        s = np.concatenate(s) if s else np.zeros(0)
+        all_gaps.append(g)
+        span = float(s.mean()) if s.size else 0.0
+        per_layer[name] = {"mean_abs_gap": float(g.mean()) if g.size else 0.0,
+                           "max_abs_gap": float(g.max()) if g.size else 0.0, "mean_abs_change": span,
+                           "relative_gap": float(g.mean()) / span if g.size and span > 0 else None}
+    flat = np.concatenate(all_gaps) if all_gaps else np.zeros(0)
+    rel = [v["relative_gap"] for v in per_layer.values() if v["relative_gap"] is not None]
+    return {"max_abs_gap": float(flat.max()) if flat.size else 0.0,
+            "mean_abs_gap": float(flat.mean()) if flat.size else 0.0,
+            "max_relative_gap": max(rel) if rel else None, "per_layer": per_layer}
+
+
+def _edge_set(edges) -> set:
+    return {tuple(e) if isinstance(e, list) else e for e in edges}
+
+
+def layer_jaccard(layer: str, what: str):
+    """Similarity of two groups' records: Jaccard of their kept nodes (``what="nodes"``) or circuit edges
+    (``"edges"``) at ``layer``; NaN when a group has no entry for the layer."""
+    def sim(ga: dict, gb: dict) -> float:
+        if layer not in ga[what] or layer not in gb[what]:
+            return float("nan")
+        return jaccard(_edge_set(ga[what][layer]), _edge_set(gb[what][layer]))
+    return sim
+
+
+def domain_matrix(groups: dict, domain_list: Sequence[str], class_ids: Sequence[int], sim,
+                  mismatched: bool = False) -> np.ndarray:
+    """``[D, D]``: ``sim`` between the groups ``"{domain}|{class}"`` of two domains, averaged over the classes
+    where both exist: the same class in both (``mismatched=False``) or, as a floor, every ordered pair of
+    different classes (``mismatched=True``: how alike two circuits are when nothing but the domains and the
+    layer's size is shared)."""
+    n = len(domain_list)
+    m = np.full((n, n), np.nan)
+    pairs = [(c, d) for c in class_ids for d in class_ids if (c != d) == mismatched]
+    for a in range(n):
+        for b in range(n):
+            vals = []
+            for c, d in pairs:
+                ga, gb = groups.get(f"{domain_list[a]}|{c}"), groups.get(f"{domain_list[b]}|{d}")
+                if ga is not None and gb is not None:
+                    v = sim(ga, gb)
+                    if np.isfinite(v):
+                        vals.append(v)
+            if vals:
+                m[a, b] = float(np.mean(vals))
+    return m
 
 
 def domain_jaccard(groups: dict, layers: Sequence[str], domain_list: Sequence[str], class_ids: Sequence[int],
-                   what: str) -> dict[str, list]:
+                   what: str, mismatched: bool = False) -> dict[str, list]:
     """``{layer: [D, D]}``: Jaccard of kept nodes (``what="nodes"``) or circuit edges (``"edges"``) between the
-    same class in two domains, averaged over ``class_ids`` where both groups exist. Group ids are
-    ``"{domain}|{class}"``."""
-    out = {}
-    for layer in layers:
-        n = len(domain_list)
-        m = np.full((n, n), np.nan)
-        for a in range(n):
-            for b in range(n):
-                vals = []
-                for c in class_ids:
-                    ga, gb = groups.get(f"{domain_list[a]}|{c}"), groups.get(f"{domain_list[b]}|{c}")
-                    if ga is None or gb is None or layer not in ga[what]:
-                        continue
-                    sa = {tuple(e) if isinstance(e, list) else e for e in ga[what][layer]}
-                    sb = {tuple(e) if isinstance(e, list) else e for e in gb[what][layer]}
-                    v = jaccard(sa, sb)
-                    if np.isfinite(v):
-                        vals.append(v)
-                if vals:
-                    m[a, b] = float(np.mean(vals))
-        out[layer] = [[None if not np.isfinite(v) else round(float(v), 6) for v in row] for row in m]
+    same class in two domains (or, ``mismatched=True``, between different classes: the floor), averaged over
+    ``class_ids`` where both groups exist. Group ids are ``"{domain}|{class}"``."""
+    return {layer: _json(domain_matrix(groups, domain_list, class_ids, layer_jaccard(layer, what), mismatched))
+            for layer in layers}
+
+
+def jaccard_chance(channels: int, kept: int) -> float:
+    """Expected Jaccard of two independent uniformly random ``kept``-subsets of ``channels`` channels: the
+    intersection is hypergeometric, J = i / (2 kept - i)."""
+    if kept <= 0 or channels <= 0:
+        return float("nan")
+    total = math.comb(channels, kept)
+    return sum(math.comb(kept, i) * math.comb(channels - kept, kept - i) / total * i / (2 * kept - i)
+               for i in range(max(0, 2 * kept - channels), kept + 1))
+
+
+# --- whole circuits ------------------------------------------------------------------------------------------
+def circuit_graph(rec: dict, layers: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """A group's circuit as one graph over all layers: nodes ``"{layer}:{channel}"`` (kept nodes), directed
+    edges from the circuit edges between consecutive layers."""
+    nodes = [f"{layer}:{c}" for layer in layers for c in rec["nodes"].get(layer, [])]
+    edges = [(f"{layers[li - 1]}:{i}", f"{layer}:{j}") for li, layer in enumerate(layers) if li >= 1
+             for i, j in rec["edges"].get(layer, [])]
+    return nodes, edges
+
+
+def wl_features(nodes: Sequence[str], edges: Sequence[tuple[str, str]], iterations: int = 2) -> dict:
+    """Weisfeiler-Lehman subtree features of a directed, node-labelled graph: counts of (iteration, label) for
+    iterations 0..``iterations`` (exactly that many refinements; the authors' "h2" ran three). A node's next label
+    combines its label with the sorted labels of its in- and out-neighbours, so in later iterations two circuits
+    share a feature only where a node AND its wiring coincide."""
+    import hashlib
+
+    labels = {v: v for v in nodes}
+    ins: dict[str, list[str]] = {v: [] for v in nodes}
+    outs: dict[str, list[str]] = {v: [] for v in nodes}
+    for u, v in edges:
+        if u in labels and v in labels:
+            outs[u].append(v)
+            ins[v].append(u)
+    feats: dict = {}
+    for it in range(iterations + 1):
+        if it:
+            labels = {v: hashlib.sha1(repr((labels[v], sorted(labels[u] for u in ins[v]),
+                                            sorted(labels[w] for w in outs[v]))).encode()).hexdigest()[:16]
+                      for v in nodes}
+        for v in nodes:
+            feats[(it, labels[v])] = feats.get((it, labels[v]), 0) + 1
+    return feats
+
+
+def wl_similarity(fa: dict, fb: dict) -> float:
+    """Normalised WL subtree kernel k(a, b) / sqrt(k(a, a) k(b, b)) in [0, 1]; NaN for an empty circuit."""
+    def dot(x, y):
+        return float(sum(v * y.get(k, 0) for k, v in x.items()))
+    norm = math.sqrt(dot(fa, fa) * dot(fb, fb))
+    return dot(fa, fb) / norm if norm > 0 else float("nan")
+
+
+def whole_circuit_similarities(groups: dict, layers: Sequence[str], domain_list: Sequence[str],
+                               class_ids: Sequence[int], iterations: int = 2) -> dict:
+    """Whole-circuit similarity between domains (same class; and the different-class floor): the normalised WL
+    kernel of the circuit graphs, and the Jaccard of all kept nodes / all circuit edges over every layer."""
+    feats, node_sets, edge_sets = {}, {}, {}
+    for gid, rec in groups.items():
+        nodes, edges = circuit_graph(rec, layers)
+        feats[gid], node_sets[gid], edge_sets[gid] = wl_features(nodes, edges, iterations), set(nodes), set(edges)
+    by_id = {id(rec): gid for gid, rec in groups.items()}
+    sims = {"wl": lambda a, b: wl_similarity(feats[by_id[id(a)]], feats[by_id[id(b)]]),
+            "node_jaccard": lambda a, b: jaccard(node_sets[by_id[id(a)]], node_sets[by_id[id(b)]]),
+            "edge_jaccard": lambda a, b: jaccard(edge_sets[by_id[id(a)]], edge_sets[by_id[id(b)]])}
+    out = {"wl_iterations": int(iterations)}
+    for name, sim in sims.items():
+        out[name] = _json(domain_matrix(groups, domain_list, class_ids, sim))
+        out[f"{name}_floor"] = _json(domain_matrix(groups, domain_list, class_ids, sim, mismatched=True))
     return out
+
+
+def _json(m: np.ndarray) -> list:
+    return [[None if not np.isfinite(v) else round(float(v), 6) for v in row] for row in np.asarray(m)]

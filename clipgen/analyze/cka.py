@@ -100,17 +100,37 @@ def cka_matrix(means: np.ndarray, present: np.ndarray, class_idx: Sequence[int],
     return out
 
 
+def cka_floor(means: np.ndarray, present: np.ndarray, class_idx: Sequence[int], kernel: str,
+              a: int, b: int) -> list[float]:
+    """CKA between domains a and b with the classes MISMATCHED: for every cyclic shift s = 1..n-1 of the n
+    classes present in both, class i of a is paired with class i + s of b. Every class keeps its own mean, so only
+    the class correspondence is broken: the values are what CKA gives when the two domains' class geometries
+    share nothing class-specific (with few classes the unbiased estimator scatters around 0, negative values
+    included; this spread is the noise floor the same-class value is read against)."""
+    class_idx = np.asarray(class_idx, dtype=np.int64)
+    keep = class_idx[present[a, class_idx] & present[b, class_idx]]
+    return [cka(means[a, keep], means[b, np.roll(keep, s)], kernel) for s in range(1, len(keep))]
+
+
 def cka_by_layer(acts: dict[str, np.ndarray], domains: np.ndarray, labels: np.ndarray,
                  domain_list: Sequence[str], subsets: dict[str, Sequence[int]], num_classes: int,
-                 kernels: Sequence[str] = KERNELS) -> dict:
-    """``{kernel: {subset: {layer: [D, D] list}}}`` for every layer of ``acts``."""
+                 kernels: Sequence[str] = KERNELS, floor_row: int | None = None) -> tuple[dict, dict]:
+    """``({kernel: {subset: {layer: [D, D] list}}}, floors)`` for every layer of ``acts``; ``floors`` has the
+    same nesting with ``{domain: [CKA per class shift]}`` (:func:`cka_floor`) of domain ``floor_row`` (the test
+    domain) against every other domain, or is empty when ``floor_row`` is None."""
     res: dict = {k: {s: {} for s in subsets} for k in kernels}
+    floors: dict = {k: {s: {} for s in subsets} for k in kernels} if floor_row is not None else {}
     for layer, a in acts.items():
         means, present = group_means(a, domains, labels, domain_list, num_classes)
         for kernel in kernels:
             for subset, idx in subsets.items():
                 res[kernel][subset][layer] = _json_matrix(cka_matrix(means, present, idx, kernel))
-    return res
+                if floor_row is not None:
+                    floors[kernel][subset][layer] = {
+                        domain_list[o]: [None if not np.isfinite(v) else round(float(v), 6)
+                                         for v in cka_floor(means, present, idx, kernel, floor_row, o)]
+                        for o in range(len(domain_list)) if o != floor_row}
+    return res, floors
 
 
 def _json_matrix(m: np.ndarray) -> list:

@@ -68,7 +68,7 @@ def load_run(run_dir: Path, epoch: int = -1) -> RunInfo:
             log.warning("%s: no evaluated epoch (eval/outputs/epoch_*.npz); analysing the last checkpoint, epoch %d",
                         run_dir.name, epoch)
     if epoch not in ckpts:
-        raise ClipgenError(f"analysis.epoch={epoch}: {run_dir}/checkpoints has no epoch_{epoch:03d}.pt (epochs "
+        raise ClipgenError(f"analysis.epochs has {epoch}: {run_dir}/checkpoints has no epoch_{epoch:03d}.pt (epochs "
                            f"{min(ckpts)}..{max(ckpts)}); expected one of them or -1")
     return RunInfo(run_dir, meta, rundir.read_config(run_dir), epoch, ckpts[epoch], outputs.get(epoch))
 

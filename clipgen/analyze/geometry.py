@@ -1,12 +1,11 @@
 """Embedding geometry (protocol §7): L2 distance between domain means (and its class-conditional version),
 per-dimension mean differences, and seeded UMAP plots of the test embeddings coloured by domain.
 
-Embeddings are the L2-normalised image embeddings. umap is imported only inside :func:`umap_plot` (its first
-import compiles numba code for ~15 s).
+Embeddings are the L2-normalised image embeddings. umap is imported only inside :func:`umap_embed` (its first
+import compiles numba code for ~15 s); the scatter is drawn by clipgen.analyze.draw from the stored coordinates.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -26,22 +25,27 @@ def domain_mean_distances(emb: np.ndarray, domains: np.ndarray, domain_list: Seq
 
 
 def class_conditional_distances(emb: np.ndarray, domains: np.ndarray, labels: np.ndarray,
-                                domain_list: Sequence[str], class_idx: Sequence[int]) -> np.ndarray:
+                                domain_list: Sequence[str], class_idx: Sequence[int],
+                                mismatched: bool = False) -> np.ndarray:
     """``[D, D]``: for each class of ``class_idx`` the L2 distance between its mean embeddings in the two domains,
-    averaged over the classes with images in both."""
+    averaged over the classes with images in both; ``mismatched=True`` pairs every class with every OTHER class
+    instead (the distance expected when the class is not shared: a reference for the same-class value)."""
     emb = np.asarray(emb, np.float64)
     n = len(domain_list)
-    sums = np.zeros((n, n))
-    cnt = np.zeros((n, n))
+    means = {}
     for c in class_idx:
-        means = []
         for d in domain_list:
             m = (domains == d) & (labels == c)
-            means.append(emb[m].mean(axis=0) if m.any() else None)
-        for a in range(n):
-            for b in range(n):
-                if means[a] is not None and means[b] is not None:
-                    sums[a, b] += np.linalg.norm(means[a] - means[b])
+            if m.any():
+                means[(d, c)] = emb[m].mean(axis=0)
+    sums = np.zeros((n, n))
+    cnt = np.zeros((n, n))
+    pairs = [(c, e) for c in class_idx for e in class_idx if (c != e) == mismatched]
+    for a, da in enumerate(domain_list):
+        for b, db in enumerate(domain_list):
+            for c, e in pairs:
+                if (da, c) in means and (db, e) in means:
+                    sums[a, b] += np.linalg.norm(means[(da, c)] - means[(db, e)])
                     cnt[a, b] += 1
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(cnt > 0, sums / np.maximum(cnt, 1), np.nan)
@@ -74,34 +78,3 @@ def umap_embed(emb: np.ndarray, seed: int, n_neighbors: int = 15) -> np.ndarray:
         reducer = umap.UMAP(n_neighbors=max(2, min(n_neighbors, n - 1)), random_state=seed, metric="cosine",
                             init="random" if n < 8 else "spectral")
         return reducer.fit_transform(np.asarray(emb, np.float32))
-
-
-def umap_plot(emb: np.ndarray, domains: np.ndarray, domain_list: Sequence[str], path: Path, title: str,
-              seed: int, n_neighbors: int = 15) -> list[list[float]]:
-    """Fit a seeded UMAP on ``emb`` and save a scatter coloured by domain; returns the 2-d coordinates."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from clipgen.files import atomic_write_bytes
-
-    xy = umap_embed(emb, seed, n_neighbors)
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    cmap = plt.get_cmap("tab10")
-    for i, d in enumerate(domain_list):
-        m = domains == d
-        if m.any():
-            ax.scatter(xy[m, 0], xy[m, 1], s=6, alpha=0.7, color=cmap(i), label=d)
-    ax.set_title(title, fontsize=9)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.legend(markerscale=2, fontsize=7, loc="best")
-    fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return xy.tolist()

@@ -1,15 +1,24 @@
-"""``run_analyze(cfg)``: mechanistic analyses of trained runs (protocol §7), one JSON + figures per analysis.
+"""``run_analyze(cfg)``: mechanistic analyses of trained runs (protocol §7), one JSON + figures per analysis and
+analysed checkpoint (layout: clipgen.analyze.store).
 
-    {run}/analysis/sae.json        SAE fit summary, domain x domain feature sharing (C2 and other classes), each
-                                   domain's score and the test domain's, named top features
-    {run}/analysis/geometry.json   distances between domain means (plain, class-conditional), per-dimension mean
-                                   differences vs real, UMAP coordinates
-    {run}/analysis/cka.json        linear / RBF CKA between domains per layer, over all / held-out / other classes
-    {run}/analysis/circuits.json   kept nodes and circuits per domain x class, their Jaccard between domains
-    {run}/analysis/*.png           the figures each JSON lists under "figures"
-    {run}/analysis/cache/acts-*.npz per-channel activations, keyed by checkpoint sha256 + images + layers
+    {run}/analysis/epoch_NNN/sae.json       SAE fit summary, domain x domain feature sharing (C2 and other classes)
+                                            with its different-class floor, each domain's score and the test
+                                            domain's, named top features
+    {run}/analysis/epoch_NNN/geometry.json  distances between domain means (plain, class-conditional and its
+                                            different-class floor), per-dimension differences vs real, UMAP
+    {run}/analysis/epoch_NNN/cka.json       linear / RBF CKA between domains per layer, over all / held-out / other
+                                            classes, and the test domain's mismatched-class floor
+    {run}/analysis/epoch_NNN/circuits.json  kept nodes and circuits per domain x class; node / circuit Jaccard per
+                                            layer and whole-circuit similarity (WL kernel, Jaccard) between domains,
+                                            each with its different-class floor; node Jaccard's chance level
+    {run}/analysis/epoch_NNN/*.png          the figures each JSON lists under "figures"
+    {run}/analysis/index.json               the analysed epochs and the last one
+    {run}/analysis/cache/acts-*.npz         per-channel activations, keyed by weights + images + layers
 
-Each JSON records a key (checkpoint sha256, images, analysis settings); a rerun with the same key skips it.
+``analysis.epochs`` chooses the checkpoints (-1: the last evaluated one). Each JSON records a key (the checkpoint's
+weights, images, run facts and analysis settings); a rerun with the same key skips it, and a result whose key
+another run of the same runs folder already holds (the untrained epoch-0 checkpoint of runs that share a seed has
+the same weights) is copied from there instead of computed again.
 """
 from __future__ import annotations
 
@@ -21,17 +30,18 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from clipgen import layout, rundir
-from clipgen.analyze import plots
-from clipgen.analyze.data import RunInfo, compare_with_eval, load_run, select_images
+from clipgen.analyze import store
+from clipgen.analyze.data import RunInfo, load_run, select_images
 from clipgen.errors import ClipgenError
-from clipgen.facts import DOMAINS, DOMAIN_TERMS, NATURAL_DOMAIN
 from clipgen.files import atomic_write_json, read_json
 from clipgen.hashing import sha256_file, stable_hash
 
 log = logging.getLogger("clipgen.analyze")
 
-ANALYSES = ("sae", "geometry", "cka", "circuits")
-VERSION = 1  # bump when an analysis changes its numbers, so old results are recomputed
+ANALYSES = store.ANALYSES
+# Bump when an analysis changes its numbers, so old results are recomputed. 2: SAE reconstruction error averaged
+# over dimensions (was summed), floors and whole-circuit similarity, per-epoch folders, keys by weights.
+VERSION = 2
 
 
 # --- runs ----------------------------------------------------------------------------------------------------
@@ -77,6 +87,12 @@ def _check_cfg(a) -> list[str]:
         raise ClipgenError(f"analysis.cka_kernels has {bad_k}: expected linear and/or rbf")
     if not 0 < float(a.circuit_top_frac) <= 1:
         raise ClipgenError(f"analysis.circuit_top_frac={a.circuit_top_frac}: expected a share in (0, 1]")
+    bad_e = [e for e in a.epochs if int(e) < -1]
+    if not a.epochs or bad_e:
+        raise ClipgenError(f"analysis.epochs={list(a.epochs)}: expected a non-empty list of epoch numbers (-1 = the "
+                           "run's last evaluated epoch), e.g. [-1] or [0,-1]")
+    if int(a.circuit_wl_iterations) < 0:
+        raise ClipgenError(f"analysis.circuit_wl_iterations={a.circuit_wl_iterations}: expected 0 or more")
     if a.sae_vocab_file:
         from clipgen.analyze.sharing import read_vocab
 
@@ -84,9 +100,20 @@ def _check_cfg(a) -> list[str]:
     return todo
 
 
+def run_epochs(cfg: DictConfig, run_dir: Path) -> list[RunInfo]:
+    """The run's checkpoints to analyse (``analysis.epochs``; -1 = the last evaluated epoch), each once, in
+    epoch order."""
+    infos = {}
+    for e in cfg.analysis.epochs:
+        info = load_run(run_dir, int(e))
+        infos.setdefault(info.epoch, info)
+    return [infos[e] for e in sorted(infos)]
+
+
 # --- the stage -----------------------------------------------------------------------------------------------
 def run_analyze(cfg: DictConfig) -> dict:
-    """Run ``analysis.analyses`` on every run of ``analysis.run_dirs`` (default: all runs under paths.root)."""
+    """Run ``analysis.analyses`` at ``analysis.epochs`` on every run of ``analysis.run_dirs`` (default: all runs
+    under paths.root)."""
     import torch
 
     todo = _check_cfg(cfg.analysis)
@@ -96,27 +123,33 @@ def run_analyze(cfg: DictConfig) -> dict:
     device = _device(cfg)
     out = {}
     for run_dir in run_dirs:
-        t0 = time.time()
-        res = analyze_run(cfg, run_dir, todo, device)
-        res["seconds"] = round(time.time() - t0, 2)
-        out[run_dir.name] = res
-        done = ", ".join(f"{k} ({v})" for k, v in res["analyses"].items())
-        print(f"{run_dir.name} epoch {res.get('epoch')}: {done} -> {res['dir']} ({res['seconds']} s)")
+        per_epoch = {}
+        for info in run_epochs(cfg, run_dir):
+            t0, c0 = time.time(), time.process_time()
+            res = analyze_run(cfg, info, todo, device)
+            res["seconds"], res["cpu_seconds"] = round(time.time() - t0, 2), round(time.process_time() - c0, 2)
+            per_epoch[info.epoch] = res
+            done = ", ".join(f"{k} ({v})" for k, v in res["analyses"].items())
+            print(f"{run_dir.name} epoch {info.epoch}: {done} -> {res['dir']} ({res['seconds']} s, "
+                  f"{res['cpu_seconds']} CPU s)")
+        last = per_epoch[max(per_epoch)]
+        out[run_dir.name] = {**last, "epochs": per_epoch}
     return {"runs": out, "analyses": todo}
 
 
-class _Context:
-    """Everything the analyses of one run share, loaded lazily (a run whose results are all current loads no
-    model and decodes no image)."""
+class Context:
+    """Everything the analyses of one checkpoint share, loaded lazily (a checkpoint whose results are all current
+    loads no model and decodes no image)."""
 
     def __init__(self, cfg: DictConfig, info: RunInfo, device: str):
         self.cfg, self.a, self.info, self.device = cfg, cfg.analysis, info, device
-        self.out_dir = rundir.analysis_dir(info.run_dir)
-        self.cache_dir = self.out_dir / "cache"
+        self.out_dir = store.epoch_dir(info.run_dir, info.epoch)
+        self.cache_dir = store.cache_dir(info.run_dir)
         self.sha = sha256_file(info.checkpoint)
+        self.weights = weights_sha256(info.checkpoint)
         self.test = select_images(info, "test", int(self.a.images_per_group), int(self.a.seed))
         self.image_px = int(info.meta.get("image_px") or info.run_cfg.model.image_px)
-        self._model = self._acts = self._head = None
+        self._model = self._head = None
 
     @property
     def model(self):
@@ -150,16 +183,13 @@ class _Context:
             imgset.decode(self.image_px)
             return extract(model, imgset.images, layers, int(self.a.batch_size), self.device)
 
-        return cached_extract(self.cache_dir, self.sha, list(imgset.sample_ids), layers, compute)
+        return cached_extract(self.cache_dir, self.weights, list(imgset.sample_ids), layers, compute)
 
     def embeddings(self, imgset=None) -> np.ndarray:
         from clipgen.analyze.activations import layer_names
 
         last = layer_names(self.model[0].visual)[-1]
-        if imgset is None:
-            emb = self.activations()[last]
-        else:
-            emb = self.activations(imgset, [last])[last]
+        emb = self.activations()[last] if imgset is None else self.activations(imgset, [last])[last]
         return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
 
     def head(self):
@@ -175,13 +205,35 @@ class _Context:
         return self._head
 
 
-def _keys(cfg: DictConfig, ctx: "_Context", todo: list[str]) -> dict[str, tuple[str, dict]]:
-    """Per analysis: the key of its result (checkpoint, images and the settings that change the numbers; memory
-    budgets and devices do not) and those settings."""
-    ids_hash = stable_hash(list(ctx.test.sample_ids), 16)
+def weights_sha256(checkpoint: Path) -> str:
+    """sha256 of a checkpoint's weights (every state_dict tensor's name, dtype, shape and bytes, in name order):
+    equal for checkpoints that hold the same model whatever else they record (run name, recipe id), such as the
+    untrained epoch-0 checkpoints of runs that share a seed."""
+    import hashlib
+
+    import torch
+
+    from clipgen.models.checkpoint import load
+
+    state = load(checkpoint)["state_dict"]
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _keys(cfg: DictConfig, ctx: Context, todo: list[str]) -> dict[str, tuple[str, dict]]:
+    """Per analysis: the key of its result (the checkpoint's weights, the images, the run facts the analyses read,
+    and the settings that change the numbers; memory budgets and devices do not) and those settings."""
+    m = ctx.info.meta
     a = OmegaConf.to_container(cfg.analysis, resolve=True)
-    common = {"version": VERSION, "checkpoint_sha256": ctx.sha, "test_images": ids_hash, "seed": a["seed"],
-              "images_per_group": a["images_per_group"], "layers": a["layers"]}
+    common = {"version": VERSION, "weights_sha256": ctx.weights, "test_images": stable_hash(list(ctx.test.sample_ids),
+                                                                                           16),
+              "seed": a["seed"], "images_per_group": a["images_per_group"], "layers": a["layers"],
+              "test_domain": m["test_domain"], "classes": list(m["classes"]),
+              "heldout_classes": sorted(m["heldout_classes"])}
     out = {}
     for name in todo:
         prefix = {"sae": "sae_", "geometry": "umap", "cka": "cka_", "circuits": "circuit_"}[name]
@@ -193,16 +245,25 @@ def _keys(cfg: DictConfig, ctx: "_Context", todo: list[str]) -> dict[str, tuple[
 
 
 def pending_analyses(cfg: DictConfig, run_dir: Path) -> list[str]:
-    """The requested analyses of ``run_dir`` whose results are missing or stale (loads no model)."""
+    """The requested analyses of ``run_dir`` whose results are missing or stale at any requested epoch, as
+    ``name@epoch`` (loads no model)."""
     todo = _check_cfg(cfg.analysis)
-    ctx = _Context(cfg, load_run(Path(run_dir), int(cfg.analysis.epoch)), "cpu")
-    return [name for name, (key, _) in _keys(cfg, ctx, todo).items()
-            if not _current(ctx.out_dir / f"{name}.json", key)]
+    out = []
+    for info in run_epochs(cfg, Path(run_dir)):
+        ctx = Context(cfg, info, "cpu")
+        out += [f"{name}@{info.epoch}" for name, (key, _) in _keys(cfg, ctx, todo).items()
+                if not _current(ctx.out_dir / f"{name}.json", key)]
+    return out
 
 
-def analyze_run(cfg: DictConfig, run_dir: Path, todo: list[str], device: str) -> dict:
-    info = load_run(run_dir, int(cfg.analysis.epoch))
-    ctx = _Context(cfg, info, device)
+def analyze_run(cfg: DictConfig, info: RunInfo, todo: list[str], device: str) -> dict:
+    """The analyses ``todo`` of one checkpoint: each skipped when current, copied when another run of the same
+    runs folder holds a result with the same key, else computed; figures drawn from the result."""
+    from clipgen.analyze.compute import COMPUTE
+    from clipgen.analyze.draw import DRAW
+
+    store.move_legacy(info.run_dir)
+    ctx = Context(cfg, info, device)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     status = {}
     for name, (key, params) in _keys(cfg, ctx, todo).items():
@@ -210,12 +271,35 @@ def analyze_run(cfg: DictConfig, run_dir: Path, todo: list[str], device: str) ->
         if _current(path, key):
             status[name] = "up to date"
             continue
-        t0 = time.time()
-        result = {"sae": _sae, "geometry": _geometry, "cka": _cka, "circuits": _circuits}[name](ctx)
-        result.update(_provenance(ctx, key, params, time.time() - t0))
+        t0, c0 = time.time(), time.process_time()
+        donor = _same_key_elsewhere(ctx, name, key)
+        result = dict(donor) if donor else COMPUTE[name](ctx)
+        result.update(_provenance(ctx, key, params, time.time() - t0, time.process_time() - c0))
+        if donor:  # its own seconds are the copy's; the donor's result records what computing it took
+            result["reused_from"] = donor["run"]
+        result["figures"] = DRAW[name](result, ctx.out_dir, f"{info.run_dir.name}, epoch {info.epoch}")
         atomic_write_json(path, result)
-        status[name] = f"computed in {time.time() - t0:.1f} s"
+        status[name] = (f"copied from {donor['run']} (same weights)" if donor else
+                        f"computed in {time.time() - t0:.1f} s, {time.process_time() - c0:.1f} CPU s")
+    store.write_index(info.run_dir)
     return {"epoch": info.epoch, "dir": str(ctx.out_dir), "analyses": status}
+
+
+def _same_key_elsewhere(ctx: Context, name: str, key: str) -> dict | None:
+    """A result with this key (same weights, images, run facts and settings) in another run of the same runs
+    folder, computed there (not itself a copy), or None."""
+    here = ctx.info.run_dir.resolve()
+    pattern = f"*/{store.analysis_root(here).name}/{ctx.out_dir.name}/{name}.json"
+    for path in sorted(here.parent.glob(pattern)):
+        if path.parents[2].resolve() == here:
+            continue
+        try:
+            res = read_json(path, "analysis result")
+        except ClipgenError:
+            continue
+        if res.get("key") == key and not res.get("reused_from") and res.get("weights_sha256") == ctx.weights:
+            return res
+    return None
 
 
 def _current(path: Path, key: str) -> bool:
@@ -229,184 +313,15 @@ def _current(path: Path, key: str) -> bool:
     return old.get("key") == key and all((path.parent / f).is_file() for f in figs)
 
 
-def _provenance(ctx: _Context, key: str, params: dict, seconds: float) -> dict:
+def _provenance(ctx: Context, key: str, params: dict, seconds: float, cpu_seconds: float) -> dict:
+    from clipgen.facts import DOMAINS
     from clipgen.provenance import git_sha
 
     m = ctx.info.meta
-    return {"key": key, "run": m.get("run_name", ctx.info.run_dir.name), "recipe_id": m.get("recipe_id"),
-            "recipe_kind": m.get("recipe_kind"), "seed": m.get("seed"), "test_domain": m["test_domain"],
-            "model_name": m.get("model_name"), "epoch": ctx.info.epoch, "checkpoint": str(ctx.info.checkpoint),
-            "checkpoint_sha256": ctx.sha, "settings": params, "seconds": round(seconds, 3),
+    return {"key": key, "version": VERSION, "run": m.get("run_name", ctx.info.run_dir.name),
+            "recipe_id": m.get("recipe_id"), "recipe_kind": m.get("recipe_kind"), "seed": m.get("seed"),
+            "test_domain": m["test_domain"], "model_name": m.get("model_name"), "epoch": ctx.info.epoch,
+            "checkpoint": str(ctx.info.checkpoint), "checkpoint_sha256": ctx.sha, "weights_sha256": ctx.weights,
+            "settings": params, "seconds": round(seconds, 3), "cpu_seconds": round(cpu_seconds, 3),
             "git_sha": git_sha(), "domains": list(DOMAINS), "classes": ctx.info.classes,
             "heldout_classes": list(m["heldout_classes"])}
-
-
-def _subsets(info: RunInfo) -> dict[str, list[int]]:
-    return {"all": list(range(len(info.classes))), "heldout": info.heldout_idx, "other": info.other_idx}
-
-
-# --- SAE feature sharing -------------------------------------------------------------------------------------
-def _sae(ctx: _Context) -> dict:
-    import torch
-
-    from clipgen.analyze import sharing
-    from clipgen.analyze.sae import encode, train_sae
-
-    a, info = ctx.a, ctx.info
-    test_emb = ctx.embeddings()
-    if a.sae_fit_split == "train":
-        fit_set = select_images(info, "train", int(a.sae_fit_per_group), int(a.seed))
-        fit_emb = ctx.embeddings(fit_set)
-    else:
-        fit_emb = test_emb
-    dim = test_emb.shape[1]
-    sae, summary = train_sae(fit_emb, int(a.sae_expansion) * dim, int(a.sae_steps), int(a.sae_batch_size),
-                             float(a.sae_lr), float(a.sae_l1), int(a.seed), ctx.device)
-    codes = encode(sae, test_emb)
-    d, res = info.meta["test_domain"], {"sae": summary, "fit_split": str(a.sae_fit_split),
-                                        "fit_images": int(len(fit_emb)), "ks": list(a.sae_ks),
-                                        "top_active": int(a.sae_top_active), "subsets": {}, "figures": []}
-    for subset, idx in _subsets(info).items():
-        if subset == "all" or not idx:
-            continue
-        hist, counts = sharing.histograms(codes, ctx.test.domains, ctx.test.labels, DOMAINS, idx,
-                                          int(a.sae_top_active))
-        mat = sharing.share_matrix(hist, counts, list(a.sae_ks))
-        scores = sharing.domain_scores(mat, DOMAINS)
-        fig = f"sae_sharing_{subset}.png"
-        plots.heatmap(mat, DOMAINS, ctx.out_dir / fig, f"SAE feature sharing, {subset} classes\n{info.run_dir.name}")
-        res["figures"].append(fig)
-        res["subsets"][subset] = {"classes": [info.classes[i] for i in idx], "matrix": _jm(mat),
-                                  "domain_scores": scores, "test_domain_score": scores[d],
-                                  "images": counts.tolist()}
-        if subset == "heldout":
-            top = {}
-            for di, dom in enumerate(DOMAINS):
-                tot = hist[:, di].sum(axis=0)
-                order = np.argsort(-tot, kind="stable")[:int(a.sae_named_features)]
-                top[dom] = [int(f) for f in order if tot[f] > 0]
-            res["top_features"] = top
-    vocab = (sharing.read_vocab(a.sae_vocab_file) if a.sae_vocab_file else
-             list(dict.fromkeys(info.classes + [t for pair in DOMAIN_TERMS.values() for t in pair])))
-    feats = sorted({f for fs in res.get("top_features", {}).values() for f in fs})
-    if feats:
-        from clipgen.facts import zeroshot_templates
-        from clipgen.models.zeroshot import class_embeddings
-
-        model, tok = ctx.model
-        with torch.no_grad():
-            txt = class_embeddings(model, tok, vocab, list(zeroshot_templates(ctx.cfg.eval.templates)),
-                                   ctx.device).cpu().numpy()
-        names = sharing.concept_names(sae.w_dec.detach().numpy(), txt, vocab, feats)
-        res["concepts"] = {str(k): v for k, v in names.items()}
-    res["vocabulary"] = {"source": str(a.sae_vocab_file) if a.sae_vocab_file else "run classes + domain words",
-                         "size": len(vocab)}
-    res["test_domain_score"] = res["subsets"].get("heldout", {}).get("test_domain_score")
-    return res
-
-
-# --- embedding geometry --------------------------------------------------------------------------------------
-def _geometry(ctx: _Context) -> dict:
-    from clipgen.analyze import geometry as G
-
-    a, info, t = ctx.a, ctx.info, ctx.test
-    emb = ctx.embeddings()
-    res = {"figures": [], "images": int(len(emb)), "eval_check": compare_with_eval(info, t.sample_ids, emb)}
-    dist = G.domain_mean_distances(emb, t.domains, DOMAINS)
-    res["domain_mean_distance"] = _jm(dist)
-    plots.heatmap(dist, DOMAINS, ctx.out_dir / "geometry_mean_distance.png",
-                  f"L2 distance of domain means\n{info.run_dir.name}")
-    res["figures"].append("geometry_mean_distance.png")
-    res["class_conditional_distance"] = {}
-    for subset, idx in _subsets(info).items():
-        if idx:
-            res["class_conditional_distance"][subset] = _jm(
-                G.class_conditional_distances(emb, t.domains, t.labels, DOMAINS, idx))
-    plots.heatmap(res["class_conditional_distance"]["all"], DOMAINS, ctx.out_dir / "geometry_class_distance.png",
-                  f"class-conditional L2 distance of domain means\n{info.run_dir.name}")
-    res["figures"].append("geometry_class_distance.png")
-    diffs = G.per_dimension_differences(emb, t.domains, DOMAINS, NATURAL_DOMAIN)
-    res["per_dimension_difference_vs_real"] = diffs
-    res["per_dimension_summary"] = {d: {"max_abs": round(float(np.max(np.abs(v))), 6),
-                                        "top_dims": [int(i) for i in np.argsort(-np.abs(v), kind="stable")[:5]]}
-                                    for d, v in diffs.items()}
-    if a.umap:
-        res["umap"] = {}
-        for name, keep_dom in (("all", DOMAINS), ("no_quickdraw", tuple(x for x in DOMAINS if x != "quickdraw"))):
-            mask = np.isin(t.domains, keep_dom)
-            idx = np.flatnonzero(mask)[G.seeded_subsample(int(mask.sum()), int(a.umap_max_points), int(a.seed))]
-            fig = f"umap_{name}.png"
-            xy = G.umap_plot(emb[idx], t.domains[idx], DOMAINS, ctx.out_dir / fig,
-                             f"UMAP of test embeddings, {name.replace('_', ' ')}\n{info.run_dir.name}",
-                             int(a.seed), int(a.umap_neighbors))
-            res["umap"][name] = {"sample_ids": t.sample_ids[idx].tolist(), "xy": [[round(v, 4) for v in p] for p in xy]}
-            res["figures"].append(fig)
-    return res
-
-
-# --- representational similarity -----------------------------------------------------------------------------
-def _cka(ctx: _Context) -> dict:
-    from clipgen.analyze.activations import check_layers
-    from clipgen.analyze.cka import cka_by_layer
-
-    a, info, t = ctx.a, ctx.info, ctx.test
-    acts = ctx.activations()
-    layers = [n for n in ctx.layers() if n in set(check_layers(ctx.model[0].visual, list(a.layers)))]
-    subsets = {k: v for k, v in _subsets(info).items() if v}
-    res = {"layers": layers, "kernels": list(a.cka_kernels), "features": "per-channel mean over positions/tokens",
-           "cka": cka_by_layer({n: acts[n] for n in layers}, t.domains, t.labels, DOMAINS, subsets,
-                               len(info.classes), list(a.cka_kernels)),
-           "subsets": {k: [info.classes[i] for i in v] for k, v in subsets.items()}, "figures": []}
-    d = DOMAINS.index(info.meta["test_domain"])
-    for kernel, by_subset in res["cka"].items():
-        for subset, by_layer in by_subset.items():
-            series = {f"{DOMAINS[d]} vs {DOMAINS[o]}": [by_layer[n][d][o] for n in layers]
-                      for o in range(len(DOMAINS)) if o != d}
-            fig = f"cka_{kernel}_{subset}.png"
-            plots.lines(layers, series, ctx.out_dir / fig, f"{kernel} CKA per layer, {subset} classes "
-                        f"\n{info.run_dir.name}", "CKA")
-            res["figures"].append(fig)
-    return res
-
-
-# --- circuits ------------------------------------------------------------------------------------------------
-def _circuits(ctx: _Context) -> dict:
-    import torch
-
-    from clipgen.analyze.activations import stages
-    from clipgen.analyze.circuits import analyse_circuits, domain_jaccard, true_class_logit
-
-    a, info, t = ctx.a, ctx.info, ctx.test
-    cls_idx = info.heldout_idx if a.circuit_classes == "heldout" else list(range(len(info.classes)))
-    sel = np.flatnonzero(np.isin(t.labels, cls_idx) & (t.rank < int(a.circuit_images_per_group)))
-    t.decode(ctx.image_px)
-    model = ctx.model[0]
-    class_emb, scale = ctx.head()
-    groups = np.array([f"{dom}|{lab}" for dom, lab in zip(t.domains[sel], t.labels[sel])])
-    for p in model.parameters():
-        p.requires_grad_(False)  # gradients flow to activations only
-    with torch.enable_grad():
-        res = analyse_circuits(stages(model.visual), t.images[sel], t.labels[sel], groups,
-                               true_class_logit(class_emb.detach(), scale), int(a.circuit_steps),
-                               float(a.circuit_top_frac), int(a.circuit_top_edges), int(a.circuit_max_batch_elems),
-                               ctx.device)
-    layers = res["layers"]
-    res["circuit_classes"] = [info.classes[i] for i in cls_idx]
-    res["node_jaccard"] = domain_jaccard(res["groups"], layers, DOMAINS, cls_idx, "nodes")
-    res["circuit_jaccard"] = domain_jaccard(res["groups"], layers[1:], DOMAINS, cls_idx, "edges")
-    res["group_ids"] = "{domain}|{class index}"
-    d = DOMAINS.index(info.meta["test_domain"])
-    res["figures"] = []
-    for what, lay in (("node_jaccard", layers), ("circuit_jaccard", layers[1:])):
-        series = {f"{DOMAINS[d]} vs {DOMAINS[o]}": [res[what][n][d][o] for n in lay]
-                  for o in range(len(DOMAINS)) if o != d}
-        fig = f"circuits_{what}.png"
-        plots.lines(lay, series, ctx.out_dir / fig, f"{what.replace('_', ' ')} per layer, "
-                    f"{a.circuit_classes} classes\n{info.run_dir.name}", "Jaccard", (0, 1.02))
-        res["figures"].append(fig)
-    return res
-
-
-def _jm(m) -> list:
-    m = np.asarray(m, dtype=np.float64)
-    return [[None if not np.isfinite(v) else round(float(v), 6) for v in row] for row in m]

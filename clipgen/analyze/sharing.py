@@ -6,7 +6,8 @@ Alg. 2 (sharing): share_c(a, b) = mean over k in ks of |topk(H[c, a]) ∩ topk(H
 most frequent features (ties: lower feature index first; only features that occur at all). Averaged over
 classes (those with images in both domains) this gives a domains x domains matrix S; the score of domain d is
 the mean of row d off the diagonal. Every row is computed by :func:`domain_scores`, and the score of the test
-domain is looked up by its own index, never a loop variable left over from another domain.
+domain is looked up by its own index, never a loop variable left over from another domain. The floor: the same
+with different classes paired (c != c').
 """
 from __future__ import annotations
 
@@ -54,14 +55,20 @@ def share(h_a: np.ndarray, h_b: np.ndarray, ks: Sequence[int] = KS) -> float:
     return float(np.mean([len(topk_features(h_a, k) & topk_features(h_b, k)) / k for k in ks]))
 
 
-def share_matrix(hist: np.ndarray, counts: np.ndarray, ks: Sequence[int] = KS) -> np.ndarray:
+def share_matrix(hist: np.ndarray, counts: np.ndarray, ks: Sequence[int] = KS,
+                 mismatched: bool = False) -> np.ndarray:
     """``[D, D]``: per pair of domains the mean over classes (with images in both) of :func:`share`; NaN where no
-    class has images in both."""
+    class has images in both. ``mismatched=True`` gives the floor instead: the mean over every ordered pair of
+    DIFFERENT classes c != c' of share(H[c, a], H[c', b]), i.e. how many top features two domains share when
+    the class is not shared (features common to everything, such as a domain's style, score here too)."""
     n_cls, n_dom, _ = hist.shape
+    tops = [[[topk_features(hist[c, d], k) for k in ks] for d in range(n_dom)] for c in range(n_cls)]
     out = np.full((n_dom, n_dom), np.nan)
+    pairs = [(c, e) for c in range(n_cls) for e in range(n_cls) if (c != e) == mismatched]
     for a in range(n_dom):
         for b in range(n_dom):
-            vals = [share(hist[c, a], hist[c, b], ks) for c in range(n_cls) if counts[c, a] and counts[c, b]]
+            vals = [np.mean([len(ta & tb) / k for ta, tb, k in zip(tops[c][a], tops[e][b], ks)])
+                    for c, e in pairs if counts[c, a] and counts[e, b]]
             if vals:
                 out[a, b] = float(np.mean(vals))
     return out

@@ -29,7 +29,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from clipgen import layout, rundir
-from clipgen.analyze.report import report_section as analysis_section
+from clipgen.report.analyses import report_section as analysis_section
 from clipgen.diff.report import report_section as diff_section
 from clipgen.errors import ClipgenError
 from clipgen.facts import NATURAL_DOMAIN, TEST_DOMAINS
@@ -145,7 +145,8 @@ def _inputs(root: Path, run_dirs: list[Path], title: str) -> dict:
     """Size and mtime of every file the report reads, and the code version: equal inputs, equal report."""
     files = []
     for d in run_dirs:
-        files += [rundir.meta_path(d), rundir.results_path(d), *sorted(rundir.analysis_dir(d).glob("*.json"))]
+        files += [rundir.meta_path(d), rundir.results_path(d), *sorted(rundir.analysis_dir(d).glob("*.json")),
+                  *sorted(rundir.analysis_dir(d).glob("epoch_*/*.json"))]
     files += sorted((Path(root) / "diffs").glob("*/*.json"))
     stats = {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()}
     return {"title": title, "git_sha": git_sha(), "files": stable_hash(stats, 16), "n_files": len(stats)}
@@ -235,10 +236,10 @@ def run_report(cfg: DictConfig, run_dirs: list[str | Path] | None = None, report
     other = sorted(set(long["task"].astype(str)) - {f"domainnet-{d}" for d in TEST_DOMAINS})
     for task in other:
         sections.append(f"<h2>Task: {_e(task)}</h2>{_final_table(summary, task, '')}")
-    # Sections of the later stages, when their outputs exist: mechanistic analyses (clipgen-analyze) and
-    # model diffs (clipgen-diff); each writes its own figures under the report directory.
-    for section in (analysis_section, diff_section):
-        sections.append(section(layout.root(cfg), report_dir))
+    # Sections of the later stages, when their outputs exist: mechanistic analyses (clipgen-analyze) of this
+    # report's runs only, and model diffs (clipgen-diff); each writes its own figures under the report directory.
+    sections.append(analysis_section(dirs, report_dir, long, int(cfg.analysis.seed)))
+    sections.append(diff_section(layout.root(cfg), report_dir))
 
     made_at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     page = (
