@@ -7,6 +7,8 @@ written to ``{root}/report/``), or from one study's runs (``clipgen-study``, wri
     {root}/report/learning_curves.csv  the same for every evaluated epoch
     {root}/report/paired_differences.csv  differences between recipes paired by seed (clipgen.report.stats)
     {root}/report/concentration.csv    prediction concentration and collapse flag per run (clipgen.report.collapse)
+    {root}/report/domains.csv, .md     with 2+ test domains: Fig. 2 and the paper's paired differences per test
+                                       domain (clipgen.report.domains), the .md as the README quotes it
     {root}/report/figures/*.png        Fig. 2 bars and learning curves per test domain; Fig. 3 / 13 when the
                                        interpolation / allow runs exist
 
@@ -33,6 +35,7 @@ from clipgen.analyze.report import report_section as analysis_section
 from clipgen.diff.report import report_section as diff_section
 from clipgen.errors import ClipgenError
 from clipgen.facts import NATURAL_DOMAIN, TEST_DOMAINS
+from clipgen.report import domains as D
 from clipgen.report import figures as F
 from clipgen.report import sections as S
 from clipgen.report.aggregate import CONFIG, aggregate, collect, final_epochs
@@ -139,6 +142,21 @@ def _inputs(root: Path, run_dirs: list[Path], title: str) -> dict:
     return {"title": title, "git_sha": git_sha(), "files": stable_hash(stats, 16), "n_files": len(stats)}
 
 
+def _across_domains(final, paired, conc, runs, long, report_dir: Path, fig_dir: Path) -> tuple[str, Path | None]:
+    """Fig. 2 and the paper's paired differences for every test domain side by side (clipgen.report.domains),
+    with domains.csv and domains.md; only when the report has two or more test domains."""
+    domains = _test_domains(long)
+    if len(domains) < 2:
+        for old in ("domains.csv", "domains.md"):  # tables of data that is gone must not linger either
+            (report_dir / old).unlink(missing_ok=True)
+        return "", None
+    table = D.domain_table(final, paired, conc, domains)
+    atomic_write_text(report_dir / "domains.csv", table.to_csv(index=False))
+    atomic_write_text(report_dir / "domains.md", D.markdown(table))
+    fig = F.fig2_domains(table, {d: _chance(runs, d) for d in domains}, fig_dir / "fig2_domains.png")
+    return D.section(table, fig, report_dir), fig
+
+
 def run_report(cfg: DictConfig, run_dirs: list[str | Path] | None = None, report_dir: Path | None = None,
                title: str | None = None) -> dict:
     """Aggregate every run's results under ``paths.root`` (or those of ``run_dirs``) into CSVs, figures and
@@ -182,7 +200,8 @@ def run_report(cfg: DictConfig, run_dirs: list[str | Path] | None = None, report
     atomic_write_text(report_dir / "concentration.csv", conc.to_csv(index=False))
 
     study = title
-    sections, figures = [], []
+    across, across_fig = _across_domains(final, paired, conc, runs, long, report_dir, fig_dir)
+    sections, figures = [across], [across_fig] if across_fig else []
     for d in _test_domains(long):
         task, chance = f"domainnet-{d}", _chance(runs, d)
         ood, idm = f"{d}-lso-ood", f"{d}-lso-id"

@@ -8,7 +8,13 @@ world's real train images. The images are the world's own (the generator's rende
 per class are the same pixels as the files of the generated world), drawn in memory: no world is written.
 Everything is seeded; on CPU the result is deterministic.
 
+``--matrix`` measures the full source x target matrix instead (DomainNet's single-source tables, e.g. CDTrans's
+source-only DeiT-S, docs/world.md): one probe per source domain, trained on the same number of images per class
+from every source (the smallest domain's, so a large domain is not a better source for its size alone), tested on
+every domain. It says which domains resemble which; it is measured, never used to tune the styles.
+
     python -m clipgen.world.probe world=default [--epochs 10 --seeds 0 1 2 --test-per-class 20]
+    python -m clipgen.world.probe world=default --matrix [--epochs 25 --out matrix.json]
 """
 from __future__ import annotations
 
@@ -127,6 +133,53 @@ def transfer_probe(cfg: DictConfig, seeds=(0,), epochs: int = 10, train_per_clas
     return results
 
 
+def transfer_matrix(cfg: DictConfig, sources=DOMAINS, seeds=(0,), epochs: int = 25,
+                    train_per_class: int | None = None, test_per_class: int = 20) -> list[dict]:
+    """Per seed: one probe per source domain, trained on its first ``train_per_class`` train images per class
+    (default: the smallest domain's count, the same for every source and for any subset of ``sources``), tested
+    on every domain.
+    ``accuracy[source][target]``; ``relative[source][target]``: above chance as a share of the source's own
+    accuracy, as DomainNet's transfer is read; ``cpu_seconds``: this process's CPU time for the seed."""
+    from clipgen.world.generate import split_sizes
+
+    sizes = split_sizes(cfg)
+    per_class = train_per_class or min(sizes[d]["train"] for d in DOMAINS)
+    trains = {d: render_split(cfg, d, "train", per_class) for d in sources}
+    tests = {d: render_split(cfg, d, "test", test_per_class) for d in DOMAINS}
+    k = int(tests[NATURAL_DOMAIN][1].max()) + 1
+    results = []
+    for seed in seeds:
+        cpu0 = time.process_time()
+        acc, rel = {}, {}
+        for source in sources:
+            net = train_probe(*trains[source], k, epochs=epochs, seed=seed)
+            summary = summarise({d: probe_accuracy(net, *tests[d]) for d in DOMAINS}, k)
+            span = summary["accuracy"][source] - summary["chance"]
+            acc[source] = summary["accuracy"]
+            rel[source] = {d: (a - summary["chance"]) / span if span > 0 else 0.0 for d, a in acc[source].items()}
+        results.append({"seed": seed, "epochs": epochs, "train_per_class": per_class, "classes": k,
+                        "chance": 1 / k, "test_images": len(tests[NATURAL_DOMAIN][0]), "accuracy": acc,
+                        "relative": rel, "cpu_seconds": round(time.process_time() - cpu0, 1)})
+    return results
+
+
+def format_matrix(results: list[dict]) -> str:
+    """The seed-mean matrix: rows are sources, columns targets; accuracy, then the share of the source's own."""
+    r0 = results[0]
+    sources = list(r0["accuracy"])
+    mean = {key: {s: {t: float(np.mean([r[key][s][t] for r in results])) for t in DOMAINS} for s in sources}
+            for key in ("accuracy", "relative")}
+    lines = [(f"transfer matrix: a probe per source, {r0['train_per_class']} train images per class, "
+              f"{r0['classes']} classes (chance {r0['chance']:.3f}), {r0['epochs']} epochs, seeds "
+              f"{[r['seed'] for r in results]}; {r0['test_images']} test images per domain; "
+              f"{sum(r['cpu_seconds'] for r in results):.0f} CPU s")]
+    for key, title in (("accuracy", "accuracy"), ("relative", "above chance, as a share of the source's own")):
+        lines += ["", f"{title} (rows: trained on, columns: tested on)",
+                  f"{'':<10}" + "".join(f"{t:>10}" for t in DOMAINS)]
+        lines += [f"{s:<10}" + "".join(f"{mean[key][s][t]:>10.3f}" for t in DOMAINS) for s in sources]
+    return "\n".join(lines)
+
+
 def format_probe(results: list[dict]) -> str:
     r0 = results[0]
     rel = {d: float(np.mean([r["relative"][d] for r in results])) for d in DOMAINS}
@@ -144,12 +197,26 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m clipgen.world.probe", description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. world=default")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="default 10 from real; 25 with --matrix, so a source's probe sees as many images as "
+                             "the probe from real on the default world (36 x 25 = 90 x 10 per class)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--test-per-class", type=int, default=20)
+    parser.add_argument("--matrix", action="store_true", help="the full source x target matrix")
+    parser.add_argument("--out", default=None, help="also write the per-seed results to this JSON file")
     args = parser.parse_args(argv)
     cfg = compose_config(["model=tiny_rn", *args.overrides])
-    print(format_probe(transfer_probe(cfg, args.seeds, args.epochs, test_per_class=args.test_per_class)))
+    if args.matrix:
+        results = transfer_matrix(cfg, seeds=args.seeds, epochs=args.epochs or 25,
+                                  test_per_class=args.test_per_class)
+        print(format_matrix(results))
+    else:
+        results = transfer_probe(cfg, args.seeds, args.epochs or 10, test_per_class=args.test_per_class)
+        print(format_probe(results))
+    if args.out:
+        from clipgen.utils import atomic_write_json
+
+        atomic_write_json(args.out, results)
 
 
 if __name__ == "__main__":
