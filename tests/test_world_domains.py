@@ -129,7 +129,7 @@ def test_transfer_matrix_on_the_tiny_world(tmp_path):
     """One probe per source on the same number of images per class (the smallest domain's), tested on every
     domain; a source's share of its own accuracy is 1."""
     from clipgen.world.generate import split_sizes
-    from clipgen.world.probe import format_matrix, transfer_matrix
+    from clipgen.world.probe import DOMAINNET_TRANSFER_DEIT_S, compare_with_domainnet, format_matrix, transfer_matrix
 
     cfg = make_cfg(tmp_path, "debug=smoke")
     [r] = transfer_matrix(cfg, sources=("real", "sketch"), seeds=(0,), epochs=2, test_per_class=3)
@@ -141,5 +141,11 @@ def test_transfer_matrix_on_the_tiny_world(tmp_path):
         if acc[source] > r["chance"]:
             assert r["relative"][source][source] == pytest.approx(1.0)
     text = format_matrix([r])
-    assert "rows: trained on, columns: tested on" in text and text.count("\nsketch") == 2
+    assert "rows: trained on, columns: tested on" in text and text.count("\nsketch") == 3
+    assert "Spearman rho" in text and "over 10 source -> target accuracies" in text
+    # DomainNet's own numbers order themselves perfectly: rho 1, its best source into sketch is clipart
+    own = {s: {t: (v or 0.0) / 100 for t, v in zip(DOMAINS, row)} for s, row in DOMAINNET_TRANSFER_DEIT_S.items()}
+    cmp = compare_with_domainnet(own)
+    assert cmp["spearman_rho"] == pytest.approx(1.0) and cmp["pairs"] == 30
+    assert cmp["best_sources"]["sketch"]["world"][0] == "clipart"
     assert not any(tmp_path.iterdir())  # the probe draws in memory and writes nothing
