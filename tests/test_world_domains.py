@@ -126,14 +126,17 @@ def test_world_domains_end_to_end_on_the_tiny_world(tiny_root, tmp_path, one_tor
 
 
 def test_transfer_matrix_on_the_tiny_world(tmp_path):
-    """One probe per source on the same number of images per class (the smallest domain's), tested on every
-    domain; a source's share of its own accuracy is 1."""
+    """One probe per source on its train split, each seeing as many images per class (so a small domain trains
+    more epochs), tested on every domain; a source's share of its own accuracy is 1."""
     from clipgen.world.generate import split_sizes
     from clipgen.world.probe import DOMAINNET_TRANSFER_DEIT_S, compare_with_domainnet, format_matrix, transfer_matrix
 
     cfg = make_cfg(tmp_path, "debug=smoke")
-    [r] = transfer_matrix(cfg, sources=("real", "sketch"), seeds=(0,), epochs=2, test_per_class=3)
-    assert r["train_per_class"] == min(s["train"] for s in split_sizes(cfg).values())
+    [r] = transfer_matrix(cfg, sources=("real", "sketch"), seeds=(0,), seen_per_class=36, test_per_class=3)
+    sizes = split_sizes(cfg)
+    assert r["train_per_class"] == {"real": sizes["real"]["train"], "sketch": sizes["sketch"]["train"]} == {
+        "real": 18, "sketch": 10}
+    assert r["epochs"] == {"real": 2, "sketch": 4}  # 36 images seen per class: 18 x 2, 10 x 4 (rounded)
     assert list(r["accuracy"]) == ["real", "sketch"] and all(list(a) == list(DOMAINS) for a in r["accuracy"].values())
     for source in ("real", "sketch"):
         acc = r["accuracy"][source]

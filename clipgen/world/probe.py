@@ -9,12 +9,12 @@ per class are the same pixels as the files of the generated world), drawn in mem
 Everything is seeded; on CPU the result is deterministic.
 
 ``--matrix`` measures the full source x target matrix instead (DomainNet's single-source tables, e.g. CDTrans's
-source-only DeiT-S, docs/world.md): one probe per source domain, trained on the same number of images per class
-from every source (the smallest domain's, so a large domain is not a better source for its size alone), tested on
-every domain. It says which domains resemble which; it is measured, never used to tune the styles.
+source-only DeiT-S, docs/world.md): one probe per source domain, trained on its train split for as many images
+seen per class as every other source, tested on every domain, and compared with DomainNet's matrix. It says which
+domains resemble which; it is measured, never used to tune the styles.
 
     python -m clipgen.world.probe world=default [--epochs 10 --seeds 0 1 2 --test-per-class 20]
-    python -m clipgen.world.probe world=default --matrix [--epochs 25 --out matrix.json]
+    python -m clipgen.world.probe world=default --matrix [--seeds 0 1 2 --out matrix.json]
 """
 from __future__ import annotations
 
@@ -144,26 +144,28 @@ def transfer_probe(cfg: DictConfig, seeds=(0,), epochs: int = 10, train_per_clas
     return results
 
 
-def transfer_matrix(cfg: DictConfig, sources=DOMAINS, seeds=(0,), epochs: int = 25,
+def transfer_matrix(cfg: DictConfig, sources=DOMAINS, seeds=(0,), seen_per_class: int = 2250,
                     train_per_class: int | None = None, test_per_class: int = 20) -> list[dict]:
-    """Per seed: one probe per source domain, trained on its first ``train_per_class`` train images per class
-    (default: the smallest domain's count, the same for every source and for any subset of ``sources``), tested
-    on every domain.
+    """Per seed: one probe per source domain, trained on the source's train split (its first ``train_per_class``
+    images per class if given, the same cap for every source), tested on every domain's test split. Every probe
+    sees ``seen_per_class`` images per class (epochs = that / the source's images per class, rounded), so a small
+    domain is not a worse source for being trained less: 2,250 is 25 epochs of real's 90 on the default world.
     ``accuracy[source][target]``; ``relative[source][target]``: above chance as a share of the source's own
-    accuracy, as DomainNet's transfer is read; ``cpu_seconds``: this process's CPU time for the seed."""
+    accuracy; ``epochs[source]``; ``cpu_seconds``: this process's CPU time for the seed."""
     from clipgen.world.generate import split_sizes
 
     sizes = split_sizes(cfg)
-    per_class = train_per_class or min(sizes[d]["train"] for d in DOMAINS)
-    trains = {d: render_split(cfg, d, "train", per_class) for d in sources}
+    trains = {d: render_split(cfg, d, "train", min(sizes[d]["train"], train_per_class or 10 ** 9)) for d in sources}
     tests = {d: render_split(cfg, d, "test", test_per_class) for d in DOMAINS}
     k = int(tests[NATURAL_DOMAIN][1].max()) + 1
+    per_class = {d: len(trains[d][1]) // k for d in sources}
+    epochs = {d: max(1, round(seen_per_class / per_class[d])) for d in sources}
     results = []
     for seed in seeds:
         cpu0 = time.process_time()
         acc, rel = {}, {}
         for source in sources:
-            net = train_probe(*trains[source], k, epochs=epochs, seed=seed)
+            net = train_probe(*trains[source], k, epochs=epochs[source], seed=seed)
             summary = summarise({d: probe_accuracy(net, *tests[d]) for d in DOMAINS}, k)
             span = summary["accuracy"][source] - summary["chance"]
             acc[source] = summary["accuracy"]
@@ -180,10 +182,10 @@ def format_matrix(results: list[dict]) -> str:
     sources = list(r0["accuracy"])
     mean = {key: {s: {t: float(np.mean([r[key][s][t] for r in results])) for t in DOMAINS} for s in sources}
             for key in ("accuracy", "relative")}
-    lines = [(f"transfer matrix: a probe per source, {r0['train_per_class']} train images per class, "
-              f"{r0['classes']} classes (chance {r0['chance']:.3f}), {r0['epochs']} epochs, seeds "
-              f"{[r['seed'] for r in results]}; {r0['test_images']} test images per domain; "
-              f"{sum(r['cpu_seconds'] for r in results):.0f} CPU s")]
+    trained = ", ".join(f"{s} {r0['train_per_class'][s]} x {r0['epochs'][s]}" for s in sources)
+    lines = [(f"transfer matrix: a probe per source (train images per class x epochs: {trained}), "
+              f"{r0['classes']} classes (chance {r0['chance']:.3f}), seeds {[r['seed'] for r in results]}; "
+              f"{r0['test_images']} test images per domain; {sum(r['cpu_seconds'] for r in results):.0f} CPU s")]
     for key, title in (("accuracy", "accuracy"), ("relative", "above chance, as a share of the source's own")):
         lines += ["", f"{title} (rows: trained on, columns: tested on)",
                   f"{'':<10}" + "".join(f"{t:>10}" for t in DOMAINS)]
@@ -237,21 +239,23 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m clipgen.world.probe", description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. world=default")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="default 10 from real; 25 with --matrix, so a source's probe sees as many images as "
-                             "the probe from real on the default world (36 x 25 = 90 x 10 per class)")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs of the probe from real")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--test-per-class", type=int, default=20)
     parser.add_argument("--matrix", action="store_true", help="the full source x target matrix")
+    parser.add_argument("--seen-per-class", type=int, default=2250,
+                        help="--matrix: images seen per class by every source's probe (epochs follow from it)")
+    parser.add_argument("--train-per-class", type=int, default=None,
+                        help="--matrix: train on at most this many images per class of every source")
     parser.add_argument("--out", default=None, help="also write the per-seed results to this JSON file")
     args = parser.parse_args(argv)
     cfg = compose_config(["model=tiny_rn", *args.overrides])
     if args.matrix:
-        results = transfer_matrix(cfg, seeds=args.seeds, epochs=args.epochs or 25,
-                                  test_per_class=args.test_per_class)
+        results = transfer_matrix(cfg, seeds=args.seeds, seen_per_class=args.seen_per_class,
+                                  train_per_class=args.train_per_class, test_per_class=args.test_per_class)
         print(format_matrix(results))
     else:
-        results = transfer_probe(cfg, args.seeds, args.epochs or 10, test_per_class=args.test_per_class)
+        results = transfer_probe(cfg, args.seeds, args.epochs, test_per_class=args.test_per_class)
         print(format_probe(results))
     if args.out:
         from clipgen.utils import atomic_write_json
