@@ -26,6 +26,11 @@ _T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622
 PAIRED_COMPARISONS: tuple[tuple[str, str], ...] = (
     ("cg_low", "natural_only"), ("cg_high", "cg_low"), ("cg_high", "natural_only"), ("lod", "natural_only"),
     ("cg_high", "lod"), ("cg_low_pseudo", "cg_low"), ("cg_high_pseudo", "cg_high"))
+# The paper's four questions, one paired difference each, drawn for every test domain side by side (the report's
+# "Across test domains"): does diversity give DG (LOD > natural-only), does it give CG (CG-high > CG-low), is CG
+# weaker than DG (CG-high vs LOD: the paper finds it can be), and is seeing C2 in D what CG lacks (pseudo > CG-high).
+DOMAIN_COMPARISONS: tuple[tuple[str, str], ...] = (
+    ("lod", "natural_only"), ("cg_high", "cg_low"), ("cg_high", "lod"), ("cg_high_pseudo", "cg_high"))
 # Metric-name endings that are sample counts (unbounded above); every other metric is a share in [0, 1].
 _COUNT_SUFFIXES = ("-n-ood", "-n-id", "-n")
 
@@ -58,6 +63,14 @@ def t_interval(values: Iterable[float], lo: float = -math.inf, hi: float = math.
     if n > 1:
         low, high = min(max(low, lo), hi), max(min(high, hi), lo)
     return {"mean": mean, "std": std, "n": n, "ci95_low": low, "ci95_high": high}
+
+
+def separation(low: float, high: float, n: int) -> str:
+    """How a 95% interval of a difference A - B reads: "A > B" (above 0), "A < B" (below 0), "not separated"
+    (it contains 0) or "one pair" (no interval below two pairs)."""
+    if n < 2 or not (math.isfinite(low) and math.isfinite(high)):
+        return "one pair" if n == 1 else "no pairs"
+    return "A > B" if low > 0 else "A < B" if high < 0 else "not separated"
 
 
 def paired_differences(final: pd.DataFrame, metric: str, match_on: Sequence[str],

@@ -24,7 +24,8 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 DEBUGS = [None, *sorted(p.stem for p in (CONF / "debug").glob("*.yaml"))]
 # The run counts the presets' comments and the README promise.
 EXPECTED_RUNS = {"paper_grid": 78, "paper_allow": 60, "paper_interpolation": 18, "paper_aligned": 1,
-                 "paper_supervised": 16, "paper_cc12m": 7, "world_study": 25, "world_mech": 25, "quickstart": 4}
+                 "paper_supervised": 16, "paper_cc12m": 7, "world_study": 25, "world_mech": 25, "world_domains": 105,
+                 "quickstart": 4}
 # Required dataset paths of each data preset (any value: nothing is read when composing).
 DATA_PATHS = {"domainnet": ["data.domainnet_root=/data/domainnet", "data.imagenet_captions_json=/data/ic.json",
                             "data.imagenet_train_root=/data/imagenet/train"],

@@ -10,6 +10,8 @@ from clipgen.facts import DOMAIN_LETTERS, DOMAINS, NATURAL_DOMAIN, TEST_DOMAINS
 
 RECIPE_KINDS = ("natural_only", "cg_low", "cg_high", "lod", "cg_low_pseudo", "cg_high_pseudo", "allow",
                 "interpolation")
+# The grid's six recipes in Fig. 2's bar order (protocol §6): every figure and table of them uses this order.
+FIG2_KINDS = RECIPE_KINDS[:6]
 # How reports name each kind, in the report's order (Fig. 2's bars first); the one place these names live.
 KIND_NAMES = {"natural_only": "natural only", "cg_low": "CG low", "cg_high": "CG high", "lod": "LOD (DG)",
               "cg_low_pseudo": "CG low pseudo", "cg_high_pseudo": "CG high pseudo", "allow": "allow-p",

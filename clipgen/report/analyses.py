@@ -26,7 +26,7 @@ import pandas as pd
 from clipgen.analyze import plots, store
 from clipgen.analyze.measures import MEASURES, WHOLE, collect, with_accuracy
 from clipgen.analyze.rankstats import correlation_by_layer
-from clipgen.recipes.naming import KIND_NAMES
+from clipgen.recipes.naming import FIG2_KINDS, KIND_NAMES
 from clipgen.report.sections import interval
 from clipgen.stats import t_interval
 from clipgen.files import atomic_write_text
@@ -34,7 +34,6 @@ from clipgen.files import atomic_write_text
 # (A, B) paired by seed: A − B. The paper's mechanism predicts more sharing where D-lso-ood is higher.
 MECH_COMPARISONS = (("lod", "cg_high"), ("cg_high_pseudo", "cg_high"), ("cg_high", "cg_low"),
                     ("lod", "natural_only"))
-RECIPE_ORDER = ("natural_only", "cg_low", "cg_high", "lod", "cg_low_pseudo", "cg_high_pseudo")
 FAMILY = ["test_domain", "model_name", "settings"]
 N_PERM, N_BOOT = 10000, 2000
 
@@ -49,7 +48,7 @@ def _range(measure: str) -> tuple[float, float]:
 
 def _kinds(t: pd.DataFrame) -> list[str]:
     present = set(t["recipe_kind"])
-    return [k for k in RECIPE_ORDER if k in present] + sorted(present - set(RECIPE_ORDER))
+    return [k for k in FIG2_KINDS if k in present] + sorted(present - set(FIG2_KINDS))
 
 
 def _rows(t: pd.DataFrame) -> list[tuple[str, str]]:

@@ -7,6 +7,8 @@ written to ``{root}/report/``), or from one study's runs (``clipgen-study``, wri
     {root}/report/learning_curves.csv  the same for every evaluated epoch
     {root}/report/paired_differences.csv  differences between recipes paired by seed (clipgen.stats)
     {root}/report/concentration.csv    prediction concentration and collapse flag per run (clipgen.report.collapse)
+    {root}/report/domains.csv, .md     with 2+ test domains: Fig. 2 and the paper's paired differences per test
+                                       domain (clipgen.report.domains), the .md as the README quotes it
     {root}/report/figures/*.png        Fig. 2 bars and learning curves per test domain; Fig. 3 / 13 when the
                                        interpolation / allow runs exist
 
@@ -22,6 +24,7 @@ import html
 import json
 import math
 import sys
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from clipgen.report.analyses import report_section as analysis_section
 from clipgen.diff.report import report_section as diff_section
 from clipgen.errors import ClipgenError
 from clipgen.facts import NATURAL_DOMAIN, TEST_DOMAINS
+from clipgen.report import domains as D
 from clipgen.report import figures as F
 from clipgen.report import sections as S
 from clipgen.report.aggregate import CONFIG, aggregate, collect, final_epochs
@@ -152,6 +156,125 @@ def _inputs(root: Path, run_dirs: list[Path], title: str) -> dict:
     return {"title": title, "git_sha": git_sha(), "files": stable_hash(stats, 16), "n_files": len(stats)}
 
 
+def _across_domains(final, paired, conc, runs, long, report_dir: Path, fig_dir: Path) -> tuple[str, Path | None]:
+    """Fig. 2 and the paper's paired differences for every test domain side by side (clipgen.report.domains),
+    with domains.csv and domains.md; only when the report has two or more test domains."""
+    domains = _test_domains(long)
+    if len(domains) < 2:
+        for old in ("domains.csv", "domains.md"):  # tables of data that is gone must not linger either
+            (report_dir / old).unlink(missing_ok=True)
+        return "", None
+    table = D.domain_table(final, paired, conc, domains)
+    atomic_write_text(report_dir / "domains.csv", table.to_csv(index=False))
+    atomic_write_text(report_dir / "domains.md", D.markdown(table))
+    fig = F.fig2_domains(table, {d: _chance(runs, d) for d in domains}, fig_dir / "fig2_domains.png")
+    return D.section(table, fig, report_dir), fig
+
+
+@dataclass
+class _Tables:
+    """What the page is drawn from, each also written as a CSV next to it."""
+
+    long: pd.DataFrame  # every metric of every evaluated epoch of every run (clipgen.report.aggregate.collect)
+    runs: pd.DataFrame  # one row per run
+    curves: pd.DataFrame  # aggregated over seeds, every epoch
+    final: pd.DataFrame  # each run's final epoch
+    summary: pd.DataFrame  # the final epoch aggregated over seeds
+    final_runs: pd.DataFrame  # final with the interpolation / allow facts of each run
+    paired: pd.DataFrame  # differences paired by seed
+    conc: pd.DataFrame  # prediction concentration per run
+
+
+def _tables(long: pd.DataFrame, runs: pd.DataFrame, report_dir: Path) -> _Tables:
+    curves = aggregate(long)
+    final = final_epochs(long)
+    summary = aggregate(final)
+    atomic_write_text(report_dir / "summary.csv", summary.to_csv(index=False))
+    atomic_write_text(report_dir / "learning_curves.csv", curves.to_csv(index=False))
+    final_runs = final.merge(runs[["run", "n_extra_domains", "allow_p", "allow_base"]], on="run", how="left")
+    # Pairs by seed: same task, test domain, model and settings (clipgen.rundir: every setting but the seed).
+    paired = pd.concat([paired_differences(final, f"{d}-lso-ood", ["task", "test_domain", "model_name", "settings"])
+                        for d in TEST_DOMAINS], ignore_index=True)
+    atomic_write_text(report_dir / "paired_differences.csv", paired.to_csv(index=False))
+    conc = collect_concentration(runs, final)
+    atomic_write_text(report_dir / "concentration.csv", conc.to_csv(index=False))
+    return _Tables(long, runs, curves, final, summary, final_runs, paired, conc)
+
+
+def _domain_section(t: _Tables, d: str, report_dir: Path, fig_dir: Path) -> tuple[str, list[Path]]:
+    """One test domain's section (Fig. 2, paired differences, curves, Fig. 3 / 13, concentration, every metric)
+    and the figures it drew."""
+    task, chance = f"domainnet-{d}", _chance(t.runs, d)
+    ood, idm = f"{d}-lso-ood", f"{d}-lso-id"
+    fr = t.final_runs[t.final_runs["task"] == task]
+    made = [
+        (F.fig2_bars(t.final, task, ood, chance, fig_dir / f"fig2_{d}.png"),
+         f"Fig. 2 — {ood} at the final epoch per recipe (mean, 95% CI clipped to [0, 1], n seeds; dots = seeds, "
+         "dashed = chance)"),
+        (F.learning_curves(t.curves, task, [ood, idm], chance, fig_dir / f"curves_{d}.png"),
+         f"Learning curves of {ood} and {idm} over checkpoints (mean ± seed std)"),
+        (F.fig3_extra_domains(fr, ood, chance, fig_dir / f"fig3_extra_domains_{d}.png"),
+         f"Fig. 3 — {ood} vs number of extra domains"),
+        (F.fig13_allow(fr, ood, chance, fig_dir / f"fig13_allow_{d}.png"), f"Fig. 13 — {ood} vs allow-p"),
+    ]
+    conc_d = t.conc[t.conc["test_domain"] == d]
+    conc_fig = F.concentration(conc_d, COLLAPSE_TOP_SHARE, fig_dir / f"concentration_{d}.png")
+    figures = [p for p, _ in made if p is not None] + ([conc_fig] if conc_fig else [])
+    n_runs = int((t.runs["tasks"].str.contains(task, regex=False)).sum())
+    page = (
+        f"<h2 id='{_e(d)}'>Test domain: {_e(d)}</h2>"
+        f"<p class=muted>Task {_e(task)}: test split of {_e(NATURAL_DOMAIN)} and {_e(d)}, classified over all "
+        f"classes of the run (chance {chance:.3f}); {n_runs} runs. Headline: {_e(ood)} (held-out classes "
+        f"in {_e(d)}).</p>"
+        + "".join(_figure(p, report_dir, c) for p, c in made[:1])
+        + f"<h3>Paired by seed: {_e(ood)}</h3><p class=muted>{_PAIRED_TEXT}</p>"
+        + S.paired_table(t.paired[t.paired["task"] == task])
+        + "".join(_figure(p, report_dir, c) for p, c in made[1:])
+        + "<h3>Prediction concentration</h3>"
+        + _figure(conc_fig, report_dir, f"Prediction concentration on {d} per run (red: collapse)")
+        + S.concentration_table(conc_d, ood)
+        + f"<h3>Every metric at the final epoch</h3>{_final_table(t.summary, task, d)}")
+    return page, figures
+
+
+_PAIRED_TEXT = (
+    "Runs of two recipes with the same model, settings and seed start from the same weights; per seed the "
+    "difference A − B, their mean and 95% t-interval (clipped to [−1, 1]). <i>Sign per seed</i> has one mark per "
+    "seed, in seed order: + where recipe A scored higher than recipe B with that seed, − where lower, 0 where they "
+    "tied; then how many seeds favour A, and each seed's difference as seed:(A − B). If the recipes did not "
+    "differ, every sign of n seeds would agree by chance with probability 2<sup>1−n</sup> (0.0625 for n = 5: the "
+    "two-sided sign test), whatever the spread of the differences.")
+
+
+def _page(cfg: DictConfig, title: str, runs_root: Path, t: _Tables, sections: list[str]) -> str:
+    made_at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    facts = S.run_facts(t.runs)
+    return (
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+        f"<meta name=viewport content='width=device-width, initial-scale=1'><title>{_e(title)} — clipgen report"
+        f"</title><style>{_CSS}</style></head><body>"
+        f"<h1>{_e(title)}</h1><p class=muted>clipgen report · {len(t.runs)} runs · {_e(made_at)} · "
+        f"<a href='summary.csv'>summary.csv</a> · <a href='learning_curves.csv'>learning_curves.csv</a></p>"
+        + S.transfer_table(t.summary) + "".join(sections) + S.composition_table(t.runs, facts)
+        + f"<h2>Runs</h2>{S.runs_table(t.runs, facts)}"
+        + "<h2>How this report was made</h2>"
+        f"<p>Built {_e(made_at)} by <code>{_e(' '.join(sys.argv) or 'run_report')}</code> from "
+        f"<code>{_e(runs_root)}</code> with clipgen {_e(git_sha() or 'unknown')}. Aggregates are over seeds: mean, "
+        "sample std, n and a 95% Student-t interval clipped to the metric's range (NaN with one seed); empty "
+        "groups are NaN and left out. Paired differences: clipgen.stats; collapse flag: "
+        "clipgen.report.collapse.</p>"
+        f"<details><summary>config</summary><pre>{_e(OmegaConf.to_yaml(cfg))}</pre></details>"
+        "</body></html>")
+
+
+def _up_to_date(report_dir: Path, inputs: dict) -> bool:
+    try:
+        previous = json.loads((report_dir / "report_inputs.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        previous = None
+    return previous == inputs and (report_dir / "index.html").is_file()
+
+
 def run_report(cfg: DictConfig, run_dirs: list[str | Path] | None = None, report_dir: Path | None = None,
                title: str | None = None) -> dict:
     """Aggregate every run's results under ``paths.root`` (or those of ``run_dirs``) into CSVs, figures and
@@ -164,11 +287,7 @@ def run_report(cfg: DictConfig, run_dirs: list[str | Path] | None = None, report
     title = title or str(cfg.study.name)
     inputs = _inputs(layout.root(cfg), dirs, title)
     index = report_dir / "index.html"
-    try:
-        previous = json.loads((report_dir / "report_inputs.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        previous = None
-    if previous == inputs and index.is_file():
+    if _up_to_date(report_dir, inputs):
         print(f"report: {index} (up to date)")
         return {"report": str(index), "summary": str(report_dir / "summary.csv"), "up_to_date": True}
     long, runs = collect(runs_root, dirs)
@@ -179,88 +298,23 @@ def run_report(cfg: DictConfig, run_dirs: list[str | Path] | None = None, report
     fig_dir.mkdir(parents=True, exist_ok=True)
     for old in fig_dir.glob("*.png"):  # figures of data that is gone must not linger next to the new page
         old.unlink()
-
-    curves = aggregate(long)
-    final = final_epochs(long)
-    summary = aggregate(final)
-    atomic_write_text(report_dir / "summary.csv", summary.to_csv(index=False))
-    atomic_write_text(report_dir / "learning_curves.csv", curves.to_csv(index=False))
-    final_runs = final.merge(runs[["run", "n_extra_domains", "allow_p", "allow_base"]], on="run", how="left")
-    # Pairs by seed: same task, test domain, model and settings (clipgen.rundir: every setting but the seed).
-    facts = S.run_facts(runs)
-    paired = pd.concat([paired_differences(final, f"{d}-lso-ood", ["task", "test_domain", "model_name", "settings"])
-                        for d in TEST_DOMAINS], ignore_index=True)
-    atomic_write_text(report_dir / "paired_differences.csv", paired.to_csv(index=False))
-    conc = collect_concentration(runs, final)
-    atomic_write_text(report_dir / "concentration.csv", conc.to_csv(index=False))
-
-    study = title
-    sections, figures = [], []
+    t = _tables(long, runs, report_dir)
+    across, across_fig = _across_domains(t.final, t.paired, t.conc, runs, long, report_dir, fig_dir)
+    sections, figures = [across], [across_fig] if across_fig else []
     for d in _test_domains(long):
-        task, chance = f"domainnet-{d}", _chance(runs, d)
-        ood, idm = f"{d}-lso-ood", f"{d}-lso-id"
-        fr = final_runs[final_runs["task"] == task]
-        made = [
-            (F.fig2_bars(final, task, ood, chance, fig_dir / f"fig2_{d}.png"),
-             f"Fig. 2 — {ood} at the final epoch per recipe (mean, 95% CI clipped to [0, 1], n seeds; dots = seeds, "
-             "dashed = chance)"),
-            (F.learning_curves(curves, task, [ood, idm], chance, fig_dir / f"curves_{d}.png"),
-             f"Learning curves of {ood} and {idm} over checkpoints (mean ± seed std)"),
-            (F.fig3_extra_domains(fr, ood, chance, fig_dir / f"fig3_extra_domains_{d}.png"),
-             f"Fig. 3 — {ood} vs number of extra domains"),
-            (F.fig13_allow(fr, ood, chance, fig_dir / f"fig13_allow_{d}.png"), f"Fig. 13 — {ood} vs allow-p"),
-        ]
-        conc_d = conc[conc["test_domain"] == d]
-        conc_fig = F.concentration(conc_d, COLLAPSE_TOP_SHARE, fig_dir / f"concentration_{d}.png")
-        figures += [p for p, _ in made if p is not None] + ([conc_fig] if conc_fig else [])
-        n_runs = int((runs["tasks"].str.contains(task, regex=False)).sum())
-        sections.append(
-            f"<h2 id='{_e(d)}'>Test domain: {_e(d)}</h2>"
-            f"<p class=muted>Task {_e(task)}: test split of {_e(NATURAL_DOMAIN)} and {_e(d)}, classified over all "
-            f"classes of the run (chance {chance:.3f}); {n_runs} runs. Headline: {_e(ood)} (held-out classes "
-            f"in {_e(d)}).</p>"
-            + "".join(_figure(p, report_dir, c) for p, c in made[:1])
-            + f"<h3>Paired by seed: {_e(ood)}</h3><p class=muted>Runs of two recipes with the same model, "
-            "settings and seed start from the same weights; per seed the difference A − B, their mean and 95% "
-            "t-interval (clipped to [−1, 1]). <i>Sign per seed</i> has one mark per seed, in seed order: + where "
-            "recipe A scored higher than recipe B with that seed, − where lower, 0 where they tied; then how many "
-            "seeds favour A, and each seed's difference as seed:(A − B). If the recipes did not differ, every "
-            "sign of n seeds would agree by chance with probability 2<sup>1−n</sup> (0.0625 for n = 5: the "
-            "two-sided sign test), whatever the spread of the differences.</p>"
-            + S.paired_table(paired[paired["task"] == task])
-            + "".join(_figure(p, report_dir, c) for p, c in made[1:])
-            + "<h3>Prediction concentration</h3>"
-            + _figure(conc_fig, report_dir, f"Prediction concentration on {d} per run (red: collapse)")
-            + S.concentration_table(conc_d, ood)
-            + f"<h3>Every metric at the final epoch</h3>{_final_table(summary, task, d)}")
+        section, drawn = _domain_section(t, d, report_dir, fig_dir)
+        sections.append(section)
+        figures += drawn
     other = sorted(set(long["task"].astype(str)) - {f"domainnet-{d}" for d in TEST_DOMAINS})
     for task in other:
-        sections.append(f"<h2>Task: {_e(task)}</h2>{_final_table(summary, task, '')}")
+        sections.append(f"<h2>Task: {_e(task)}</h2>{_final_table(t.summary, task, '')}")
     # Sections of the later stages, when their outputs exist: mechanistic analyses (clipgen-analyze) of this
     # report's runs only, and model diffs (clipgen-diff); each writes its own figures under the report directory.
     sections.append(analysis_section(dirs, report_dir, long, int(cfg.analysis.seed)))
     sections.append(diff_section(layout.root(cfg), report_dir))
-
-    made_at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    page = (
-        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
-        f"<meta name=viewport content='width=device-width, initial-scale=1'><title>{_e(study)} — clipgen report"
-        f"</title><style>{_CSS}</style></head><body>"
-        f"<h1>{_e(study)}</h1><p class=muted>clipgen report · {len(runs)} runs · {_e(made_at)} · "
-        f"<a href='summary.csv'>summary.csv</a> · <a href='learning_curves.csv'>learning_curves.csv</a></p>"
-        + S.transfer_table(summary) + "".join(sections) + S.composition_table(runs, facts)
-        + f"<h2>Runs</h2>{S.runs_table(runs, facts)}"
-        + "<h2>How this report was made</h2>"
-        f"<p>Built {_e(made_at)} by <code>{_e(' '.join(sys.argv) or 'run_report')}</code> from "
-        f"<code>{_e(runs_root)}</code> with clipgen {_e(git_sha() or 'unknown')}. Aggregates are over seeds: mean, "
-        "sample std, n and a 95% Student-t interval clipped to the metric's range (NaN with one seed); empty "
-        "groups are NaN and left out. Paired differences: clipgen.stats; collapse flag: "
-        "clipgen.report.collapse.</p>"
-        f"<details><summary>config</summary><pre>{_e(OmegaConf.to_yaml(cfg))}</pre></details>"
-        "</body></html>")
-    atomic_write_text(index, page)
+    atomic_write_text(index, _page(cfg, title, runs_root, t, sections))
     if cfg.logger.get("backend") == "wandb":
-        _log_wandb(cfg, report_dir, figures, summary, title)
+        _log_wandb(cfg, report_dir, figures, t.summary, title)
     atomic_write_json(report_dir / "report_inputs.json", inputs)
     print(f"report: {index}")
     return {"report": str(index), "summary": str(report_dir / "summary.csv"),

@@ -1,4 +1,5 @@
-"""The report's figures (PNG): the paper's Fig. 2 bars, learning curves, Fig. 3 (accuracy vs number of extra
+"""The report's figures (PNG): the paper's Fig. 2 bars (per test domain, and across test domains with the paired
+differences beside them), learning curves, Fig. 3 (accuracy vs number of extra
 domains), Fig. 13 (accuracy vs allow-p) and the prediction concentration per run.
 
 Figures are drawn on ``matplotlib.figure.Figure`` objects, which render with Agg without touching pyplot's
@@ -14,12 +15,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from clipgen.recipes.naming import KIND_NAMES
+from clipgen.recipes.naming import FIG2_KINDS, KIND_NAMES
 from clipgen.report.aggregate import CONFIG
-from clipgen.stats import metric_range, t_interval
+from clipgen.report.domains import difference_label, domain_groups
+from clipgen.stats import DOMAIN_COMPARISONS, metric_range, t_interval
 
-# Fig. 2's bar order (protocol §6) and a fixed colour per recipe kind, shared by every figure.
-FIG2_KINDS = ("natural_only", "cg_low", "cg_high", "lod", "cg_low_pseudo", "cg_high_pseudo")
+# A fixed colour per recipe kind, shared by every figure.
 # Axis labels: the kinds' names (clipgen.recipes.naming), the pseudo bounds on two lines.
 KIND_LABELS = {k: v.replace(" pseudo", "\npseudo") for k, v in KIND_NAMES.items()}
 KIND_COLORS = {"natural_only": "#7f7f7f", "cg_low": "#1f77b4", "cg_high": "#2ca02c", "lod": "#d62728",
@@ -205,4 +206,76 @@ def concentration(conc: pd.DataFrame, threshold: float, path: Path) -> Path | No
             k = int(rows["num_classes"].max())
             ax.axvline(1 / k, color="black", linestyle=":", linewidth=1, label=f"balanced (1/{k})")
             ax.legend(fontsize=6, loc="lower right")
+    return _save(fig, path)
+
+
+def _per_seed(text: str) -> np.ndarray:
+    """The values of a ``per_seed`` cell ("0:0.120 1:+0.050")."""
+    return np.array([float(x.split(":")[1]) for x in str(text).split()], dtype=float) if text else np.array([])
+
+
+def fig2_domains(table: pd.DataFrame, chances: dict[str, float], path: Path) -> Path | None:
+    """Fig. 2 across test domains, from clipgen.report.domains.domain_table: one row of panels per test domain
+    (and model / settings, where several): left, {D}-lso-ood per recipe (mean, 95% CI, dots = seeds, dashed =
+    chance); right, the paper's differences paired by seed (mean, 95% CI, dots = seeds; filled where the interval
+    excludes 0, with the seeds where A > B out of the pairs). The difference panels share one x axis."""
+    groups = [(key, g) for key, g in domain_groups(table) if (g["row"] == "recipe").any()]
+    if not groups:
+        return None
+    several = len({(m, s) for (_, m, s), _ in groups}) > 1
+    diffs = table[table["row"] == "difference"]
+    # the same bar and row slots in every panel, so domains line up (a missing recipe leaves its slot empty)
+    kinds = [k for k in FIG2_KINDS if (table.loc[table["row"] == "recipe", "kind_a"] == k).any()]
+    comps = [c for c in DOMAIN_COMPARISONS if ((diffs["kind_a"] == c[0]) & (diffs["kind_b"] == c[1])).any()]
+    spread = [abs(v) for r in diffs.to_dict("records") for v in
+              [r["ci95_low"], r["ci95_high"], *_per_seed(r["per_seed"])] if np.isfinite(v)]
+    xmax = min(1.0, max(0.05, *spread) * 1.1)  # at least +-0.05: all-zero differences still get an axis
+    fig = Figure(figsize=(10.0, 2.3 * len(groups) + 0.4))
+    grid = fig.add_gridspec(len(groups), 2, width_ratios=[1.25, 1.0], wspace=0.45, hspace=0.45)
+    rng = np.random.default_rng(0)  # fixed jitter: the same data draws the same figure
+    for i, ((d, model, settings), g) in enumerate(groups):
+        title = f"{d}" + (f" ({model}, {settings or 'defaults'})" if several else "")
+        ax = fig.add_subplot(grid[i, 0])
+        recs = {r["kind_a"]: r for r in g[g["row"] == "recipe"].to_dict("records")}
+        for x, k in enumerate(kinds):
+            if k not in recs:
+                continue
+            r, vals = recs[k], _per_seed(recs[k]["per_seed"])
+            err = [[r["mean"] - r["ci95_low"]], [r["ci95_high"] - r["mean"]]] if r["n"] > 1 else None
+            ax.bar(x, r["mean"], yerr=err, color=KIND_COLORS.get(k, "#333333"), alpha=0.85, capsize=3,
+                   edgecolor="black", linewidth=0.6)
+            ax.scatter(x + rng.uniform(-0.15, 0.15, vals.size), vals, color="black", s=8, zorder=3)
+        if np.isfinite(chances.get(d, np.nan)):
+            ax.axhline(chances[d], color="black", linestyle="--", linewidth=1)
+        ax.set_xticks(range(len(kinds)))
+        ax.set_xticklabels([f"{KIND_LABELS.get(k, k)}\nn={recs[k]['n'] if k in recs else 0}" for k in kinds],
+                           fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel(f"{d}-lso-ood", fontsize=8)
+        ax.set_title(f"{title}: held-out classes in {d}", fontsize=9)
+        ax = fig.add_subplot(grid[i, 1])
+        for y, (a, b) in enumerate(comps):
+            hit = g[(g["row"] == "difference") & (g["kind_a"] == a) & (g["kind_b"] == b)]
+            if hit.empty:
+                continue
+            r = hit.iloc[0]
+            vals = _per_seed(r["per_seed"])
+            ax.scatter(vals, y + rng.uniform(-0.12, 0.12, vals.size), color="#999999", s=8, zorder=2)
+            color = KIND_COLORS.get(a, "#333333")
+            if r["n"] > 1 and np.isfinite(r["ci95_low"]):
+                ax.plot([r["ci95_low"], r["ci95_high"]], [y, y], color=color, linewidth=2.2, zorder=3)
+            separated = r["verdict"] in ("A > B", "A < B")
+            ax.scatter([r["mean"]], [y], s=42, zorder=4, edgecolor=color, linewidth=1.5,
+                       color=color if separated else "white")
+            ax.text(1.02, y, f"{int(r['n_better'])}/{int(r['n'])}", transform=ax.get_yaxis_transform(),
+                    va="center", fontsize=7)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks(range(len(comps)))
+        ax.set_yticklabels([difference_label(a, b) for a, b in comps], fontsize=7)
+        ax.set_ylim(len(comps) - 0.5, -0.5)
+        ax.set_xlim(-xmax, xmax)
+        ax.set_title(f"{title}: paired by seed (A − B)", fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+        if i == len(groups) - 1:
+            ax.set_xlabel("difference of {D}-lso-ood, A − B", fontsize=8)
     return _save(fig, path)
