@@ -81,3 +81,23 @@ def same_batches(xs, ys) -> bool:
 
     return len(xs) == len(ys) and all(x[:2] == y[:2] and all(torch.equal(a, b) for a, b in zip(x[2:], y[2:]))
                                       for x, y in zip(xs, ys))
+
+
+@pytest.fixture(scope="module")
+def tiny_rn():
+    """A tiny ModifiedResNet CLIP with random BN statistics and biases, so it is far from linear (the analyses'
+    attribution and circuit tests)."""
+    import torch
+
+    from clipgen.models.factory import create_clip
+
+    torch.manual_seed(0)
+    model, _ = create_clip("clipgen-tiny-rn", 32)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for mod in model.visual.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.weight.normal_(1, 0.3, generator=g)
+                mod.bias.normal_(0, 0.3, generator=g)
+                mod.running_mean.normal_(0, 0.3, generator=g)
+    return model.eval()

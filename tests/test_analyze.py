@@ -157,21 +157,6 @@ def test_concept_names_take_the_closest_vocabulary_entry(tmp_path):
 
 
 # --- activations, IG, circuits on a tiny model ---------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_rn():
-    """A tiny ModifiedResNet CLIP with random BN statistics and biases, so it is far from linear."""
-    from clipgen.models.factory import create_clip
-
-    torch.manual_seed(0)
-    model, _ = create_clip("clipgen-tiny-rn", 32)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for mod in model.visual.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.weight.normal_(1, 0.3, generator=g)
-                mod.bias.normal_(0, 0.3, generator=g)
-                mod.running_mean.normal_(0, 0.3, generator=g)
-    return model.eval()
 
 
 def _images(n, seed=0):

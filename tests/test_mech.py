@@ -126,20 +126,6 @@ def test_whole_circuit_wl_kernel_sees_nodes_and_wiring():
 
 
 # --- integrated gradients: the completeness gap bounded by what it changes -----------------------------------
-@pytest.fixture(scope="module")
-def tiny_rn():
-    from clipgen.models.factory import create_clip
-
-    torch.manual_seed(0)
-    model, _ = create_clip("clipgen-tiny-rn", 32)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for mod in model.visual.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):  # random statistics: far from linear along the path
-                mod.weight.normal_(1, 0.3, generator=g)
-                mod.bias.normal_(0, 0.3, generator=g)
-                mod.running_mean.normal_(0, 0.3, generator=g)
-    return model.eval()
 
 
 def test_kept_nodes_at_the_papers_ten_steps_are_those_of_converged_attributions(tiny_rn):
