@@ -201,6 +201,15 @@ def _tables(long: pd.DataFrame, runs: pd.DataFrame, report_dir: Path) -> _Tables
     return _Tables(long, runs, curves, final, summary, final_runs, paired, conc)
 
 
+_PAIRED_TEXT = (
+    "Runs of two recipes with the same model, settings and seed start from the same weights; per seed the "
+    "difference A − B, their mean and 95% t-interval (clipped to [−1, 1]). <i>Sign per seed</i> has one mark per "
+    "seed, in seed order: + where recipe A scored higher than recipe B with that seed, − where lower, 0 where they "
+    "tied; then how many seeds favour A, and each seed's difference as seed:(A − B). If the recipes did not "
+    "differ, every sign of n seeds would agree by chance with probability 2<sup>1−n</sup> (0.0625 for n = 5: the "
+    "two-sided sign test), whatever the spread of the differences.")
+
+
 def _domain_section(t: _Tables, d: str, report_dir: Path, fig_dir: Path) -> tuple[str, list[Path]]:
     """One test domain's section (Fig. 2, paired differences, curves, Fig. 3 / 13, concentration, every metric)
     and the figures it drew."""
@@ -235,15 +244,6 @@ def _domain_section(t: _Tables, d: str, report_dir: Path, fig_dir: Path) -> tupl
         + S.concentration_table(conc_d, ood)
         + f"<h3>Every metric at the final epoch</h3>{_final_table(t.summary, task, d)}")
     return page, figures
-
-
-_PAIRED_TEXT = (
-    "Runs of two recipes with the same model, settings and seed start from the same weights; per seed the "
-    "difference A − B, their mean and 95% t-interval (clipped to [−1, 1]). <i>Sign per seed</i> has one mark per "
-    "seed, in seed order: + where recipe A scored higher than recipe B with that seed, − where lower, 0 where they "
-    "tied; then how many seeds favour A, and each seed's difference as seed:(A − B). If the recipes did not "
-    "differ, every sign of n seeds would agree by chance with probability 2<sup>1−n</sup> (0.0625 for n = 5: the "
-    "two-sided sign test), whatever the spread of the differences.")
 
 
 def _page(cfg: DictConfig, title: str, runs_root: Path, t: _Tables, sections: list[str]) -> str:
