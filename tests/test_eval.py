@@ -567,3 +567,12 @@ def test_trimmed_text_and_reused_models_match_plain_open_clip(tmp_path, fake_dat
             logits = (model.logit_scale.exp() * model.encode_image(images, normalize=True) @ text.T).numpy()
         assert (logits.argmax(1) == npz["preds"]).all()
         assert np.allclose(logits, npz["logits"].astype(np.float32), atol=2e-2)
+
+
+def test_outputs_keys_name_every_field_of_outputs():
+    """Every array an outputs file can hold is a key of the DomainNet file or of the ImageNet one, and nothing else."""
+    from dataclasses import fields
+
+    from clipgen.eval.outputs import IMAGENET_KEYS, KEYS, Outputs
+
+    assert set(KEYS) | set(IMAGENET_KEYS) == {f.name for f in fields(Outputs)}

@@ -1,6 +1,6 @@
-"""What a run's model is, for every stage that builds or loads one: one :class:`ModelKind` per
-``meta.json["model_kind"]`` (absent means ``"clip"``; the same names as ``trainer.objective``). A kind builds the
-model, writes its epoch checkpoint's payload and gives its evaluation head:
+"""What a run's model is, for every stage that builds or loads one: one :class:`ModelKind` per ``model_kind`` a
+run records (clipgen.rundir's meta; absent means ``"clip"``; the same names as ``trainer.objective``). A kind builds
+the model, writes its epoch checkpoint's payload and gives its evaluation head:
 
 - ``clip``: the zero-shot head of clipgen.models.zeroshot (class embeddings from the templates; logits =
   logit_scale x cosine).
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from clipgen.errors import ClipgenError
+from clipgen.rundir import META
 from clipgen.models.checkpoint import epoch_payload, load
 
 
@@ -80,7 +81,7 @@ class SupervisedModel(ModelKind):
         return supervised_outputs(model, images, classnames, device, batch_size)
 
 
-MODEL_KINDS = {k.name: k for k in (ClipModel, SupervisedModel)}  # meta.json model_kind / trainer.objective
+MODEL_KINDS = {k.name: k for k in (ClipModel, SupervisedModel)}  # a run's recorded model_kind / trainer.objective
 
 
 def kind_for(name: str) -> ModelKind:
@@ -89,7 +90,7 @@ def kind_for(name: str) -> ModelKind:
     return MODEL_KINDS[name]()
 
 
-def model_kind(meta: dict, meta_path: Path | str = "meta.json") -> str:
+def model_kind(meta: dict, meta_path: Path | str) -> str:
     kind = meta.get("model_kind") or "clip"
     if kind not in MODEL_KINDS:
         raise ClipgenError(f"{meta_path} has model_kind {kind!r}: expected one of {', '.join(MODEL_KINDS)} "
@@ -127,11 +128,11 @@ def load_checkpoint(path: Path, meta: dict, image_px: int, kind: str = "clip", r
     name = ckpt["model_name"]
     if meta.get("model_name") and name != meta["model_name"]:
         raise ClipgenError(f"checkpoint {str(path)!r} has model_name {name!r}: expected the run's model "
-                           f"{meta['model_name']!r} (meta.json)")
+                           f"{meta['model_name']!r} ({META})")
     found = ckpt.get("kind") or "clip"
     if found != kind:
         raise ClipgenError(f"checkpoint {str(path)!r} is a {found!r} checkpoint: expected a {kind!r} one, as the "
-                           "run's meta.json model_kind says")
+                           f"run's {META} model_kind says")
     key = (kind, name, int(ckpt.get("num_classes", 0)))
     if reuse is not None and key in reuse:
         model, tokenizer = reuse[key]
