@@ -16,7 +16,6 @@ CSV files next to index.html: analysis_measures.csv (every value), analysis_pair
 """
 from __future__ import annotations
 
-import html
 import math
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from clipgen.analyze import plots, store
 from clipgen.analyze.measures import MEASURES, WHOLE, collect, with_accuracy
 from clipgen.analyze.rankstats import correlation_by_layer
 from clipgen.recipes.naming import FIG2_KINDS, KIND_NAMES
-from clipgen.report.sections import interval
+from clipgen.report.sections import escape as _e, interval
 from clipgen.stats import t_interval
 from clipgen.files import atomic_write_text
 
@@ -36,10 +35,6 @@ MECH_COMPARISONS = (("lod", "cg_high"), ("cg_high_pseudo", "cg_high"), ("cg_high
                     ("lod", "natural_only"))
 FAMILY = ["test_domain", "model_name", "settings"]
 N_PERM, N_BOOT = 10000, 2000
-
-
-def _e(x) -> str:
-    return html.escape("" if x is None else str(x))
 
 
 def _range(measure: str) -> tuple[float, float]:

@@ -14,13 +14,12 @@ written to ``{root}/report/``), or from one study's runs (``clipgen-study``, wri
 
     {root}/report/report_inputs.json   what the page was built from: a rerun with the same inputs does nothing
 
-Every string that reaches the page goes through html.escape. With ``logger.backend=wandb`` the figures and
-the summary are also logged to one W&B run per report directory (job_type "report", a stable id, so rebuilding
-updates it; offline unless logger.mode says otherwise).
+Every string that reaches the page goes through sections.escape (html.escape). With ``logger.backend=wandb`` the
+figures and the summary are also logged to one W&B run per report directory (job_type "report", a stable id, so
+rebuilding updates it; offline unless logger.mode says otherwise).
 """
 from __future__ import annotations
 
-import html
 import json
 import math
 import sys
@@ -39,6 +38,7 @@ from clipgen.facts import NATURAL_DOMAIN, TEST_DOMAINS
 from clipgen.report import domains as D
 from clipgen.report import figures as F
 from clipgen.report import sections as S
+from clipgen.report.sections import escape as _e
 from clipgen.report.aggregate import CONFIG, aggregate, collect, final_epochs
 from clipgen.report.collapse import COLLAPSE_TOP_SHARE, collect_concentration
 from clipgen.stats import paired_differences
@@ -72,10 +72,6 @@ figure img{max-height:120mm;width:auto}a{color:inherit}}
 """
 _METRIC_ORDER = ("lso-ood", "lso-id", "lso-unweighted-ood", "lso-unweighted-id", "top5-ood", "top5-id", "macro-f1",
                  "acc", "n-ood", "n-id")
-
-
-def _e(x) -> str:
-    return html.escape("" if x is None else str(x))
 
 
 def _fmt(mean: float, low: float, high: float, n: int, metric: str) -> str:

@@ -19,8 +19,12 @@ from clipgen.recipes.naming import KIND_NAMES
 from clipgen.report.collapse import COLLAPSE_OVER_TRUE, COLLAPSE_TOP_SHARE
 
 
-def _e(x) -> str:
+def escape(x) -> str:
+    """``x`` as text for the page (None as empty), HTML-escaped: every string the report writes goes through it."""
     return html.escape("" if x is None else str(x))
+
+
+_e = escape
 
 
 _BREAK_AFTER = re.compile(r"[/_]")  # browsers already break after a hyphen
