@@ -13,10 +13,8 @@ log path) and the per-stage time table that ``benchmarks/quickstart_timing.py`` 
 from __future__ import annotations
 
 import copy
-import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -24,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from clipgen.errors import ClipgenError
 from clipgen.preflight import check_run_config, check_study_grid
-from clipgen.procs import bind_stage_worker, orphaned
-from clipgen.recipes.grid import job_config, run_dir_of, study_jobs
+from clipgen.procs import orphaned, stage_pool
+from clipgen.recipes.grid import run_dir_of, study_runs
 from clipgen.recipes.naming import recipe_spec
 
 
@@ -104,7 +102,7 @@ def _run_stage(fn: Callable[[DictConfig], dict], cfg: DictConfig, quiet: bool) -
     import contextlib
     import logging
 
-    if not logging.getLogger().handlers:  # a spawned worker: show the stage's progress lines like Hydra would
+    if not logging.getLogger().handlers:  # a stage worker: show the stage's progress lines like Hydra would
         logging.basicConfig(level=logging.WARNING, format="[%(asctime)s][%(name)s] %(message)s", datefmt="%H:%M:%S")
         logging.getLogger("clipgen").setLevel(logging.INFO)
     if not quiet:
@@ -122,6 +120,10 @@ def _run_stage(fn: Callable[[DictConfig], dict], cfg: DictConfig, quiet: bool) -
         log.setLevel(level)
 
 
+# What stage workers import, preloaded once by the fork server they are forked from (clipgen.procs.stage_pool).
+STAGE_MODULES = ("open_clip", "clipgen.train.stream", "clipgen.train.loop", "clipgen.eval.run")
+
+
 def run_pool(workers: int, queues: dict, fns: dict, on_result: Callable, progress) -> None:
     """Run jobs on ``workers`` fresh processes. ``queues``: stage -> deque of (key, cfg), taken in the dict's order
     (an earlier stage's job goes first); ``fns``: stage -> stage function. At most ``workers`` jobs are handed to
@@ -131,8 +133,7 @@ def run_pool(workers: int, queues: dict, fns: dict, on_result: Callable, progres
     started."""
     from concurrent.futures import FIRST_COMPLETED, wait
 
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=bind_stage_worker) as pool:
+    with stage_pool(workers, STAGE_MODULES) as pool:
         running: dict = {}
         ended: list[str] = []
         while True:
@@ -371,8 +372,7 @@ def run_study(cfg: DictConfig) -> dict:
     """The whole study of the config (module docstring): grid, world and recipes, training and evaluation,
     analyses, the study's report, a status and a time table."""
     launcher = _check_launcher(cfg)
-    jobs = study_jobs(cfg)
-    subs = [job_config(cfg, job) for job in jobs]
+    jobs, subs = map(list, zip(*study_runs(cfg)))
     print(f"study {cfg.study.name}: {len(jobs)} runs "
           f"({len(cfg.study.test_domains)} test domains x {len(cfg.study.recipes)} recipes x "
           f"{len(cfg.study.seeds)} seeds, each run once), launcher {launcher}")
