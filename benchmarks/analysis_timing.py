@@ -176,10 +176,10 @@ def study_cpu(root: str, name: str | None) -> None:
 
     runs = sorted(p for p in (Path(root) / "runs").glob("*") if (p / "meta.json").is_file())
     if name:
-        from clipgen.launch.study import job_config, run_dir_of, study_jobs
+        from clipgen.recipes.grid import run_dir_of, study_runs
 
         cfg = compose_config([f"experiment={name}", f"paths.root={root}"])
-        runs = [run_dir_of(job_config(cfg, j)) for j in study_jobs(cfg)]
+        runs = [run_dir_of(sub) for _, sub in study_runs(cfg)]
     total: dict = {}
     for run in runs:
         for epoch in store.analysed_epochs(run):

@@ -234,17 +234,17 @@ def test_paired_differences_are_a_minus_b_within_a_seed():
 def test_world_mech_analyses_exactly_the_world_study_runs(tmp_path):
     """experiment=world_mech adds analyses to the world study: the same 25 run directories (a root where the world
     study ran trains and evaluates nothing more), analysed at the untrained and the last epoch."""
-    from clipgen.launch.study import job_config, run_dir_of, study_jobs
+    from clipgen.recipes.grid import run_dir_of, study_runs
 
     from conftest import make_cfg
 
     def runs(experiment):
         cfg = make_cfg(tmp_path, f"experiment={experiment}")
-        return cfg, [run_dir_of(job_config(cfg, j)) for j in study_jobs(cfg)]
+        return cfg, [run_dir_of(sub) for _, sub in study_runs(cfg)]
 
     mech, mech_runs = runs("world_mech")
-    _, study_runs = runs("world_study")
-    assert mech_runs == study_runs and len(mech_runs) == 25
+    _, world_study_runs = runs("world_study")
+    assert mech_runs == world_study_runs and len(mech_runs) == 25
     assert mech.study.analyze and list(mech.analysis.epochs) == [0, -1] and mech.study.name == "world-mech"
     assert not any(tmp_path.iterdir())  # composing and naming wrote nothing
 

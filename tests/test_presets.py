@@ -13,7 +13,7 @@ from conftest import make_cfg, scratch_dir
 from clipgen.errors import ClipgenError
 from clipgen.facts import DOMAIN_LETTERS, TEST_DOMAINS, domainnet_classes, zeroshot_templates
 from clipgen.launch.study import LAUNCHERS
-from clipgen.recipes.grid import job_config, study_jobs
+from clipgen.recipes.grid import study_runs
 from clipgen.preflight import check_run_config, native_image_size, uses_world
 from clipgen.recipes.naming import recipe_spec
 from clipgen.train.objective import check_objective_name, objective_for
@@ -84,10 +84,10 @@ def test_preset_keys_agree(preset_root, experiment, debug):
 
     # Test domains and recipe ids: every run's recipe is about its test domain, and the study has the promised runs.
     assert set(cfg.study.test_domains) <= set(TEST_DOMAINS)
-    jobs = study_jobs(cfg)
-    assert len(jobs) == EXPECTED_RUNS[experiment]
-    for job in jobs:
-        spec = recipe_spec(job_config(cfg, job).recipe)
+    runs = study_runs(cfg)
+    assert len(runs) == EXPECTED_RUNS[experiment]
+    for job, sub in runs:
+        spec = recipe_spec(sub.recipe)
         assert spec.test_domain == job.test_domain
         if spec.kind != "natural_only":
             assert f"no{job.test_domain}classes" in spec.recipe_id

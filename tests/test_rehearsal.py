@@ -20,7 +20,7 @@ from conftest import make_cfg
 from clipgen.data.sources import base_index, domainnet_index
 from clipgen.facts import domainnet_classes, domainnet_to_imagenet
 from clipgen.launch.study import run_study
-from clipgen.recipes.grid import job_config, study_jobs
+from clipgen.recipes.grid import study_runs
 from clipgen.preflight import check_run_config
 from clipgen.recipes.build import build_recipe
 from clipgen.recipes.naming import recipe_spec
@@ -166,8 +166,7 @@ def test_paper_preset_dry_run_plans_every_recipe(full_world, experiment, capsys)
     assert out["dry_run"] and len(out["runs"]) == out["to_train"] == EXPECTED_RUNS[experiment]
     assert f"study {cfg.study.name}: {EXPECTED_RUNS[experiment]} runs" in capsys.readouterr().out
     seen = set()
-    for job in study_jobs(cfg):
-        sub = job_config(cfg, job)
+    for _, sub in study_runs(cfg):
         sub.recipe.dry_run = True
         plan = build_recipe(sub)
         seen.add(plan["recipe_id"])
@@ -212,9 +211,9 @@ def _one_run_config(root: Path, *args: str):
     """The config of the single run a rehearsal command trains."""
     cfg = make_cfg(root, *args, "debug=rehearsal", "trainer.threads=1")
     check_run_config(cfg)
-    jobs = study_jobs(cfg)
-    assert len(jobs) == 1, jobs
-    return job_config(cfg, jobs[0])
+    runs = study_runs(cfg)
+    assert len(runs) == 1, [job for job, _ in runs]
+    return runs[0][1]
 
 
 def _training_settings(sub) -> dict:

@@ -12,7 +12,7 @@ from conftest import make_cfg, run_name_of
 
 from clipgen.errors import ClipgenError
 from clipgen.launch.study import run_study
-from clipgen.recipes.grid import job_config, parse_recipe_entry, run_dir_of, study_jobs
+from clipgen.recipes.grid import job_config, parse_recipe_entry, run_dir_of, study_jobs, study_runs
 from clipgen.recipes.naming import recipe_spec
 
 DATA = ("data.domainnet_root=/data/domainnet", "data.imagenet_captions_json=/data/ic.json",
@@ -20,22 +20,24 @@ DATA = ("data.domainnet_root=/data/domainnet", "data.imagenet_captions_json=/dat
 
 
 def _ids(cfg) -> list[str]:
-    return [recipe_spec(job_config(cfg, j).recipe).recipe_id for j in study_jobs(cfg)]
+    return [recipe_spec(sub.recipe).recipe_id for _, sub in study_runs(cfg)]
 
 
 def test_paper_grid_is_the_papers_78_runs(tmp_path):
     cfg = make_cfg(tmp_path, "experiment=paper_grid", *DATA)
+    runs = study_runs(cfg)
     jobs = study_jobs(cfg)
-    assert len(jobs) == 78
+    assert len(jobs) == 78 and jobs == [job for job, _ in runs]
     ids = Counter(_ids(cfg))
     assert ids["lso-real-only"] == 3  # natural-only: one run per seed, not one per test domain
     assert ids["lso-rs-nosketchclasses"] == ids["lso-cipqrs-nosketchclasses"] == 3
     assert ids["lso-cipqr-nosketchclasses"] == 3 and ids["lso-rs-nosketchclasses-pseudo"] == 3  # LOD, pseudo
     assert ids["lso-cr-noclipartclasses"] == 3 and ids["lso-ipqrs-noclipartclasses"] == 3
     assert len(ids) == 26 and all(n == 3 for n in ids.values())  # 25 recipes of 5 domains + natural-only
-    names = {run_dir_of(job_config(cfg, j)).name for j in jobs}
+    names = {run_dir_of(sub).name for _, sub in runs}
     assert len(names) == 78 and "lso-real-only--RN50--bs1024-acc2--seed2" in names
-    sub = job_config(cfg, jobs[-1])
+    sub = runs[-1][1]
+    assert sub == job_config(cfg, jobs[-1])  # each run's config is its job's
     assert (sub.model.name, sub.trainer.batch_size, sub.trainer.accum_steps, sub.trainer.epochs) == ("RN50", 1024, 2,
                                                                                                       32)
     assert sub.logger.group == "paper-grid" and "grid" in sub.logger.tags
@@ -54,7 +56,7 @@ def test_other_presets(tmp_path, experiment, n, example):
     ids = _ids(cfg)
     assert len(ids) == n and example in ids
     if experiment == "paper_supervised":
-        sub = job_config(cfg, study_jobs(cfg)[0])
+        sub = study_runs(cfg)[0][1]
         assert sub.trainer.objective == "supervised" and sub.optim.name == "sgd"
         assert run_dir_of(sub).name == "lso-real-only--RN50-supervised--seed0"  # never a CLIP run's directory
 

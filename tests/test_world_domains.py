@@ -15,7 +15,7 @@ import pytest
 from conftest import make_cfg
 
 from clipgen.facts import DOMAINS
-from clipgen.launch.study import job_config, run_dir_of, study_jobs
+from clipgen.recipes.grid import run_dir_of, study_runs
 from clipgen.stats import paired_differences, t_interval
 
 MATCH = ["task", "test_domain", "model_name", "settings"]
@@ -23,12 +23,12 @@ MATCH = ["task", "test_domain", "model_name", "settings"]
 
 def test_preset_is_world_study_on_every_test_domain(tmp_path):
     cfg = make_cfg(tmp_path, "experiment=world_domains")
-    names = [run_dir_of(job_config(cfg, j)).name for j in study_jobs(cfg)]
+    names = [run_dir_of(sub).name for _, sub in study_runs(cfg)]
     assert len(names) == len(set(names)) == 105  # natural-only once per seed, shared by the five domains
     assert sum(n.startswith("lso-real-only--") for n in names) == 5
     # sketch's 25 runs are world_study's own run directories: a root that ran world_study trains only 80 more
     sketch = make_cfg(tmp_path, "experiment=world_study")
-    assert {run_dir_of(job_config(sketch, j)).name for j in study_jobs(sketch)} <= set(names)
+    assert {run_dir_of(sub).name for _, sub in study_runs(sketch)} <= set(names)
     assert cfg.study.name == "world-study-domains" and cfg.trainer.epochs == sketch.trainer.epochs == 16
 
 

@@ -4,13 +4,13 @@ tool's methods comparison finds the same runs through it.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
 
 from clipgen import rundir
+from clipgen.config import copy_config
 from clipgen.errors import ClipgenError
 from clipgen.recipes.naming import RECIPE_KINDS, recipe_spec
 
@@ -60,7 +60,7 @@ def parse_recipe_entry(entry: str, test_domain: str) -> dict:
 
 def job_config(cfg: DictConfig, job: Job) -> DictConfig:
     """The config of one training run of the study (what ``clipgen-train`` would get with overrides)."""
-    sub = copy.deepcopy(cfg)
+    sub = copy_config(cfg)
     with open_dict(sub):
         for key, value in parse_recipe_entry(job.recipe, job.test_domain).items():
             sub.recipe[key] = value
@@ -72,9 +72,9 @@ def job_config(cfg: DictConfig, job: Job) -> DictConfig:
     return sub
 
 
-def study_jobs(cfg: DictConfig) -> list[Job]:
-    """The study's runs, one per distinct run directory: natural-only is the same run for every test domain, so
-    it appears once (with the first test domain)."""
+def study_runs(cfg: DictConfig) -> list[tuple[Job, DictConfig]]:
+    """The study's runs with their configs (job_config), one per distinct run directory: natural-only is the same
+    run for every test domain, so it appears once (with the first test domain)."""
     from clipgen.recipes.naming import PAPER_INTERPOLATIONS
 
     grid = []
@@ -90,14 +90,19 @@ def study_jobs(cfg: DictConfig) -> list[Job]:
     if not grid:
         raise ClipgenError("the study has no runs: expected non-empty study.test_domains, study.recipes and "
                            "study.seeds")
-    jobs, seen = [], set()
+    runs, seen = [], set()
     for j in grid:
         sub = job_config(cfg, j)
         name = run_dir_of(sub).name
         if name not in seen:
             seen.add(name)
-            jobs.append(j)
-    return jobs
+            runs.append((j, sub))
+    return runs
+
+
+def study_jobs(cfg: DictConfig) -> list[Job]:
+    """The jobs of study_runs, without their configs."""
+    return [job for job, _ in study_runs(cfg)]
 
 
 def run_dir_of(sub: DictConfig) -> Path:
