@@ -17,6 +17,18 @@ from clipgen.config import compose_config, register_configs  # noqa: E402
 register_configs()
 
 
+# The files that take longest (wall time, with their waits on subprocesses and the SLURM cluster), longest first.
+# The README's `-n 2 --dist loadfile` hands whole files to the workers in collection order (pyproject's addopts
+# turn off xdist's reordering by test count), so these start first and the many short files even out the end.
+LONGEST_FIRST = ("test_cluster.py", "test_rehearsal.py", "test_analyze.py", "test_faults.py", "test_run_identity.py",
+                 "test_diff.py", "test_study.py", "test_world.py", "test_diff_compare.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the others keep their order
+
+
 def make_cfg(root, *overrides: str) -> DictConfig:
     """The config a console script would see for ``clipgen-x paths.root=<root> <overrides>``."""
     return compose_config([f"paths.root={root}", *overrides])
