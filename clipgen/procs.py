@@ -102,14 +102,14 @@ def bind_stage_worker(env: dict | None = None, cwd: str | None = None, stdio=Non
         os.chdir(cwd)
 
 
-def stage_pool(workers: int, preload: tuple[str, ...] = ()) -> ProcessPoolExecutor:
+def stage_pool(workers: int) -> ProcessPoolExecutor:
     """A pool for a study's stage processes. Each is a fresh process for its jobs (no thread, OpenMP pool or state
     of this one; this process's environment, working directory, stdout and stderr as they are now) forked from the
-    fork server, which imports torch and ``preload`` once for all of them instead of once per worker (about 4 CPU
-    seconds each with open_clip). Workers are bound as bind_stage_worker says."""
+    fork server, which imports torch, open_clip and the stages once for all of them instead of once per worker
+    (about 4 CPU seconds each). Workers are bound as bind_stage_worker says."""
     import multiprocessing as mp
 
-    bound_forkserver(*preload)
+    bound_forkserver()
     method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
     return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method),
                                initializer=bind_stage_worker, initargs=(dict(os.environ), os.getcwd(), _Stdio()))
@@ -117,19 +117,23 @@ def stage_pool(workers: int, preload: tuple[str, ...] = ()) -> ProcessPoolExecut
 
 PRELOAD = "clipgen.forkserver_preload"
 CLIENT_ENV = "CLIPGEN_FORKSERVER_CLIENT"  # the pid that started the fork server, for the server's own check
+# What the fork server imports once for every child it forks, whoever started it: the children are DataLoader
+# workers (they unpickle the loader, then tokenize), a study's stage processes (they train and evaluate) and
+# process pools (world images, recipe shards: torch alone would do, the rest costs ~2.5 CPU s once per server).
+SERVER_MODULES = ("torch", "open_clip", "clipgen.train.stream", "clipgen.train.loop", "clipgen.eval.run")
 
 
-def bound_forkserver(*modules: str) -> None:
-    """Make the fork server that multiprocessing starts on first use (DataLoader workers, and process pools once
-    a thread runs) preload clipgen.forkserver_preload first, then torch and ``modules``, instead of this process's
-    main module (which it would import before any module of ours): the server dies with this process from its
-    first tenth of a second, each child it forks is bound to it in the fork itself, and children start with what
-    they need imported, in pages they share. Call before starting any forkserver process; the first call that
-    starts the server decides its preloads."""
+def bound_forkserver() -> None:
+    """Make the fork server that multiprocessing starts on first use (DataLoader workers, a study's stage
+    processes, and process pools once a thread runs) preload clipgen.forkserver_preload first, then
+    SERVER_MODULES, instead of this process's main module (which it would import before any module of ours): the
+    server dies with this process from its first tenth of a second, each child it forks is bound to it in the
+    fork itself, and children start with what they need imported, in pages they share. Call before starting
+    any forkserver process."""
     from multiprocessing import forkserver
 
     os.environ[CLIENT_ENV] = str(os.getpid())
-    wanted = [PRELOAD, "torch", *modules]
+    wanted = [PRELOAD, *SERVER_MODULES]
     if forkserver._forkserver._forkserver_pid is None and forkserver._forkserver._preload_modules != wanted:
         forkserver.set_forkserver_preload(wanted)
 

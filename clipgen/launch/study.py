@@ -120,10 +120,6 @@ def _run_stage(fn: Callable[[DictConfig], dict], cfg: DictConfig, quiet: bool) -
         log.setLevel(level)
 
 
-# What stage workers import, preloaded once by the fork server they are forked from (clipgen.procs.stage_pool).
-STAGE_MODULES = ("open_clip", "clipgen.train.stream", "clipgen.train.loop", "clipgen.eval.run")
-
-
 def run_pool(workers: int, queues: dict, fns: dict, on_result: Callable, progress) -> None:
     """Run jobs on ``workers`` fresh processes. ``queues``: stage -> deque of (key, cfg), taken in the dict's order
     (an earlier stage's job goes first); ``fns``: stage -> stage function. At most ``workers`` jobs are handed to
@@ -133,7 +129,7 @@ def run_pool(workers: int, queues: dict, fns: dict, on_result: Callable, progres
     started."""
     from concurrent.futures import FIRST_COMPLETED, wait
 
-    with stage_pool(workers, STAGE_MODULES) as pool:
+    with stage_pool(workers) as pool:
         running: dict = {}
         ended: list[str] = []
         while True:

@@ -374,7 +374,7 @@ class StreamLoader(EpochLoader):
         last = max(self.epochs or 0, epoch + 1)
         # Like clipgen.procs.process_pool: fork only while no other thread runs (W&B's would make it unsafe).
         method = "fork" if threading.active_count() == 1 else "forkserver"
-        bound_forkserver("open_clip", "clipgen.train.stream")  # workers unpickle the loader, then tokenize
+        bound_forkserver()
         dl = torch.utils.data.DataLoader(
             _Batches(self), batch_size=None, sampler=_Keys(self, epoch, start, last), num_workers=self.workers,
             prefetch_factor=self.prefetch, worker_init_fn=_worker_init, multiprocessing_context=mp.get_context(method),
