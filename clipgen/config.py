@@ -345,7 +345,7 @@ class Config:
 
 def register_configs() -> None:
     """Put the schema in Hydra's ConfigStore, once per process: storing converts the dataclasses again, and a
-    schema stored anew makes every later composition slower (~0.1 s instead of ~0.06 s each)."""
+    schema stored anew makes the next composition slower too (benchmarks/study_overhead.py)."""
     store = ConfigStore.instance()
     if "clipgen_schema.yaml" not in store.repo:
         store.store(name="clipgen_schema", node=Config)

@@ -86,20 +86,18 @@ def _take_stdio(out, err) -> None:
             os.close(new)
 
 
-def bind_stage_worker(env: dict | None = None, cwd: str | None = None, stdio=None) -> None:
+def bind_stage_worker(env: dict | None = None, stdio=None) -> None:
     """Initializer of a study's stage processes (each trains or evaluates whole runs). When the study process
     dies, even by kill -9, each gets SIGTERM: a trainer saves latest.pt and stops, so nothing trains on unseen
     (before, the runs went on as orphans and a relaunch met them). Ctrl-C reaches them directly: the trainer's
-    own handler saves and stops at once rather than after the run. ``env``, ``cwd`` and ``stdio``: the study's
-    environment, working directory and stdout / stderr when the pool started (a worker forked by the fork server
-    starts with the server's); ``stdio`` has taken effect when this runs."""
+    own handler saves and stops at once rather than after the run. ``env`` and ``stdio``: the study's environment
+    and stdout / stderr when the pool started (a worker forked by the fork server starts with the server's;
+    multiprocessing itself passes on the working directory); ``stdio`` has taken effect when this runs."""
     bind_to_parent(signal.SIGTERM, leave_ctrl_c_to_parent=False)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # the fork-time bind left Ctrl-C to the parent
     if env is not None:
         os.environ.clear()
         os.environ.update(env)
-    if cwd is not None:
-        os.chdir(cwd)
 
 
 def stage_pool(workers: int) -> ProcessPoolExecutor:
@@ -112,7 +110,7 @@ def stage_pool(workers: int) -> ProcessPoolExecutor:
     bound_forkserver()
     method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
     return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method),
-                               initializer=bind_stage_worker, initargs=(dict(os.environ), os.getcwd(), _Stdio()))
+                               initializer=bind_stage_worker, initargs=(dict(os.environ), _Stdio()))
 
 
 PRELOAD = "clipgen.forkserver_preload"

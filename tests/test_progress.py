@@ -173,3 +173,34 @@ def test_first_error_of_a_local_stage_stops_the_queue(tmp_path):
         run_many(_fails_for_seed_0, cfgs, 2, "train")
     ran = sorted(p.name for p in tmp_path.glob("ran-*"))
     assert "ran-1" in ran and "ran-5" not in ran and len(ran) < 5, ran
+
+
+def _whereabouts(cfg) -> dict:
+    """A stage that reports the process it runs in: its environment, directory, output, and what it imported."""
+    import os
+    import sys
+
+    print(f"stage worker {cfg.trainer.seed} writes here")
+    return {"mark": os.environ.get("CLIPGEN_TEST_MARK"), "cwd": os.getcwd(), "pid": os.getpid(),
+            "preloaded": "open_clip" in sys.modules and "clipgen.train.loop" in sys.modules}
+
+
+def test_stage_workers_take_the_study_environment_directory_and_output_as_they_are_now(tmp_path, monkeypatch, capfd):
+    """A study's stage processes are forked from the fork server, which imported torch, open_clip and the stages
+    once (no import of their own), and which may have started long before: each takes over the study's
+    environment, working directory and stdout as they are when its pool starts, as a spawned process would."""
+    import os
+
+    cfgs = _cfgs(tmp_path, (2, 3))
+    first = run_many(_whereabouts, cfgs, 2, "eval")  # the fork server runs from here on, with this environment
+    here = tmp_path / "elsewhere"
+    here.mkdir()
+    monkeypatch.setenv("CLIPGEN_TEST_MARK", "set after the server started")
+    monkeypatch.chdir(here)
+    capfd.readouterr()
+    out = run_many(_whereabouts, cfgs, 2, "eval")
+    assert [(o["mark"], o["cwd"], o["preloaded"]) for o in out] == [("set after the server started", str(here),
+                                                                     True)] * 2
+    assert {o["pid"] for o in out}.isdisjoint({os.getpid()} | {o["pid"] for o in first})  # fresh processes
+    captured = capfd.readouterr().out
+    assert "stage worker 2 writes here" in captured and "stage worker 3 writes here" in captured
