@@ -100,11 +100,6 @@ def study_runs(cfg: DictConfig) -> list[tuple[Job, DictConfig]]:
     return runs
 
 
-def study_jobs(cfg: DictConfig) -> list[Job]:
-    """The jobs of study_runs, without their configs."""
-    return [job for job, _ in study_runs(cfg)]
-
-
 def run_dir_of(sub: DictConfig) -> Path:
     """The run directory of a study job: named by its settings (clipgen.rundir)."""
     return rundir.run_dir(sub, recipe_spec(sub.recipe).recipe_id)
