@@ -353,7 +353,7 @@ def register_configs() -> None:
 
 def copy_config(cfg: DictConfig) -> DictConfig:
     """A deep copy of a composed config: the same nodes, types and flags as ``copy.deepcopy``, by a pickle round
-    trip (~2.5x faster; a study takes one per run)."""
+    trip (~2.5x faster; a study takes a few per run)."""
     import pickle
 
     return pickle.loads(pickle.dumps(cfg))

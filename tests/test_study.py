@@ -28,7 +28,7 @@ def test_paper_grid_is_the_papers_78_runs(tmp_path):
     runs = study_runs(cfg)
     jobs = [job for job, _ in runs]
     assert len(jobs) == 78
-    ids = Counter(_ids(cfg))
+    ids = Counter(recipe_spec(sub.recipe).recipe_id for _, sub in runs)
     assert ids["lso-real-only"] == 3  # natural-only: one run per seed, not one per test domain
     assert ids["lso-rs-nosketchclasses"] == ids["lso-cipqrs-nosketchclasses"] == 3
     assert ids["lso-cipqr-nosketchclasses"] == 3 and ids["lso-rs-nosketchclasses-pseudo"] == 3  # LOD, pseudo

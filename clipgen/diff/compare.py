@@ -15,7 +15,6 @@ trained a study compare it.
 """
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import json
@@ -28,6 +27,7 @@ from clipgen import layout, rundir
 from clipgen.diff import comparison as C
 from clipgen.diff.ranking import generator_top
 from clipgen.diff.summary import clean_json
+from clipgen.config import copy_config
 from clipgen.errors import ClipgenError
 from clipgen.files import atomic_write_json, atomic_write_text, read_json
 from clipgen.hashing import stable_hash
@@ -98,7 +98,7 @@ def plan(cfg: DictConfig, d: dict) -> list[dict]:
 
 def _diff(cfg: DictConfig, pair: dict, diff_runs) -> dict:
     """One pair's diff (``clipgen.diff.run.diff_runs``, skipped when finished) -> the comparison's row for it."""
-    sub = copy.deepcopy(cfg)
+    sub = copy_config(cfg)
     with open_dict(sub):
         sub.run_a, sub.run_b, sub.null_run = str(pair["dir_a"]), str(pair["dir_b"]), None
     res = diff_runs(sub, quiet=True)

@@ -12,7 +12,6 @@ log path) and the per-stage time table that ``benchmarks/quickstart_timing.py`` 
 """
 from __future__ import annotations
 
-import copy
 import os
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from clipgen.config import copy_config
 from clipgen.errors import ClipgenError
 from clipgen.preflight import check_run_config, check_study_grid
 from clipgen.procs import orphaned, stage_pool
@@ -107,7 +107,7 @@ def _run_stage(fn: Callable[[DictConfig], dict], cfg: DictConfig, quiet: bool) -
         logging.getLogger("clipgen").setLevel(logging.INFO)
     if not quiet:
         return fn(cfg)
-    cfg = copy.deepcopy(cfg)
+    cfg = copy_config(cfg)
     with open_dict(cfg):
         cfg.trainer.progress_bar = False
     log = logging.getLogger("clipgen")
@@ -329,7 +329,7 @@ def run_stage(stage: str, resources: str, fn: Callable[[DictConfig], dict], cfgs
 def _pointed_at_run(sub: DictConfig, key: str, as_list: bool = False) -> DictConfig:
     """A copy of the run's config with ``key`` (a dotted config key) naming its run directory: what clipgen-eval
     (eval.run_dir) and clipgen-analyze (analysis.run_dirs) are given per run."""
-    sub = copy.deepcopy(sub)
+    sub = copy_config(sub)
     run_dir = str(run_dir_of(sub))
     with open_dict(sub):
         OmegaConf.update(sub, key, [run_dir] if as_list else run_dir, merge=False)
@@ -481,7 +481,7 @@ def _report(cfg: DictConfig, subs: list[DictConfig], failed: dict, times: list) 
     from clipgen import layout
     from clipgen.report.build import run_report
 
-    rcfg = copy.deepcopy(cfg)
+    rcfg = copy_config(cfg)
     with open_dict(rcfg):
         rcfg.logger.group = cfg.logger.group or cfg.study.name
     runs = [run_dir_of(sub) for sub in subs if run_dir_of(sub).name not in failed]
