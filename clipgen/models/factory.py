@@ -1,6 +1,7 @@
 """open_clip model factory: built-in configs plus the tiny CPU models shipped in clipgen/resources/models."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from importlib import resources
@@ -83,6 +84,34 @@ def create_clip(name: str, image_px: int | None = None):
     finally:
         root.setLevel(level)
     return model, tokenizer
+
+
+# torch.nn.init's in-place initialisers: what modules call (directly or from reset_parameters) to draw weights.
+INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_")
+
+
+@contextlib.contextmanager
+def weights_to_be_loaded():
+    """Build models whose weights a checkpoint overwrites at once: inside, torch.nn.init's initialisers leave the
+    (uninitialised) tensors as they are, so building an RN50 to load a checkpoint into takes ~0.2 s instead of
+    ~3 s of drawing random weights that ``load_state_dict(strict=True)`` then replaces. Buffers a state_dict does
+    not hold (open_clip's attention mask) are not drawn by torch.nn.init and are built as usual. Never use it for
+    a model that is trained or evaluated from its initial weights."""
+    from torch.nn import init
+
+    saved = {name: getattr(init, name) for name in INITIALISERS if hasattr(init, name)}
+    for name in saved:
+        setattr(init, name, _leave_as_is)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(init, name, fn)
+
+
+def _leave_as_is(tensor, *args, **kwargs):
+    return tensor
 
 
 def get_tokenizer(name: str):

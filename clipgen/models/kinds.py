@@ -20,6 +20,7 @@ from typing import Sequence
 from clipgen.errors import ClipgenError
 from clipgen.rundir import META
 from clipgen.models.checkpoint import epoch_payload, load
+from clipgen.models.factory import weights_to_be_loaded
 
 
 class ModelKind(abc.ABC):
@@ -137,7 +138,8 @@ def load_checkpoint(path: Path, meta: dict, image_px: int, kind: str = "clip", r
     if reuse is not None and key in reuse:
         model, tokenizer = reuse[key]
     else:
-        model, tokenizer = kind_for(kind).create_model(name, image_px, ckpt)
+        with weights_to_be_loaded():  # every weight comes from the checkpoint (strict load below)
+            model, tokenizer = kind_for(kind).create_model(name, image_px, ckpt)
     if reuse is not None:
         reuse.pop(key, None)  # a model whose load fails half-way is not handed out again
     _load_state(model, ckpt["state_dict"], path, name)
