@@ -73,8 +73,26 @@ def umap_embed(emb: np.ndarray, seed: int, n_neighbors: int = 15) -> np.ndarray:
     import umap  # lazy: slow first import (numba)
 
     n = len(emb)
+    x = np.asarray(emb, np.float32)
+    k = max(2, min(n_neighbors, n - 1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "n_jobs overridden by random_state" and numba chatter
-        reducer = umap.UMAP(n_neighbors=max(2, min(n_neighbors, n - 1)), random_state=seed, metric="cosine",
+        knn = cosine_neighbours(x, k) if n < UMAP_EXACT_BELOW else (None, None, None)
+        reducer = umap.UMAP(n_neighbors=k, random_state=seed, metric="cosine", precomputed_knn=knn,
                             init="random" if n < 8 else "spectral")
-        return reducer.fit_transform(np.asarray(emb, np.float32))
+        return reducer.fit_transform(x)
+
+
+UMAP_EXACT_BELOW = 4096  # umap's own threshold: below it, it finds every point's neighbours exactly
+
+
+def cosine_neighbours(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``k`` nearest rows (itself first) and their cosine distances, as umap finds them for fewer than
+    4,096 points: its own cosine over all pairs, sorted per row. Handing them to umap skips its parallel numba
+    kernel for this, whose compilation took ~6 s of every process's first UMAP."""
+    from sklearn.metrics import pairwise_distances
+    from umap.distances import cosine
+
+    dist = pairwise_distances(x, metric=cosine)
+    idx = np.argsort(dist, axis=1, kind="stable")[:, :k]
+    return idx.astype(np.int32), np.take_along_axis(dist, idx, axis=1).astype(np.float32)
