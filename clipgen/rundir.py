@@ -218,6 +218,17 @@ def checkpoint_path(run_dir: str | Path, epoch: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / f"epoch_{int(epoch):03d}.pt"
 
 
+def is_saved_epoch(epoch: int, epochs: int, every: int) -> bool:
+    """Whether training writes ``checkpoints/epoch_{epoch}.pt``: the untrained epoch 0, every
+    ``trainer.save_every_epochs``-th epoch and the last."""
+    return epoch == 0 or epoch % every == 0 or epoch == epochs
+
+
+def saved_epochs(epochs: int, every: int) -> list[int]:
+    """The epochs a finished run of ``epochs`` has checkpoints of."""
+    return [e for e in range(epochs + 1) if is_saved_epoch(e, epochs, every)]
+
+
 def eval_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / EVAL
 

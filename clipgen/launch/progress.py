@@ -59,14 +59,13 @@ def planned_units(sub, manifest: dict) -> dict[str, int]:
     ``train``, its steps (epochs x full batches of recipe + base corpus, clipgen.train.data's epoch), and
     ``eval``, its checkpoint evaluations (saved epochs x tasks)."""
     from clipgen.eval.testsets import task_domains
-    from clipgen.train.checkpoint import saved_epochs
 
     n = int(manifest["num_samples"]) + int((manifest.get("base") or {}).get("num_samples") or 0)
     epochs, tc = int(sub.trainer.epochs), sub.trainer
     tasks = len(task_domains({"recipe_kind": manifest.get("kind"), "test_domain": manifest.get("test_domain")}))
     tasks += bool(sub.eval.get("imagenet_val_root")) and str(tc.objective) == "clip"  # imagenet-val
     return {"train": epochs * (n // int(tc.batch_size)),
-            "eval": len(saved_epochs(epochs, int(tc.save_every_epochs))) * tasks}
+            "eval": len(rundir.saved_epochs(epochs, int(tc.save_every_epochs))) * tasks}
 
 
 def units(stage: str, run_dirs: list[Path], planned: dict[Path, int] | None = None) -> tuple[int, int, bool] | None:

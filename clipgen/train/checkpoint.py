@@ -21,17 +21,6 @@ latest_path = rundir.latest_path
 CHECKPOINT_DTYPES = {"fp32": None, "fp16": torch.float16}  # trainer.checkpoint_dtype
 
 
-def is_saved_epoch(epoch: int, epochs: int, every: int) -> bool:
-    """Whether training writes ``checkpoints/epoch_{epoch}.pt``: the untrained epoch 0, every
-    ``trainer.save_every_epochs``-th epoch and the last."""
-    return epoch == 0 or epoch % every == 0 or epoch == epochs
-
-
-def saved_epochs(epochs: int, every: int) -> list[int]:
-    """The epochs a finished run of ``epochs`` has checkpoints of."""
-    return [e for e in range(epochs + 1) if is_saved_epoch(e, epochs, every)]
-
-
 def stored_state(state: dict, dtype: str) -> dict:
     """``state`` with its float32 tensors stored as ``dtype``. A tensor fp16 cannot hold (a value beyond its
     range) stays float32; integers (BatchNorm's batch counters) are never touched. Loading casts back to the

@@ -335,7 +335,7 @@ def _log_step(s: Session, b, loss: float, lr: float, stat: float, meter: _Meter,
 
 def _end_epoch(s: Session, e: int, subset_eval) -> None:
     """The epoch checkpoint first, then latest.pt pointing at the next epoch, then eval.during_training."""
-    if ckpt.is_saved_epoch(e + 1, s.epochs, int(s.target.cfg.trainer.save_every_epochs)):
+    if rundir.is_saved_epoch(e + 1, s.epochs, int(s.target.cfg.trainer.save_every_epochs)):
         save_epoch(s, e + 1)
     save_latest(s, {"epoch": e + 1, "batch": 0})
     if subset_eval is not None:  # after the saves; leaves RNG, weights and train mode as they were
