@@ -286,6 +286,18 @@ def test_vit_circuits_use_block_channels():
                                                                                                         "head"]
 
 
+def test_umap_neighbours_are_each_points_exact_cosine_neighbours():
+    from clipgen.analyze import geometry as G
+
+    x = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
+    idx, dist = G.cosine_neighbours(x, 5)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    full = 1.0 - unit @ unit.T
+    assert idx.shape == dist.shape == (50, 5) and (idx[:, 0] == np.arange(50)).all()  # itself first, at 0
+    assert np.allclose(dist, np.take_along_axis(full, idx, axis=1), atol=1e-5)
+    assert np.allclose(np.sort(full, axis=1)[:, :5], dist, atol=1e-5)  # the 5 smallest, in order
+
+
 def test_seeded_umap_subsample_and_domain_mean_distances():
     from clipgen.analyze import geometry as G
 

@@ -165,3 +165,31 @@ def test_supervised_micro_batches_give_the_full_batch_gradient(tiny_root):
     assert abs(loss1 - loss4) < 1e-5 and acc1 == acc4 and objective.stat == "acc"
     assert max(float((a - b).abs().max()) for a, b in zip(grad1, grad4)) < 1e-5
     assert max(float(g.abs().max()) for g in grad1) > 1e-3  # a gradient to compare, not zeros
+
+
+def test_a_model_built_for_a_checkpoint_loads_it_exactly_and_random_init_comes_back():
+    """load_checkpoint builds its model under weights_to_be_loaded (no random weights drawn): after the strict load
+    every parameter, buffer and output is the checkpoint's; afterwards torch.nn.init draws again."""
+    from torch.nn import init
+
+    from clipgen.models.factory import create_clip, weights_to_be_loaded
+
+    torch.manual_seed(0)
+    trained, tokenizer = create_clip("clipgen-tiny-rn")
+    drawn = init.normal_
+    with weights_to_be_loaded():
+        assert init.normal_ is not drawn
+        built, _ = create_clip("clipgen-tiny-rn")
+    assert init.normal_ is drawn
+    built.load_state_dict(trained.state_dict(), strict=True)
+    for (name, a), (_, b) in zip(trained.named_buffers(), built.named_buffers()):
+        assert torch.equal(a, b), name  # the attention mask, not in the state_dict, is built as usual
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    tokens = tokenizer(["a sketch of a cat", "a photo of a bus"])
+    trained.eval(), built.eval()
+    with torch.no_grad():
+        assert torch.equal(trained(images, tokens)["image_features"], built(images, tokens)["image_features"])
+        assert torch.equal(trained(images, tokens)["text_features"], built(images, tokens)["text_features"])
+    torch.manual_seed(0)
+    again, _ = create_clip("clipgen-tiny-rn")
+    assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), again.state_dict().values()))
