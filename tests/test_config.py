@@ -33,6 +33,27 @@ def test_every_config_composes(tmp_path, group, option):
         recipe_spec(cfg.recipe)  # every shipped recipe is valid
 
 
+@pytest.mark.parametrize("overrides", [(), ("debug=smoke",), ("experiment=quickstart",),
+                                       ("experiment=paper_grid", "debug=rehearsal", "data.domainnet_root=/d",
+                                        "data.imagenet_captions_json=/c.json", "data.imagenet_train_root=/t"),
+                                       ("experiment=world_domains", "debug=smoke", "trainer.seed=3")])
+def test_the_tests_composed_once_config_is_the_one_composing_gives(tmp_path, overrides):
+    """conftest.make_cfg composes each override list once and sets paths.root on a copy: the same config, the
+    same flags and the same resolved paths as composing with paths.root=<root>, and no copy shares a node."""
+    from omegaconf import OmegaConf
+
+    from clipgen.config import compose_config
+
+    expected = compose_config([f"paths.root={tmp_path}", *overrides])
+    first, second = make_cfg(tmp_path, *overrides), make_cfg(tmp_path / "other", *overrides)
+    assert OmegaConf.to_container(first) == OmegaConf.to_container(expected)  # interpolations as written
+    assert OmegaConf.to_container(first, resolve=True) == OmegaConf.to_container(expected, resolve=True)
+    assert OmegaConf.is_struct(first) == OmegaConf.is_struct(expected)
+    assert second.paths.root == str(tmp_path / "other") and first.paths.root == str(tmp_path)
+    second.trainer.epochs += 1
+    assert first.trainer.epochs == expected.trainer.epochs
+
+
 def test_groups_mirror_the_stages():
     for g in ("world", "data", "heldout", "recipe", "model", "optim", "trainer", "eval", "logger", "paths",
               "experiment", "debug", "study"):

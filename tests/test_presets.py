@@ -3,8 +3,6 @@ other: image sizes, test domains vs recipe ids, objective vs optimiser, launcher
 would build its recipes and then fail every training job fails here, in a second, instead."""
 from __future__ import annotations
 
-import copy
-import functools
 from pathlib import Path
 
 import pytest
@@ -33,19 +31,12 @@ DATA_PATHS = {"domainnet": ["data.domainnet_root=/data/domainnet", "data.imagene
 
 
 def compose_preset(root, experiment: str, debug: str | None, *extra: str):
-    """The preset composed with the dataset paths its data preset requires. Composing is the costly part of these
-    tests (~0.2 CPU s each), so each distinct composition is made once per module; each caller gets its own copy
-    (~0.02 s), so a test that changed its config could not change another test's."""
-    return copy.deepcopy(_composed(root, experiment, debug, extra))
-
-
-@functools.lru_cache(maxsize=None)
-def _composed(root, experiment: str, debug: str | None, extra: tuple[str, ...]):
+    """The preset composed with the dataset paths its data preset requires (conftest.make_cfg composes each
+    distinct list once and gives each caller its own copy)."""
     paths = DATA_PATHS.get(_data_preset(root, experiment), [])
     return make_cfg(root, f"experiment={experiment}", *([f"debug={debug}"] if debug else []), *paths, *extra)
 
 
-@functools.lru_cache(maxsize=None)
 def _data_preset(root, experiment: str) -> str:
     """Which data preset an experiment selects (the debug presets keep the experiment's data)."""
     cfg = make_cfg(root, f"experiment={experiment}")
@@ -60,8 +51,6 @@ def preset_root(tmp_path_factory):
     with scratch_dir(tmp_path_factory, "presets") as root:
         yield root
         written = sorted(p.name for p in root.iterdir())
-    _composed.cache_clear()
-    _data_preset.cache_clear()
     assert not written, f"composing, checking or planning a preset wrote {written} under paths.root"
 
 
