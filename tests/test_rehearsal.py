@@ -127,9 +127,10 @@ def _cc_shards(world: Path, out: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def full_world(tmp_path_factory):
-    """The 345-class rehearsal world at 224 px (6,210 DomainNet images + the ImageNet-Captions-shaped base)."""
+    """The 345-class rehearsal world at 224 px with one train image per domain x class (4,140 DomainNet images +
+    the ImageNet-Captions-shaped base): these tests list, index and plan it; none reads a second image."""
     root = tmp_path_factory.mktemp("rehearsal_full")
-    return root, _world(root)
+    return root, _world(root, "world.train_per_class=1")
 
 
 @pytest.fixture(scope="module")
