@@ -363,15 +363,17 @@ def _check_results(adir, epoch: int, words: list[str]) -> dict:
 
 
 def _analyze(root, vocab) -> dict:
-    """Run A at its last epoch and the untrained epoch 0, run B at its last epoch without UMAP (fast settings, fewer
-    IG steps: the tests check structure; the steps' effect is tested in test_mech.py)."""
+    """Run A, every analysis at its last epoch and the untrained epoch 0; run B, CKA at its last epoch (what the
+    report's two-run table reads). Fast settings, fewer IG steps: the tests check structure; the steps' effect is
+    tested in test_mech.py."""
     from clipgen.analyze.run import run_analyze
 
     runs = sorted((root / "runs").glob("*seed[0-9]"))
     over = ["debug=smoke", "world.num_heldout=4", "analysis=fast", "analysis.threads=1", "analysis.circuit_steps=5",
             f"analysis.sae_vocab_file={vocab}"]
     out = {}
-    plan = ((runs[0], ["analysis.epochs=[0,-1]"]), (runs[1], ["analysis.epochs=[-1]", "analysis.umap=false"]))
+    plan = ((runs[0], ["analysis.epochs=[0,-1]"]),
+            (runs[1], ["analysis.epochs=[-1]", "analysis.umap=false", "analysis.analyses=[cka]"]))
     for run, extra in plan:
         cfg = make_cfg(root, *over, f"analysis.run_dirs=[{run}]", *extra)
         out[run.name] = run_analyze(cfg)["runs"][run.name]
@@ -402,10 +404,11 @@ def test_all_analyses_per_epoch_with_baselines_reruns_skip_and_shared_weights_ar
     for run, epochs in ((runs[0], (0, 1)), (runs[1], (1,))):
         res = out[run.name]
         assert all(v.startswith("computed") for r in res["epochs"].values() for v in r["analyses"].values()), res
-        for epoch in epochs:
-            _check_results(store.epoch_dir(run, epoch), epoch, words)
         index = json.loads((run / "analysis" / "index.json").read_text())
         assert index["epochs"] == list(epochs) and index["last_dir"] == "epoch_001"
+    for epoch in (0, 1):
+        _check_results(store.epoch_dir(runs[0], epoch), epoch, words)
+    assert sorted(p.name for p in store.epoch_dir(runs[1], 1).glob("*.json")) == ["cka.json"]  # what was asked
     again = _analyze(trained_root, vocab)["out"]
     assert all(v == "up to date" for r in again.values() for e in r["epochs"].values() for v in e["analyses"].values())
 
@@ -446,7 +449,8 @@ def test_single_folder_results_are_moved_and_recomputed_and_the_report_reads_its
     (old / "cka.json").unlink()
     html = report_section(runs, tmp_path / "report", collect(trained_root / "runs", runs)[0])
     assert "1 runs hold analyses in the layout before per-epoch folders" in html
-    again = run_analyze(make_cfg(trained_root, *over, f"analysis.run_dirs=[{runs[1]}]", "analysis.epochs=[-1]"))
+    again = run_analyze(make_cfg(trained_root, *over, f"analysis.run_dirs=[{runs[1]}]", "analysis.epochs=[-1]",
+                                 "analysis.analyses=[cka]"))
     assert again["runs"][runs[1].name]["analyses"]["cka"].startswith("computed")
     assert not (flat / "cka.json").exists() and json.loads((old / "cka.json").read_text())["version"] == 2
 
