@@ -11,7 +11,9 @@ process whose PYTHONPATH puts the checkout under test first, new and baseline al
 - plan: CPU seconds of ``clipgen-study experiment=world_domains study.dry_run=true`` in-process after imports
   (compose, the 105 runs and their configs, each run's state);
 - study: wall seconds of ``clipgen-study debug=smoke study.parallel=2`` with four runs (training, then evaluation
-  in the same pool of two stage processes), on a world generated beforehand and a fresh runs directory.
+  in the same pool of two stage processes), on a world generated beforehand and a fresh runs directory;
+- relaunch: CPU seconds of the same command again, with nothing left to do (the whole process: imports,
+  planning, each run's state, the report).
 
 Prints each figure for both checkouts and the ratio baseline / new (above 1: the new checkout is faster).
 """
@@ -78,6 +80,18 @@ def _study(checkout: Path, root: Path) -> float:
     return time.perf_counter() - t
 
 
+def _relaunch(checkout: Path, root: Path) -> float:
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run([sys.executable, "-c", STUDY, f"paths.root={root}", *STUDY_ARGS], env=_env(checkout),
+                         capture_output=True, text=True, cwd=root)
+    if out.returncode or "train (0 of 4 runs" not in out.stdout:
+        raise SystemExit(f"{checkout}: the relaunch had work to do or failed: {(out.stdout + out.stderr)[-2000:]}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline", required=True, type=Path, help="the checkout to compare with")
@@ -92,14 +106,16 @@ def main() -> int:
         for side, checkout in sides.items():  # the world and recipes each study reads, made once per side
             roots[side].mkdir()
             _study(checkout, roots[side])
-        figures = {name: {side: [] for side in sides} for name in ("compose", "plan", "study")}
+        figures = {name: {side: [] for side in sides} for name in ("compose", "plan", "study", "relaunch")}
         for _ in range(args.repeats):
             for side, checkout in sides.items():
                 figures["compose"][side].append(_python(checkout, COMPOSE))
                 figures["plan"][side].append(_python(checkout, PLAN, str(Path(tmp) / "plan")))
                 figures["study"][side].append(_study(checkout, roots[side]))
+                figures["relaunch"][side].append(_relaunch(checkout, roots[side]))
 
-    units = {"compose": "CPU s per composition", "plan": "CPU s, 105-run dry run", "study": "wall s, 4 runs"}
+    units = {"compose": "CPU s per composition", "plan": "CPU s, 105-run dry run", "study": "wall s, 4 runs",
+             "relaunch": "CPU s, 4 runs done"}
     print(f"{'figure':<8} {'new':>9} {'baseline':>9} {'baseline/new':>13}  (median of {args.repeats}; load "
           f"{os.getloadavg()[0]:.1f})")
     for name, by_side in figures.items():
