@@ -89,7 +89,7 @@ UMAP_EXACT_BELOW = 4096  # umap's own threshold: below it, it finds every point'
 def cosine_neighbours(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Each row's ``k`` nearest rows (itself first) and their cosine distances, as umap finds them for fewer than
     4,096 points: its own cosine over all pairs, sorted per row. Handing them to umap skips its parallel numba
-    kernel for this, whose compilation took ~6 s of every process's first UMAP."""
+    kernel for this, whose compilation took ~4 s of every process's first UMAP."""
     from sklearn.metrics import pairwise_distances
     from umap.distances import cosine
 
