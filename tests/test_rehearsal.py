@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import make_cfg
+from conftest import make_cfg, scratch_dir
 from clipgen.data.sources import base_index, domainnet_index
 from clipgen.facts import domainnet_classes, domainnet_to_imagenet
 from clipgen.launch.study import run_study
@@ -129,16 +129,16 @@ def _cc_shards(world: Path, out: Path) -> Path:
 def full_world(tmp_path_factory):
     """The 345-class rehearsal world at 224 px with one train image per domain x class (4,140 DomainNet images +
     the ImageNet-Captions-shaped base): these tests list, index and plan it; none reads a second image."""
-    root = tmp_path_factory.mktemp("rehearsal_full")
-    return root, _world(root, "world.train_per_class=1")
+    with scratch_dir(tmp_path_factory, "rehearsal_full") as root:
+        yield root, _world(root, "world.train_per_class=1")
 
 
 @pytest.fixture(scope="module")
 def small_world(tmp_path_factory):
     """4 of the real classes (2 of C2 first), 1 train + 1 test image per domain x class: a few steps per run."""
-    root = tmp_path_factory.mktemp("rehearsal_small")
-    world = _world(root, "world.num_classes=4", "world.num_heldout=2", "world.train_per_class=1")
-    return root, world, _cc_shards(world, root / "cc12m")
+    with scratch_dir(tmp_path_factory, "rehearsal_small") as root:
+        world = _world(root, "world.num_classes=4", "world.num_heldout=2", "world.train_per_class=1")
+        yield root, world, _cc_shards(world, root / "cc12m")
 
 
 def test_rehearsal_world_has_domainnet_shape(full_world):
