@@ -286,6 +286,23 @@ def test_vit_circuits_use_block_channels():
                                                                                                         "head"]
 
 
+def test_umap_leaves_torchs_thread_count_as_it_was():
+    """numba's OpenMP layer shares torch's libgomp and sets the calling thread's OpenMP threads to its own count;
+    analysis.threads must hold for every analysis after a UMAP (3: a count numba would not pick here)."""
+    import torch
+
+    from clipgen.analyze import geometry as G
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        x = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32)
+        assert G.umap_embed(x, seed=0).shape == (60, 2)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_umap_neighbours_are_each_points_exact_cosine_neighbours():
     from clipgen.analyze import geometry as G
 
