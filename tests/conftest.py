@@ -12,6 +12,12 @@ from omegaconf import DictConfig
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # `-n N` workers share the machine's cores: each worker's torch, and the OpenMP of every process its tests
+    # start, get an N-th of them. Otherwise each tiny op spreads over every core and spin-waits for a core that the
+    # other worker holds. An OMP_NUM_THREADS of the user's own is kept.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0))
+                                                     // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 from clipgen.config import compose_config, copy_config, register_configs  # noqa: E402
 
