@@ -212,15 +212,16 @@ def test_comparison_bad_input(tmp_path):
 
 
 # --- a tiny trained study, compared end to end -------------------------------------------------------------------
-STUDY = ("debug=smoke", "world=diff_small", "study.name=cmp", "study.recipes=[cg_low,cg_low_pseudo]",
-         "study.seeds=[0,1]")
+STUDY = ("debug=smoke", "world=diff_small", "trainer.epochs=1", "study.name=cmp",
+         "study.recipes=[cg_low,cg_low_pseudo]", "study.seeds=[0,1]")
 COMPARE = ("logger=none", "diff.contrasts=[[cg_low,cg_low_pseudo]]", "diff.recall_contrast=[cg_low,cg_low_pseudo]")
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, one_torch_thread):
-    """CG-low and its pseudo upper bound, seeds 0 and 1, two epochs each on the diff_small world (4 runs, two
-    one-thread processes: ~30-50 s on 2 cores)."""
+    """CG-low and its pseudo upper bound, seeds 0 and 1, one epoch each on the diff_small world (4 runs, two
+    one-thread processes). These tests check how runs are paired, compared and recorded, not what they learned:
+    that is test_diff.py's real pair, trained for 16 epochs."""
     from clipgen.launch.study import run_study
 
     with scratch_dir(tmp_path_factory, "diff_compare") as root:
@@ -281,6 +282,6 @@ def test_latents_named_from_a_vocabulary(study, tmp_path):
     cfg = make_cfg(study, *STUDY)
     runs = [load_run(run_dir_of(job_config(cfg, Job("sketch", r, 0)))) for r in ("cg_low", "cg_low_pseudo")]
     (tmp_path / "v.txt").write_text("# concepts\nsketch\nphoto\n\nsketch\naxe\n")
-    v = vocabulary(tmp_path / "v.txt", runs[0], runs[1], 2, "paper86")
+    v = vocabulary(tmp_path / "v.txt", runs[0], runs[1], 1, "paper86")  # the last epoch, which the diff reads
     assert v["words"] == ["sketch", "photo", "axe"] and v["a"].shape[0] == 3 and v["b"].shape == v["a"].shape
     assert np.allclose(np.linalg.norm(v["a"], axis=1), 1.0, atol=1e-5) and not np.allclose(v["a"], v["b"])
