@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from functools import wraps
 from typing import Callable
 
 import hydra
@@ -20,6 +19,7 @@ import clipgen
 from clipgen import sweep
 from clipgen.config import register_configs
 from clipgen.errors import ClipgenError
+from clipgen.launch import stages
 
 register_configs()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: models are built from configs
@@ -27,8 +27,9 @@ log = logging.getLogger("clipgen")
 
 
 def _app(run: Callable[[DictConfig], dict], name: str):
+    # Not functools.wraps(run): Hydra unwraps __wrapped__ and resolves config_path "conf" against the innermost
+    # function's module, and run may live elsewhere (clipgen.launch.stages); main's own module is this one.
     @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-    @wraps(run)
     def main(cfg: DictConfig) -> dict:
         if sweep.in_multirun():  # one failing job never stops the others (clipgen.sweep)
             return sweep.run_job(run, cfg)
@@ -69,24 +70,9 @@ def _recipe(cfg):
     return run_recipe(cfg)
 
 
-def _train(cfg):
-    from clipgen.train.loop import run_train
-    return run_train(cfg)
-
-
-def _eval(cfg):
-    from clipgen.eval.run import run_eval
-    return run_eval(cfg)
-
-
 def _export(cfg):
     from clipgen.export.run import run_export
     return run_export(cfg)
-
-
-def _analyze(cfg):
-    from clipgen.analyze.run import run_analyze
-    return run_analyze(cfg)
 
 
 def _diff(cfg):
@@ -106,10 +92,10 @@ def _study(cfg):
 
 world_main = _app(_world, "clipgen-world")
 recipe_main = _app(_recipe, "clipgen-recipe")
-train_main = _app(_train, "clipgen-train")
-eval_main = _app(_eval, "clipgen-eval")
+train_main = _app(stages.train_stage, "clipgen-train")
+eval_main = _app(stages.eval_stage, "clipgen-eval")
 export_main = _app(_export, "clipgen-export")
-analyze_main = _app(_analyze, "clipgen-analyze")
+analyze_main = _app(stages.analyze_stage, "clipgen-analyze")
 diff_main = _app(_diff, "clipgen-diff")
 report_main = _app(_report, "clipgen-report")
 study_main = _app(_study, "clipgen-study")

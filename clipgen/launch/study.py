@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from clipgen.config import copy_config
 from clipgen.errors import ClipgenError
 from clipgen.preflight import check_run_config, check_study_grid
+from clipgen.launch.stages import analyze_stage, eval_stage, train_stage
 from clipgen.procs import orphaned, stage_pool
 from clipgen.recipes.grid import run_dir_of, study_runs
 from clipgen.recipes.naming import recipe_spec
@@ -246,7 +247,7 @@ LAUNCHERS = ("local", "submitit_local", "slurm")
 
 
 class StageCall:
-    """A study stage for one run as a submitit job: ``StageCall(train_stage)(cfg)``. Being
+    """A study stage for one run as a submitit job: ``StageCall(train_stage)(cfg)`` (clipgen.launch.stages). Being
     checkpointable, it is resubmitted with the same config when its job is preempted or times out (submitit
     requeues it up to ``max_num_timeout`` times); the stage then resumes from what is on disk."""
 
@@ -433,28 +434,6 @@ def _world_and_recipes(cfg: DictConfig, subs: list[DictConfig], times: list) -> 
             print(f"  recipe {recipes[key]['recipe_id']}: {recipes[key]['num_samples']} samples")
     times.append(("recipes", time.time() - t0))
     return _planned(subs, recipes)
-
-
-# The stages a study runs per run, as they travel to a stage process or a submitit job: by reference to these
-# functions, which import their stage when called. The study process imports torch only when it runs a stage
-# itself (local, study.parallel=1): a relaunch with nothing to do takes ~2.6 CPU s instead of ~4.6
-# (benchmarks/study_overhead.py).
-def train_stage(cfg: DictConfig) -> dict:
-    from clipgen.train.loop import run_train
-
-    return run_train(cfg)
-
-
-def eval_stage(cfg: DictConfig) -> dict:
-    from clipgen.eval.run import run_eval
-
-    return run_eval(cfg)
-
-
-def analyze_stage(cfg: DictConfig) -> dict:
-    from clipgen.analyze.run import run_analyze
-
-    return run_analyze(cfg)
 
 
 def _train_and_evaluate(cfg: DictConfig, subs: list[DictConfig], planned: dict, failed: dict,
