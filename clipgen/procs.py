@@ -10,6 +10,7 @@ parent dies (``PR_SET_PDEATHSIG``, Linux), which also covers the fork start meth
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -165,3 +166,20 @@ def _init_child(initializer, *args) -> None:
     bind_to_parent()  # no orphans when the parent is killed; Ctrl-C is the parent's to handle
     if initializer is not None:
         initializer(*args)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int = 0):
+    """torch's intra-op threads set to ``n`` inside (0: left as they are) and restored on the way out, whatever the
+    code inside set them to. Third-party code does: numba's OpenMP layer shares torch's libgomp and sets the
+    calling thread's OpenMP threads to every core when it starts (clipgen.analyze.geometry.umap_embed)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)

@@ -6,11 +6,11 @@ import compiles numba code for ~15 s); the scatter is drawn by clipgen.analyze.d
 """
 from __future__ import annotations
 
-import contextlib
-import sys
 from typing import Sequence
 
 import numpy as np
+
+from clipgen.procs import torch_threads
 
 
 def domain_mean_distances(emb: np.ndarray, domains: np.ndarray, domain_list: Sequence[str]) -> np.ndarray:
@@ -77,27 +77,14 @@ def umap_embed(emb: np.ndarray, seed: int, n_neighbors: int = 15) -> np.ndarray:
     n = len(emb)
     x = np.asarray(emb, np.float32)
     k = max(2, min(n_neighbors, n - 1))
-    with warnings.catch_warnings(), torch_threads_kept():
+    # torch_threads: numba's OpenMP layer would otherwise leave torch on every core for the rest of the process,
+    # whatever analysis.threads said (two analyses side by side then ran ~3x slower each)
+    with warnings.catch_warnings(), torch_threads():
         warnings.simplefilter("ignore")  # "n_jobs overridden by random_state" and numba chatter
         knn = cosine_neighbours(x, k) if n < UMAP_EXACT_BELOW else (None, None, None)
         reducer = umap.UMAP(n_neighbors=k, random_state=seed, metric="cosine", precomputed_knn=knn,
                             init="random" if n < 8 else "spectral")
         return reducer.fit_transform(x)
-
-
-@contextlib.contextmanager
-def torch_threads_kept():
-    """Restore torch's intra-op thread count after numba has run. numba's OpenMP threading layer binds to the
-    libgomp that torch loaded and sets the calling thread's OpenMP threads to numba's own count (every core):
-    without this, every torch op after a process's first UMAP ran on every core whatever ``analysis.threads``
-    said, and two analyses side by side (or a busy machine) made each ~3x slower."""
-    torch = sys.modules.get("torch")  # not loaded: no torch threads to keep
-    before = torch.get_num_threads() if torch is not None else None
-    try:
-        yield
-    finally:
-        if before is not None and torch.get_num_threads() != before:
-            torch.set_num_threads(before)
 
 
 UMAP_EXACT_BELOW = 4096  # umap's own threshold: below it, it finds every point's neighbours exactly

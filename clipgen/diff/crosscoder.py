@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from clipgen.procs import torch_threads
+
 
 @dataclass
 class Standardiser:
@@ -84,13 +86,8 @@ def one_thread():
     1024 x 1024 eigendecomposition 3x slower); the caller's settings are restored."""
     from threadpoolctl import threadpool_limits
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(limits=1):
-            yield
-    finally:
-        torch.set_num_threads(before)
+    with torch_threads(1), threadpool_limits(limits=1):
+        yield
 
 
 class Crosscoder(nn.Module):

@@ -44,6 +44,7 @@ from clipgen.models.checkpoint import unwrap
 from clipgen.models.export import export_checkpoint
 from clipgen.models.factory import model_config
 from clipgen.preflight import check_run_config, check_values
+from clipgen.procs import torch_threads
 from clipgen.train import checkpoint as ckpt
 from clipgen.train import dist
 from clipgen.train.data import check_data_config
@@ -161,13 +162,8 @@ def _run(cfg: DictConfig, denv: dist.DistEnv, device: torch.device, mcfg: dict, 
             _export_last(t)  # a run finished before exports existed, or killed between finishing and exporting
         return done
 
-    threads = torch.get_num_threads()
-    if cfg.trainer.threads > 0:
-        torch.set_num_threads(int(cfg.trainer.threads))
-    try:
+    with torch_threads(int(cfg.trainer.threads)):
         return _train(t)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _export_last(t: Target) -> None:
