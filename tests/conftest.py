@@ -80,12 +80,10 @@ def tiny_root(tmp_path_factory):
 def one_torch_thread():
     """The tiny model's ops are too small to gain from a second thread, and on a shared 2-core machine OpenMP's
     spin-waiting makes them ~10x slower under load; the setting is restored for other modules."""
-    import torch
+    from clipgen.procs import torch_threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def run_name_of(root, recipe_id: str, *overrides: str) -> str:

@@ -292,15 +292,12 @@ def test_umap_leaves_torchs_thread_count_as_it_was():
     import torch
 
     from clipgen.analyze import geometry as G
+    from clipgen.procs import torch_threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
+    with torch_threads(3):
         x = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32)
         assert G.umap_embed(x, seed=0).shape == (60, 2)
         assert torch.get_num_threads() == 3
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_umap_neighbours_are_each_points_exact_cosine_neighbours():
