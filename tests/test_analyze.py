@@ -450,6 +450,7 @@ def test_single_folder_results_are_moved_and_recomputed_and_the_report_reads_its
     from clipgen.analyze import store
     from clipgen.report.analyses import report_section
     from clipgen.analyze.run import run_analyze
+    from clipgen.procs import torch_threads
     from clipgen.report.aggregate import collect
 
     done = _analyze(trained_root, vocab)  # current where the test above ran first
@@ -463,8 +464,10 @@ def test_single_folder_results_are_moved_and_recomputed_and_the_report_reads_its
     (old / "cka.json").unlink()
     html = report_section(runs, tmp_path / "report", collect(trained_root / "runs", runs)[0])
     assert "1 runs hold analyses in the layout before per-epoch folders" in html
-    again = run_analyze(make_cfg(trained_root, *over, f"analysis.run_dirs=[{runs[1]}]", "analysis.epochs=[-1]",
-                                 "analysis.analyses=[cka]"))
+    with torch_threads(3):  # analysis.threads (1) holds inside run_analyze only
+        again = run_analyze(make_cfg(trained_root, *over, f"analysis.run_dirs=[{runs[1]}]", "analysis.epochs=[-1]",
+                                     "analysis.analyses=[cka]"))
+        assert torch.get_num_threads() == 3
     assert again["runs"][runs[1].name]["analyses"]["cka"].startswith("computed")
     assert not (flat / "cka.json").exists() and json.loads((old / "cka.json").read_text())["version"] == 2
 

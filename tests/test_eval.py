@@ -246,8 +246,12 @@ def test_run_eval_writes_one_line_per_checkpoint(tmp_path, fake_data):
     assert out["final"] == pytest.approx(lines[-1]["metrics"])
     assert not (run_dir / "wandb").exists()  # logger=none (debug=smoke): nothing goes to W&B
 
-    # Nothing new: everything is skipped and no line is added.
-    again = run_eval(cfg)
+    # Nothing new: everything is skipped and no line is added. trainer.threads (1) holds inside run_eval only.
+    from clipgen.procs import torch_threads
+
+    with torch_threads(3):
+        again = run_eval(cfg)
+        assert torch.get_num_threads() == 3
     assert again["evaluated"] == 0 and again["skipped"] == 2 and len(_lines(run_dir)) == 2
 
 

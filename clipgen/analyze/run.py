@@ -35,6 +35,7 @@ from clipgen.analyze.data import RunInfo, load_run, select_images
 from clipgen.errors import ClipgenError
 from clipgen.files import atomic_write_json, read_json
 from clipgen.hashing import sha256_file, stable_hash
+from clipgen.procs import torch_threads
 
 log = logging.getLogger("clipgen.analyze")
 
@@ -114,13 +115,14 @@ def run_epochs(cfg: DictConfig, run_dir: Path) -> list[RunInfo]:
 def run_analyze(cfg: DictConfig) -> dict:
     """Run ``analysis.analyses`` at ``analysis.epochs`` on every run of ``analysis.run_dirs`` (default: all runs
     under paths.root)."""
-    import torch
-
     todo = _check_cfg(cfg.analysis)
     run_dirs = resolve_run_dirs(cfg)
-    if cfg.analysis.threads:
-        torch.set_num_threads(int(cfg.analysis.threads))
-    device = _device(cfg)
+    with torch_threads(int(cfg.analysis.threads or 0)):
+        return {"runs": _analyze_runs(cfg, run_dirs, todo, _device(cfg)), "analyses": todo}
+
+
+def _analyze_runs(cfg: DictConfig, run_dirs: list[Path], todo: list[str], device: str) -> dict:
+    """Each run's analyses at each of its epochs: ``{run name: last epoch's result + "epochs": {epoch: result}}``."""
     out = {}
     for run_dir in run_dirs:
         per_epoch = {}
@@ -134,7 +136,7 @@ def run_analyze(cfg: DictConfig) -> dict:
                   f"{res['cpu_seconds']} CPU s)")
         last = per_epoch[max(per_epoch)]
         out[run_dir.name] = {**last, "epochs": per_epoch}
-    return {"runs": out, "analyses": todo}
+    return out
 
 
 class Context:

@@ -37,6 +37,7 @@ from clipgen.facts import NATURAL_DOMAIN, zeroshot_templates
 from clipgen.models.kinds import kind_for, load_checkpoint, model_kind
 from clipgen.files import atomic_write_json, read_json
 from clipgen.hashing import sha256_file
+from clipgen.procs import torch_threads
 from clipgen.provenance import git_sha
 
 log = logging.getLogger("clipgen.eval")
@@ -257,20 +258,17 @@ def _record(job: _Job, cfg: DictConfig, task: str, metrics: dict, path: Path, sh
 
 def run_eval(cfg: DictConfig) -> dict:
     """Evaluate every checkpoint of a run on its task(s); see the module docstring for outputs."""
-    import torch
-
     from clipgen.eval.tracking import EvalTracker
     from clipgen.preflight import check_values
 
     check_values(cfg)  # trainer.seed=-1 would look for a run "--seed-1"; eval.batch_size=0 fails in torch
     job = _job(cfg)
-    if cfg.trainer.get("threads"):
-        torch.set_num_threads(int(cfg.trainer.threads))
     tracker = EvalTracker(cfg, job.run_dir, job.meta)  # checks logger.* before any work
     eval_dir, results_path = rundir.eval_dir(job.run_dir), rundir.results_path(job.run_dir)
     rundir.output_path(job.run_dir, 0).parent.mkdir(parents=True, exist_ok=True)
     n_new, eval_sha = 0, git_sha()
-    with exclusive(eval_dir), tempfile.TemporaryDirectory(prefix=".cache-", dir=eval_dir) as cache, tracker:
+    with torch_threads(int(cfg.trainer.get("threads") or 0)), exclusive(eval_dir), \
+            tempfile.TemporaryDirectory(prefix=".cache-", dir=eval_dir) as cache, tracker:
         records = _read_records(results_path)
         _check_head(rundir.head_path(job.run_dir), job.head)
         todo = _todo(job, {done_key(r) for r in records})
