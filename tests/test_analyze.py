@@ -289,8 +289,6 @@ def test_vit_circuits_use_block_channels():
 def test_umap_leaves_torchs_thread_count_as_it_was():
     """numba's OpenMP layer shares torch's libgomp and sets the calling thread's OpenMP threads to its own count;
     analysis.threads must hold for every analysis after a UMAP (3: a count numba would not pick here)."""
-    import torch
-
     from clipgen.analyze import geometry as G
     from clipgen.procs import torch_threads
 

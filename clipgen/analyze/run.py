@@ -117,7 +117,7 @@ def run_analyze(cfg: DictConfig) -> dict:
     under paths.root)."""
     todo = _check_cfg(cfg.analysis)
     run_dirs = resolve_run_dirs(cfg)
-    with torch_threads(int(cfg.analysis.threads or 0)):
+    with torch_threads(int(cfg.analysis.threads)):
         return {"runs": _analyze_runs(cfg, run_dirs, todo, _device(cfg)), "analyses": todo}
 
 

@@ -267,7 +267,7 @@ def run_eval(cfg: DictConfig) -> dict:
     eval_dir, results_path = rundir.eval_dir(job.run_dir), rundir.results_path(job.run_dir)
     rundir.output_path(job.run_dir, 0).parent.mkdir(parents=True, exist_ok=True)
     n_new, eval_sha = 0, git_sha()
-    with torch_threads(int(cfg.trainer.get("threads") or 0)), exclusive(eval_dir), \
+    with torch_threads(int(cfg.trainer.threads)), exclusive(eval_dir), \
             tempfile.TemporaryDirectory(prefix=".cache-", dir=eval_dir) as cache, tracker:
         records = _read_records(results_path)
         _check_head(rundir.head_path(job.run_dir), job.head)
